@@ -1,0 +1,25 @@
+# `make benchmark` and `make test` set themselves up: they (re)create .venv whenever
+# pyproject.toml is newer than the last install, then run.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: benchmark test venv clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+benchmark: $(STAMP)
+	$(PY) run_benchmark.py --profile smoke --methods all --sizes 10,50,500 --task lv --seeds 0 --out results/smoke
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,125 @@
+"""What every method sees and implements.
+
+A method steers a frozen, pretrained latent diffusion model (``FrozenLDM``) with spatial
+conditions. It owns only its trainable parts; the base model is held by reference and is
+never registered as a submodule, so ``method.state_dict()`` holds the method alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FrozenLDM(Protocol):
+    """The interface of the frozen base model (implemented in ``benchmark.base_model``)."""
+
+    image_shape: tuple[int, int, int]          # (X, Y, Z) of image volumes
+    latent_shape: tuple[int, int, int, int]    # (C, x, y, z) of latents
+    compression: int                           # image size / latent size, per axis
+    scale_factor: float                        # latents are multiplied by this before diffusion
+    num_scalars: int                           # 4: sex, age, ventricular volume, brain volume
+    diffusion: nn.Module                       # the frozen monai DiffusionModelUNet
+    diffusion_config: dict                     # kwargs that rebuild it (monai DiffusionModelUNet)
+    train_scheduler: Any                       # monai DDPMScheduler
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (B,1,X,Y,Z) in [0,1] -> (mu, sigma) of the scaled latent, each (B,C,x,y,z)."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image (B,1,X,Y,Z)."""
+
+    def unet_input(self, z_t: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        """BrainLDM's input: the latent with the scalars broadcast over space, concatenated."""
+
+    def unet(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        scalars: torch.Tensor,
+        down_residuals: Sequence[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Noise prediction of the frozen model (scalars also as cross-attention context)."""
+
+    def inference_scheduler(self, num_steps: int) -> Any:
+        """A monai DDIMScheduler set to ``num_steps``."""
+
+
+@dataclass
+class Conditions:
+    """A batch of spatial conditions at image resolution.
+
+    ``tensors[name]`` is (B, C, X, Y, Z), zero where the modality was dropped;
+    ``present[name]`` is (B,) with 1.0 where the modality is given, 0.0 where dropped.
+    Names and order follow the task (``datasets.tasks``).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def stacked(self) -> torch.Tensor:
+        """All modalities concatenated along channels, in task order."""
+        return torch.cat([self.tensors[n] for n in self.tensors], dim=1)
+
+    def to(self, device: torch.device | str) -> "Conditions":
+        return Conditions(
+            {k: v.to(device) for k, v in self.tensors.items()},
+            {k: v.to(device) for k, v in self.present.items()},
+        )
+
+
+class Method(nn.Module):
+    """Base class of a spatial-control method. Subclass it and register it with
+    ``methods.registry.register``.
+
+    ``condition_channels`` maps each condition modality of the task to its channel count;
+    ``config`` is this method's section of the profile (``profile.methods.<name>``), where
+    every width and size lives.
+    """
+
+    name: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
+        super().__init__()
+        # A list keeps the frozen model out of this module's parameters and state_dict.
+        self._base_ref = [base]
+        self.condition_channels = dict(condition_channels)
+        self.config = dict(config)
+
+    @property
+    def base(self) -> FrozenLDM:
+        return self._base_ref[0]
+
+    def prepare(self, train_subjects: Sequence[Any]) -> None:
+        """Optional hook, called once before training with the training subjects."""
+
+    def predict_noise(
+        self, z_t: torch.Tensor, t: torch.Tensor, conditions: Conditions, scalars: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"method '{self.name}' must implement predict_noise")
+
+    def training_loss(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        conditions: Conditions,
+        scalars: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """Default objective: MSE between predicted and true noise."""
+        return F.mse_loss(self.predict_noise(z_t, t, conditions, scalars), noise)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
