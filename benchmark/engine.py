@@ -1,0 +1,328 @@
+"""Training and sampling engine: everything a method does not do itself.
+
+Training: latents of the training volumes (and of their left-right mirrors) are encoded once
+and cached; every step draws a fresh latent sample z = mu + sigma * e, a uniform random DDPM
+timestep and noise, applies the task's modality drop, and asks the method for its loss.
+AdamW, linear warm-up then linear annealing. Checkpoints are written atomically as training
+goes and an interrupted run resumes from the last one with the same numbers.
+
+Sampling: DDIM, batched; the initial noise of a test subject is a function of (seed, subject
+id) only, so every method starts from the same noise for the same subject.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from datasets.subject import Subject
+from datasets.tasks import Task
+from methods.base import Conditions, FrozenLDM, Method
+
+FLIP_AXIS = 2  # X (left-right) of a (B, C, X, Y, Z) batch: the "axial flip" of VCM B.2
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (e.g. run seed and subject id), the same on every machine."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---- latents ---------------------------------------------------------------------------
+
+
+class LatentCache:
+    """Posterior (mu, sigma) of each subject's image and of its mirror, encoded once.
+
+    Stored in one file per base model, keyed by subject id, so nested training sets
+    (10 ⊂ 50 ⊂ 500) share their encodings.
+    """
+
+    def __init__(self, base: FrozenLDM, path: Path | None, batch_size: int = 8, device: str = "cpu"):
+        self.base = base
+        self.path = Path(path) if path else None
+        self.batch_size = batch_size
+        self.device = device
+        self.entries: dict[str, torch.Tensor] = {}
+        if self.path and self.path.is_file():
+            self.entries = torch.load(self.path, map_location="cpu")
+
+    @torch.no_grad()
+    def get(self, subjects: Sequence[Subject], progress: bool = True) -> torch.Tensor:
+        """(N, 2 [plain, mirrored], 2 [mu, sigma], C, x, y, z) for the subjects, in order."""
+        missing = [s for s in subjects if s.id not in self.entries]
+        for start in tqdm(range(0, len(missing), self.batch_size), desc="encoding latents",
+                          disable=not progress or not missing, leave=False):
+            chunk = missing[start : start + self.batch_size]
+            images = torch.from_numpy(np.stack([s.image for s in chunk])).to(self.device)
+            encoded = []
+            for view in (images, images.flip(FLIP_AXIS)):
+                mu, sigma = self.base.encode(view)
+                encoded.append(torch.stack([mu, sigma], dim=1))
+            stacked = torch.stack(encoded, dim=1).cpu()
+            for subject, entry in zip(chunk, stacked):
+                self.entries[subject.id] = entry.clone()
+        if missing and self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(self.entries, self.path)
+        return torch.stack([self.entries[s.id] for s in subjects])
+
+
+# ---- batches of conditions -------------------------------------------------------------
+
+
+def condition_batch(
+    task: Task,
+    subjects: Sequence[Subject],
+    present: dict[str, np.ndarray] | None = None,
+    flip: np.ndarray | None = None,
+    device: str = "cpu",
+) -> Conditions:
+    """Conditions of the subjects at image resolution; dropped modalities are zeroed."""
+    per_subject = [task.conditions(s) for s in subjects]
+    n = len(subjects)
+    if present is None:
+        present = {name: np.ones(n, dtype=np.float32) for name in task.modalities}
+    tensors, flags = {}, {}
+    for name in task.modalities:
+        stacked = torch.from_numpy(np.stack([c[name] for c in per_subject])).float()
+        if flip is not None and flip.any():
+            mirrored = torch.from_numpy(flip)
+            stacked[mirrored] = stacked[mirrored].flip(FLIP_AXIS)
+        keep = torch.from_numpy(np.asarray(present[name], dtype=np.float32))
+        tensors[name] = (stacked * keep.view(-1, 1, 1, 1, 1)).to(device)
+        flags[name] = keep.to(device)
+    return Conditions(tensors, flags)
+
+
+def scalar_batch(subjects: Sequence[Subject], device: str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(np.stack([s.scalars for s in subjects]).astype(np.float32)).to(device)
+
+
+# ---- training --------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    checkpoint_every: int
+
+    @classmethod
+    def from_profile(cls, profile, n_train: int) -> "TrainSettings":
+        t = profile.training
+        steps = int(t.steps)
+        if steps <= 0:  # paper protocol: epochs over the training set at the given minibatch
+            steps = int(t.epochs) * math.ceil(n_train / int(t.batch_size))
+        return cls(steps, int(t.batch_size), float(t.lr), float(t.weight_decay),
+                   int(t.warmup_steps), int(t.checkpoint_every))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    seconds_per_step: float  # median over the steps after the first few (warm-up)
+    wall_seconds: float
+    resumed_from: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def warmup_then_linear(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = max(total_steps - warmup_steps, 1)
+        return max(0.0, 1.0 - (step - warmup_steps) / remaining)
+
+    return factor
+
+
+def train_method(
+    method: Method,
+    base: FrozenLDM,
+    subjects: Sequence[Subject],
+    task: Task,
+    settings: TrainSettings,
+    latents: LatentCache,
+    run_dir: Path,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``method`` on ``subjects``; resumes from ``run_dir/checkpoint.pt`` if present.
+
+    ``stop_after`` ends the call after that many steps (as an interruption would), leaving
+    the checkpoint behind; used to test resumption.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    torch.manual_seed(stable_seed(seed, "init"))
+    method.to(device)
+    method.prepare(subjects)
+    params = method.trainable_parameters()
+    if not params:
+        raise ValueError(f"method '{method.name}' has no trainable parameters; nothing to train")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(settings.warmup_steps, settings.steps))
+    rng = np.random.default_rng(stable_seed(seed, "batches"))
+    noise_gen = torch.Generator().manual_seed(stable_seed(seed, "noise"))
+    losses: list[float] = []
+    start_step = 0
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.bit_generator.state = state["numpy_rng"]
+        noise_gen.set_state(state["torch_rng"])
+        losses = list(state["losses"])
+        start_step = int(state["step"])
+
+    def save_checkpoint(step: int) -> None:
+        _atomic_torch_save(
+            {
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "numpy_rng": rng.bit_generator.state,
+                "torch_rng": noise_gen.get_state(),
+                "losses": losses,
+                "step": step,
+            },
+            ckpt_path,
+        )
+
+    base.train_scheduler  # noqa: B018  (fail early if the base model lacks a scheduler)
+    encoded = latents.get(subjects, progress=progress)  # (N, 2, 2, C, x, y, z)
+    scalars_all = scalar_batch(subjects)
+    num_timesteps = base.train_scheduler.num_train_timesteps
+    method.train()
+    times: list[float] = []
+    wall_start = time.perf_counter()
+    end_step = settings.steps if stop_after is None else min(settings.steps, start_step + stop_after)
+    bar = tqdm(range(start_step, end_step), desc=f"train {method.name}", disable=not progress,
+               initial=start_step, total=settings.steps, leave=False)
+    for step in bar:
+        tic = time.perf_counter()
+        batch = rng.choice(len(subjects), size=min(settings.batch_size, len(subjects)),
+                           replace=len(subjects) < settings.batch_size)
+        flip = rng.random(len(batch)) < 0.5
+        present = task.sample_presence(rng, len(batch))
+        chosen = [subjects[i] for i in batch]
+        views = encoded[torch.from_numpy(batch), torch.from_numpy(flip.astype(np.int64))]
+        mu, sigma = views[:, 0], views[:, 1]
+        z0 = mu + sigma * torch.randn(mu.shape, generator=noise_gen)
+        noise = torch.randn(z0.shape, generator=noise_gen)
+        t = torch.randint(0, num_timesteps, (len(batch),), generator=noise_gen)
+        z_t = base.train_scheduler.add_noise(z0, noise, t)
+        conditions = condition_batch(task, chosen, present, flip, device)
+        loss = method.training_loss(z_t.to(device), t.to(device), conditions,
+                                    scalars_all[torch.from_numpy(batch)].to(device), noise.to(device))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"method '{method.name}' diverged: the loss became {value} at step {step + 1}; "
+                "lower training.lr in the profile or check the inputs"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(value)
+        times.append(time.perf_counter() - tic)
+        bar.set_postfix(loss=f"{value:.4f}")
+        done = step + 1
+        if done % settings.checkpoint_every == 0 or done == end_step:
+            save_checkpoint(done)
+    bar.close()
+    steady = times[3:] if len(times) > 4 else times
+    return TrainResult(
+        steps=settings.steps,
+        losses=losses,
+        seconds_per_step=statistics.median(steady) if steady else float("nan"),
+        wall_seconds=time.perf_counter() - wall_start,
+        resumed_from=start_step,
+    )
+
+
+# ---- sampling --------------------------------------------------------------------------
+
+
+def initial_noise(subject_id: str, seed: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """The starting noise of a test subject: the same for every method."""
+    generator = torch.Generator().manual_seed(stable_seed(seed, "sample", subject_id))
+    return torch.randn(tuple(latent_shape), generator=generator)
+
+
+@torch.no_grad()
+def sample(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, Conditions, torch.Tensor], torch.Tensor],
+    base: FrozenLDM,
+    subjects: Sequence[Subject],
+    task: Task,
+    num_steps: int,
+    batch_size: int,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "sample",
+) -> np.ndarray:
+    """DDIM-sample one volume per subject, conditioned on its conditions and scalars.
+
+    ``predict_noise(z_t, t, conditions, scalars)`` is a method's (or the base model's)
+    noise prediction. Returns (N, 1, X, Y, Z) float32 in [0, 1].
+    """
+    out = []
+    batches = range(0, len(subjects), batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        chunk = subjects[start : start + batch_size]
+        z = torch.stack([initial_noise(s.id, seed, base.latent_shape) for s in chunk]).to(device)
+        conditions = condition_batch(task, chunk, device=device)
+        scalars = scalar_batch(chunk, device)
+        scheduler = base.inference_scheduler(num_steps)
+        for t in scheduler.timesteps:
+            t_batch = torch.full((len(chunk),), int(t), dtype=torch.long, device=device)
+            eps = predict_noise(z, t_batch, conditions, scalars)
+            z, _ = scheduler.step(eps, int(t), z)
+        out.append(base.decode(z).clamp(0, 1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, *base.image_shape), np.float32)
+
+
+def sample_method(method: Method, base: FrozenLDM, subjects: Sequence[Subject], task: Task,
+                  num_steps: int, batch_size: int, seed: int, device: str = "cpu",
+                  progress: bool = True) -> np.ndarray:
+    method.eval()
+    return sample(method.predict_noise, base, subjects, task, num_steps, batch_size, seed,
+                  device, progress, desc=f"sample {method.name}")
+
+
+def sample_unconditioned(base: FrozenLDM, subjects: Sequence[Subject], task: Task, num_steps: int,
+                         batch_size: int, seed: int, device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """The frozen base model alone, at each subject's scalars (paper Table 6, first row)."""
+    return sample(lambda z, t, _c, s: base.unet(z, t, s), base, subjects, task, num_steps,
+                  batch_size, seed, device, progress, desc="sample base")

@@ -1,0 +1,116 @@
+"""Figures from records and saved samples (matplotlib, PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from benchmark.tables import metric_columns  # noqa: E402
+
+PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
+
+
+def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
+    """Each metric against training-set size, one line per method (mean ± std over seeds)."""
+    ok = frame[(frame.task == task) & (frame.status == "ok") & (frame["size"] > 0)]
+    ok = ok[~ok.method.str.endswith("+sphere")]
+    columns = [c for c in metric_columns(ok) if pd.to_numeric(ok[c], errors="coerce").notna().any()]
+    if ok.empty or not columns:
+        return None
+    reference = frame[(frame.task == task) & (frame.method == "reference") & (frame.status == "ok")]
+    ncols = 3
+    nrows = int(np.ceil(len(columns) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        for method, rows in ok.groupby("method"):
+            values = pd.to_numeric(rows[column], errors="coerce")
+            stats = values.groupby(rows["size"]).agg(["mean", "std"]).sort_index()
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", label=method, capsize=2)
+        ref = pd.to_numeric(reference[column], errors="coerce").dropna() if column in reference else pd.Series()
+        if not ref.empty:
+            ax.axhline(ref.mean(), color="k", linestyle="--", linewidth=1, label="real vs real")
+        ax.set_xscale("log")
+        ax.set_xlabel("training volumes")
+        ax.set_title(column, fontsize=9)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.suptitle(f"Task {task}: metrics against training-set size")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    path = out / f"metrics_vs_size_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _mid_slice(volume: np.ndarray, axis: int, index: int | None = None) -> np.ndarray:
+    index = volume.shape[axis] // 2 if index is None else index
+    return np.rot90(np.take(volume, index, axis=axis))
+
+
+def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_subjects: int = 3) -> Path:
+    """Axial, coronal and sagittal slices of generated volumes with the condition's outline,
+    beside the real volume of the same subject."""
+    data = np.load(samples_npz)
+    volumes = data["volumes"].astype(np.float32)
+    ids = list(data["ids"])
+    condition_keys = [k for k in data.files if k.startswith("condition_")]
+    real = np.load(real_npz) if real_npz and Path(real_npz).is_file() else None
+    real_by_id = {i: k for k, i in enumerate(real["ids"])} if real is not None else {}
+    n = min(n_subjects, len(ids))
+    cols = 3 * (2 if real is not None else 1)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 2.1 * n), squeeze=False)
+    for row in range(n):
+        generated = volumes[row, 0]
+        outline = None
+        if condition_keys:
+            cond = data[condition_keys[0]][row].astype(np.float32)
+            outline = cond[-1] if cond.shape[0] > 1 else cond[0]  # LV channel of a semantic map is the last
+        # Slice through the condition's centre when there is one, else the middle.
+        centre = (np.argwhere(outline > 0.5).mean(0).round().astype(int)
+                  if outline is not None and (outline > 0.5).any() and condition_keys[0] != "condition_low_res"
+                  else [None, None, None])
+        panels = [("generated", generated)]
+        if real is not None and ids[row] in real_by_id:
+            panels.append(("real", real["volumes"][real_by_id[ids[row]], 0].astype(np.float32)))
+        col = 0
+        for label, volume in panels:
+            for plane, axis in PLANES:
+                ax = axes[row, col]
+                ax.imshow(_mid_slice(volume, axis, centre[axis]), cmap="gray", vmin=0, vmax=1)
+                if outline is not None and condition_keys[0] != "condition_low_res":
+                    ax.contour(_mid_slice(outline, axis, centre[axis]), levels=[0.5], colors="r", linewidths=0.7)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{label} {plane}", fontsize=8)
+                col += 1
+        axes[row, 0].set_ylabel(str(ids[row]), fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
+    out = Path(results_dir) / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if frame.empty:
+        return paths
+    for task in sorted(frame.task.dropna().unique()):
+        path = metric_vs_size(frame, task, out)
+        if path:
+            paths.append(path)
+    real = Path(results_dir) / "runs" / "real_test.npz"
+    for run in sorted((Path(results_dir) / "runs").glob("*/samples.npz")):
+        name = run.parent.name
+        paths.append(montage(run, real, name.replace("__", "  "), out / f"montage_{name}.png"))
+    return paths

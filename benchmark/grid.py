@@ -1,0 +1,34 @@
+"""Which runs a command asks for."""
+from __future__ import annotations
+
+from benchmark.runner import BASE_UNCONDITIONED, REFERENCE, SPHERE_SUFFIX, RunSpec
+from datasets.tasks import get_task
+from methods.registry import resolve_methods
+
+VALIDATION_SIZE = 50     # paper Table 6 uses the methods trained on 50 samples
+
+
+class GridError(ValueError):
+    """A grid that cannot be run (e.g. a size larger than the training pool)."""
+
+
+def build_specs(tasks, methods: str, sizes, seeds, profile, validation: bool = True) -> list[RunSpec]:
+    pool = profile.data.train_pool
+    too_big = [s for s in sizes if s > pool]
+    if too_big:
+        raise GridError(f"training-set size {too_big[0]} is larger than the training pool of {pool} "
+                        f"subjects in profile '{profile.name}'; choose sizes up to {pool}")
+    if 0 in sizes:
+        raise GridError("a training-set size of 0 leaves nothing to train on; choose sizes of at least 1")
+    specs: list[RunSpec] = []
+    for task in tasks:
+        get_task(task)
+        names = resolve_methods(methods, task)
+        for seed in seeds:
+            specs.append(RunSpec(task, REFERENCE, 0, seed))
+            specs += [RunSpec(task, m, size, seed) for size in sizes for m in names]
+            if validation and task == "lv" and VALIDATION_SIZE in sizes:
+                specs.append(RunSpec(task, BASE_UNCONDITIONED, 0, seed))
+                if "vcm" in names:
+                    specs.append(RunSpec(task, "vcm" + SPHERE_SUFFIX, VALIDATION_SIZE, seed))
+    return specs

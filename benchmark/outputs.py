@@ -1,0 +1,63 @@
+"""Tables, figures and the Markdown report of one results folder, from its records alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmark.figures import write_figures
+from benchmark.records import iter_records
+from benchmark.tables import build_tables, records_frame
+
+
+def _extractors(results_dir: Path) -> list[str]:
+    """Which feature extractors and protocols the records used (named in every metric column)."""
+    seen = {}
+    for rec in iter_records(results_dir):
+        for key, value in (rec.get("protocol") or {}).items():
+            if key.startswith("extractor") or key in ("fid_2d", "fid_3d", "lpips"):
+                seen[key + ": " + json.dumps(value, sort_keys=True, default=str)] = None
+    return list(seen)
+
+
+def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) -> Path:
+    results_dir = Path(results_dir)
+    frame = records_frame(results_dir)
+    lines = [f"# Benchmark report: {results_dir}", ""]
+    lines.append(f"Profile `{profile.name}`: {profile.get('description', '')}; image shape "
+                 f"{tuple(profile.image_shape)}.")
+    if not frame.empty:
+        ok = int((frame.status == "ok").sum())
+        lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed. "
+                     f"Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+    lines += ["", "## Feature extractors and protocol", ""]
+    extractors = _extractors(results_dir)
+    lines += [f"- {e}" for e in extractors] or ["- (no scored runs yet)"]
+    lines += ["", "Column headers name the extractor behind each number; numbers from different "
+              "extractors are never in one column. The paper's numbers (columns `paper_…`) come "
+              "from ADNI/UK Biobank data and the RadImageNet/MedicalNet extractors.", ""]
+    lines += ["## Tables", ""]
+    for name, table in tables.items():
+        if table is None or table.empty:
+            continue
+        lines.append(f"### {name}  (tables/{name}.csv, .md, .tex)")
+        lines.append("")
+        lines.append(table.to_markdown(index=False))
+        lines.append("")
+    lines += ["## Figures", ""]
+    lines += [f"- [{p.name}](figures/{p.name})" for p in figures] or ["- (none)"]
+    failed = frame[frame.status != "ok"] if not frame.empty else frame
+    lines += ["", "## Failures", ""]
+    if failed.empty:
+        lines.append("None.")
+    else:
+        for _, row in failed.iterrows():
+            lines.append(f"- {row.task} / {row.method} / N={row['size']} / seed {row.seed}: {row.error}")
+    path = results_dir / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_outputs(results_dir: Path, profile) -> Path:
+    tables = build_tables(results_dir)
+    figures = write_figures(results_dir, records_frame(results_dir))
+    return write_report(results_dir, profile, tables, figures)

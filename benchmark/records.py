@@ -1,0 +1,72 @@
+"""One JSON record per run, written atomically, read back by the tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+RECORD_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "monai", "numpy", "lpips", "nilearn", "nibabel", "pandas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Atomic: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=2, sort_keys=True, default=_jsonable)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # numpy is a dependency; this only guards odd environments
+        pass
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a record")
+
+
+def read_record(path: Path) -> dict | None:
+    """The record, or None when it is missing or unreadable (then the run is redone)."""
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and "status" in record else None
+
+
+def iter_records(folder: Path) -> Iterator[dict]:
+    for path in sorted(Path(folder).glob("records/*.json")):
+        record = read_record(path)
+        if record is not None:
+            yield record

@@ -1,0 +1,155 @@
+"""The paper's tables, built from run records alone (``python run_benchmark.py tables``).
+
+Every table is written as CSV, Markdown and LaTeX. Cells are "mean ± std" over seeds (the std
+is left out when there is one seed). The paper's own numbers (``results/paper_reference``)
+stand in columns of their own, labelled ``paper …``: they come from other data and,
+where the suite fell back to in-domain extractors, from other feature extractors.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.records import iter_records
+
+PAPER_REFERENCE = Path(__file__).resolve().parent.parent / "results" / "paper_reference"
+REFERENCE_ROW = "reference (real vs real)"
+VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
+    "brainldm": ("brainldm", 0),
+    "ldm_finetune": ("ldm_finetune", 50),
+    "ldm_scratch": ("ldm_scratch", 50),
+    "vcm+sphere": ("vcm+sphere", 50),
+}
+
+
+def records_frame(folder: Path) -> pd.DataFrame:
+    """One row per run record; metrics as columns, cost figures as ``cost: …`` columns."""
+    rows = []
+    for rec in iter_records(folder):
+        row = {k: rec.get(k) for k in ("task", "method", "size", "seed", "status", "error", "device")}
+        row.update(rec.get("metrics") or {})
+        row.update({f"cost: {k}": v for k, v in (rec.get("cost") or {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    fixed = {"task", "method", "size", "seed", "status", "error", "device"}
+    return [c for c in frame.columns if c not in fixed and not c.startswith("cost: ")]
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.4g}"
+    return f"{values.mean():.4g} ± {values.std(ddof=1):.2g}"
+
+
+def summarise(frame: pd.DataFrame, by: list[str], columns: list[str]) -> pd.DataFrame:
+    if frame.empty:
+        return pd.DataFrame(columns=by + columns)
+    grouped = frame.groupby(by, sort=True)
+    out = grouped[columns].agg(_mean_std).reset_index()
+    out.insert(len(by), "seeds", grouped.size().values)
+    return out
+
+
+def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Methods × dataset sizes × metrics for one task, with the real-vs-real reference row."""
+    ok = frame[(frame.task == task) & (frame.status == "ok")]
+    ok = ok[~ok.method.isin(["brainldm"]) & ~ok.method.str.endswith("+sphere")]
+    columns = [c for c in metric_columns(ok) if ok[c].notna().any()]
+    table = summarise(ok, ["method", "size"], columns)
+    table["method"] = table["method"].replace({"reference": REFERENCE_ROW})
+    return table
+
+
+def paper_reference(name: str) -> pd.DataFrame:
+    path = PAPER_REFERENCE / name
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Paper Table 5: parameters and device-days per method, beside the paper's."""
+    ok = frame[(frame.status == "ok") & ~frame.method.isin(["reference", "brainldm"])]
+    ok = ok[~ok.method.str.endswith("+sphere")]
+    if ok.empty:
+        return pd.DataFrame()
+    cost_cols = [c for c in ok.columns if c.startswith("cost: ") and pd.to_numeric(ok[c], errors="coerce").notna().any()]
+    numeric = ok[["method"] + cost_cols].copy()
+    for c in cost_cols:
+        numeric[c] = pd.to_numeric(numeric[c], errors="coerce")
+    table = numeric.groupby("method").median().reset_index()
+    devices = ok.groupby("method")["device"].first().reset_index()
+    table = table.merge(devices, on="method")
+    table.columns = [c.removeprefix("cost: ") for c in table.columns]
+    reference = paper_reference("table5_cost.csv")
+    if not reference.empty:
+        table = table.merge(reference.drop(columns=["source"]), on="method", how="left")
+    return table
+
+
+def validation_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Paper Table 6: base model, fine-tuned and scratch LDM (N=50), VCM with sphere masks."""
+    ok = frame[(frame.task == "lv") & (frame.status == "ok")]
+    wanted = [c for c in metric_columns(ok) if c.startswith(("FID-2D mean", "FID-3D", "LPIPS diversity"))]
+    rows = []
+    for label, (method, size) in VALIDATION_ROWS.items():
+        chosen = ok[(ok.method == method) & ((ok["size"] == size) | (method == "brainldm"))]
+        row = {"row": label, "runs": len(chosen)}
+        for c in wanted:
+            row[c] = _mean_std(chosen[c]) if not chosen.empty else "–"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    reference = paper_reference("table6_validation.csv")
+    if not reference.empty:
+        table = table.merge(reference.drop(columns=["source"]), on="row", how="left")
+    return table
+
+
+def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or "status" not in frame:
+        return pd.DataFrame()
+    return frame[frame.status != "ok"][["task", "method", "size", "seed", "error"]]
+
+
+def write_table(table: pd.DataFrame, folder: Path, name: str, caption: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.csv", folder / f"{name}.md", folder / f"{name}.tex"]
+    table.to_csv(paths[0], index=False)
+    paths[1].write_text(f"**{caption}**\n\n" + (table.to_markdown(index=False) if not table.empty else "(no runs)") + "\n")
+    latex = table.to_latex(index=False, caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
+    paths[2].write_text(latex)
+    return paths
+
+
+def build_tables(results_dir: Path, out_dir: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Rebuild every table from the records under ``results_dir``."""
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir else results_dir / "tables"
+    frame = records_frame(results_dir)
+    tables: dict[str, pd.DataFrame] = {}
+    if frame.empty:
+        return tables
+    captions = {
+        "lv": "Spatial control with lateral-ventricle masks: methods by training-set size",
+        "multimodal": "Spatial control with a semantic map and a skull image: methods by training-set size",
+    }
+    for task in sorted(frame.task.dropna().unique()):
+        if task.startswith("sr"):
+            continue  # super-resolution has its own table
+        tables[f"table_{task}"] = task_table(frame, task)
+        write_table(tables[f"table_{task}"], out_dir, f"table_{task}", captions.get(task, f"Task {task}"))
+    tables["table5_cost"] = cost_table(frame)
+    write_table(tables["table5_cost"], out_dir, "table5_cost",
+                "Cost: trainable parameters, seconds per step, projected device-days (paper Table 5 beside)")
+    if (frame.task == "lv").any():
+        tables["table6_validation"] = validation_table(frame)
+        write_table(tables["table6_validation"], out_dir, "table6_validation",
+                    "Validation: base model, LDMs at N=50, VCM with sphere masks (paper Table 6 beside)")
+    tables["failures"] = failures_table(frame)
+    write_table(tables["failures"], out_dir, "failures", "Runs that failed")
+    return tables

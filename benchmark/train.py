@@ -1,0 +1,73 @@
+"""Train one method on one training-set size and sample the test subjects.
+
+    python -m benchmark.train --task lv --method vcm --size 50 --profile smoke
+
+Writes the checkpoint, the generated volumes (samples.npz) and a montage under --out, and
+prints a one-line summary. Scoring and records are the grid runner's job (run_benchmark.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from benchmark import engine
+from benchmark.figures import montage
+from benchmark.profiles import ProfileError, load_profile
+from benchmark.runner import RunContext, RunSpec, save_real, save_samples, train_or_load
+from datasets.subject import DataError
+from datasets.tasks import get_task
+from methods.registry import MethodError, load_plugin
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="lv")
+    p.add_argument("--method", required=True)
+    p.add_argument("--size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default="smoke")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="default results/<profile>-train")
+    p.add_argument("--cache-dir", default=".cache")
+    p.add_argument("--weights-dir", default=None)
+    p.add_argument("--plugin", action="append", default=[])
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    try:
+        profile = load_profile(args.profile, args.override)
+        for module in args.plugin:
+            load_plugin(module)
+        task = get_task(args.task)
+        from methods.registry import get_method
+
+        get_method(args.method, task.name)
+        if not 1 <= args.size <= profile.data.train_pool:
+            raise DataError(f"--size {args.size} must be between 1 and the training pool of "
+                            f"{profile.data.train_pool} subjects")
+    except (ProfileError, MethodError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"results/{profile.name}-train")
+    ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device)
+    spec = RunSpec(task.name, args.method, args.size, args.seed)
+    started = time.perf_counter()
+    method, result = train_or_load(spec, task, ctx)
+    test = ctx.test_subjects()
+    s = profile.sampling
+    generated = engine.sample_method(method, ctx.base, test, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
+    run_dir = ctx.run_dir(spec)
+    save_samples(run_dir, test, generated, task)
+    save_real(out, test)
+    figure = montage(run_dir / "samples.npz", out / "runs" / "real_test.npz", spec.name, run_dir / "montage.png")
+    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    print(f"{args.method} on {task.name}, N={args.size}: {result.steps} steps, "
+          f"{result.seconds_per_step:.3f} s/step, final loss {final}, "
+          f"{len(test)} test volumes sampled in {time.perf_counter() - started:.0f} s total; "
+          f"outputs in {run_dir} (montage {figure.name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
