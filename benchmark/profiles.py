@@ -91,6 +91,12 @@ def _apply_override(data: dict, override: str) -> None:
         raise ProfileError(f"override '{override}': value '{raw}' is not valid YAML ({err})") from None
     if isinstance(node[leaf], dict):
         raise ProfileError(f"override '{override}': '{key}' is a section; override one of its settings instead")
+    old = node[leaf]
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, str):
+        try:  # YAML reads '1e-3' as a string; a numeric setting takes it as a number
+            value = float(value)
+        except ValueError:
+            raise ProfileError(f"override '{override}': '{key}' expects a number, got '{raw}'") from None
     node[leaf] = value
 
 

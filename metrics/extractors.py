@@ -594,7 +594,7 @@ def _train_ae(kind: str, vols: torch.Tensor, cfg: InDomainConfig, device: torch.
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     net.eval()
     return net.cpu(), losses
 

@@ -1,0 +1,357 @@
+"""The embedded synthetic brain population: whole-head T1w volumes built on real anatomy (MNI152 2009).
+
+Each subject is a deterministic function of (seed, index, shape); its random draws depend on
+(seed, index) only and all its spatial fields are defined in mm, so the same subject at two image
+shapes is the same head at two resolutions.
+
+Per subject: sex (1 = male, 0 = female; UK Biobank's coding) and age (uniform over AGE_RANGE years);
+head size by sex; a small random rotation and translation; a smooth random deformation; with age, the
+lateral ventricles dilate (tissue is pushed away along a smooth outward field) and the brain atrophies
+(it contracts inside a skull that does not, and the cortex thins at the sulci), both with individual
+variation; skull and scalp layers with smoothly varying thickness; T1w intensities (CSF dark, grey
+matter mid, white matter bright, cortical bone dark, marrow and fat bright), bias field, gamma
+contrast and Rician noise. All warps happen once, at the final resolution (linear interpolation of
+partial-volume tissue fractions; labels are their arg-max).
+
+Scalars, in BrainLDM's order, each in [0, 1]: sex; age scaled over AGE_RANGE; ventricular volume and
+brain volume (grey + white matter) measured on the subject's own labels (voxel count x voxel volume)
+and scaled by the fixed ranges VENTRICLE_RANGE_ML and BRAIN_RANGE_ML, clipped to [0, 1].
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .anatomy import (BRAIN_CHANNELS, FIELD_CHANNELS, FOV_CENTRE_MM, FOV_MM, GENERATOR_VERSION,
+                      HEAD_CHANNELS, Reference, load_reference)
+from .subject import DataError, Subject, skull_image, voxel_volume_ml
+
+AGE_RANGE = (44.0, 82.0)            # years; UK Biobank's imaging ages
+VENTRICLE_RANGE_ML = (0.0, 80.0)    # lateral ventricles, both sides
+BRAIN_RANGE_ML = (900.0, 1700.0)    # grey + white matter
+BLOCK = 32                          # subjects per cache file
+_QUANT = 65535.0                    # images are stored as uint16; generated ones are quantised alike
+
+# Smooth random fields: white noise on a 12 mm lattice over the field of view, Gaussian-smoothed
+# (about 24 mm), read out by linear interpolation.
+_LATTICE_MM = 12.0
+_LATTICE_MARGIN_MM = 24.0
+_SMOOTH_CELLS = 2.0
+
+
+def scale_age(age_years: float) -> float:
+    return float(np.clip((age_years - AGE_RANGE[0]) / (AGE_RANGE[1] - AGE_RANGE[0]), 0.0, 1.0))
+
+
+def scale_volume(ml: float, bounds: tuple[float, float]) -> float:
+    return float(np.clip((ml - bounds[0]) / (bounds[1] - bounds[0]), 0.0, 1.0))
+
+
+def unscale(value: float, bounds: tuple[float, float]) -> float:
+    """Inverse of the scaling above (for reports): e.g. unscale(s[1], AGE_RANGE) is the age in years."""
+    return float(bounds[0] + value * (bounds[1] - bounds[0]))
+
+
+def subject_id(seed: int, index: int) -> str:
+    return f"syn{seed}-{index:05d}"
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _linear_weights(coords: np.ndarray, n: int) -> np.ndarray:
+    """(len(coords), n) matrix of linear-interpolation weights at fractional indices (clamped)."""
+    coords = np.clip(coords, 0.0, n - 1.0)
+    i0 = np.minimum(np.floor(coords).astype(int), n - 2)
+    t = coords - i0
+    w = np.zeros((len(coords), n))
+    w[np.arange(len(coords)), i0] = 1.0 - t
+    w[np.arange(len(coords)), i0 + 1] = t
+    return w
+
+
+def _ramp(x: np.ndarray, width: float) -> np.ndarray:
+    """Partial-volume step: 0 well below 0, 1 well above, linear over one voxel."""
+    return np.clip(0.5 + x / width, 0.0, 1.0)
+
+
+class _Generator:
+    """Draws subjects on one reference (one image shape)."""
+
+    def __init__(self, ref: Reference):
+        self.ref = ref
+        shape = ref.shape
+        axes = [ref.affine[i, i] * np.arange(shape[i]) + ref.affine[i, 3] for i in range(3)]  # mm
+        self.world = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)  # (3, N) subject mm
+        lo = FOV_CENTRE_MM - FOV_MM / 2 - _LATTICE_MARGIN_MM
+        n_lat = np.ceil((FOV_MM + 2 * _LATTICE_MARGIN_MM) / _LATTICE_MM).astype(int) + 1
+        self.lattice_shape = tuple(int(n) for n in n_lat)
+        # The output grid is axis-aligned, so linear interpolation from the lattice is separable:
+        # one small matrix per axis.
+        self.lattice_weights = [_linear_weights((axes[i] - lo[i]) / _LATTICE_MM, self.lattice_shape[i])
+                                for i in range(3)]
+        self.voxel_ml = voxel_volume_ml(ref.affine)
+
+    def _smooth_fields(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """``count`` smooth random fields with unit standard deviation, at the output voxels (count, N)."""
+        noise = rng.standard_normal((count,) + self.lattice_shape)
+        wx, wy, wz = self.lattice_weights
+        out = []
+        for c in range(count):
+            field = ndi.gaussian_filter(noise[c], _SMOOTH_CELLS, mode="nearest")
+            field /= field.std()
+            out.append(np.einsum("ai,bj,ck,ijk->abc", wx, wy, wz, field, optimize=True).reshape(-1))
+        return np.stack(out)
+
+    def _sample(self, channels: slice, mm: np.ndarray) -> np.ndarray:
+        ref = self.ref
+        coords = (mm - ref.origin[:, None]) / ref.spacing
+        return np.stack([ndi.map_coordinates(ref.fields[c], coords, order=1, mode="nearest")
+                         for c in range(channels.start, channels.stop)])
+
+    def draw(self, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image (X,Y,Z) float32 on the uint16 lattice, semantics (X,Y,Z) uint8, scalars (4,) float32)."""
+        ref = self.ref
+        rng = np.random.default_rng([0x5EED, int(seed), int(index)])
+        n = lambda sd=1.0, size=None: rng.normal(0.0, sd, size)
+
+        # --- who ------------------------------------------------------------------------------
+        male = int(rng.integers(0, 2))
+        age = rng.uniform(*AGE_RANGE)
+        a01 = scale_age(age)
+        # --- geometry: the MNI152 head is larger than average (ICV ~1.9 l): scale to ~1.4/1.6 l ---
+        scale = (0.95 if male else 0.90) * np.exp(n(0.03)) * np.exp(n(0.015, 3))
+        rot = _rotation(np.deg2rad(np.clip(n(3.0, 3), -7, 7)))
+        shift = np.clip(n(2.0, 3), -5.0, 5.0)
+        deform_mm = 2.5
+        # --- ageing, each with individual variation ---------------------------------------------
+        contraction = max(0.0, 0.01 + 0.05 * a01 + n(0.01))           # brain shrinks inside the skull
+        lv_dilation = float(np.clip(-0.3 + 3.8 * a01 ** 1.5 + n(0.8), -1.0, 5.5))  # mm
+        thinning = max(0.0, 0.2 + 1.2 * a01 + n(0.25))                # mm of cortex lost at sulci
+        # --- head layers (mm) ---------------------------------------------------------------------
+        inner, diploe, outer = 1.6 * np.exp(n(0.15)), 2.6 * np.exp(n(0.25)), 1.4 * np.exp(n(0.15))
+        fat, skin = 4.5 * np.exp(n(0.25)), 1.5 * np.exp(n(0.1))
+        # --- intensities (T1w) ---------------------------------------------------------------------
+        c_csf, c_gm, c_wm = 0.10 + n(0.015), 0.45 + n(0.025), 0.72 + n(0.025)
+        c_bone, c_marrow = 0.04 + abs(n(0.01)), 0.55 + n(0.07)
+        c_muscle, c_fat, c_skin = 0.33 + n(0.03), 0.85 + n(0.04), 0.50 + n(0.04)
+        gamma = float(np.exp(n(0.1)))
+        bias_amp = rng.uniform(0.04, 0.18)
+        noise_sd = rng.uniform(0.008, 0.03)
+        fields = self._smooth_fields(rng, 6)  # deformation x3, layer thickness, bias, cortical thinning
+        noise = rng.standard_normal((2, self.world.shape[1]), dtype=np.float32)
+
+        # --- backward maps: output voxel (subject mm) -> template mm --------------------------------
+        # Scaling and rotation are about the field-of-view centre; atrophy contracts about the brain's.
+        fov_c, centre = FOV_CENTRE_MM[:, None], ref.brain_centre[:, None]
+        q_head = fov_c + rot.T @ (self.world - fov_c - shift[:, None]) / scale[:, None] + deform_mm * fields[:3]
+        q_brain = centre + (q_head - centre) * (1.0 + contraction)
+        push = self._sample(FIELD_CHANNELS, q_brain)
+        q_tissue = q_brain - lv_dilation * push
+        f_csf, f_gm, f_wm, f_lv, resid, depth = self._sample(BRAIN_CHANNELS, q_tissue)
+        d_env, d_hull = self._sample(HEAD_CHANNELS, q_head)
+
+        # --- tissue fractions and labels -------------------------------------------------------------
+        f_out = np.clip(1.0 - (f_csf + f_gm + f_wm + f_lv), 0.0, 1.0)  # gap left by the shrinking brain
+        lost = f_gm * np.clip(thinning * np.exp(0.3 * fields[5]) - depth + 0.5, 0.0, 1.0)
+        f_gm = f_gm - lost
+        f_csf = f_csf + f_out + lost
+        vox = ref.voxel_mm
+        # Distances are in template mm; the head scale turns them into subject mm.
+        mean_scale = float(np.mean(scale))
+        d_env, d_hull = d_env * mean_scale, d_hull * mean_scale
+        inside = d_env < 0
+        labels = np.argmax(np.stack([f_csf, f_gm, f_wm, f_lv]), axis=0).astype(np.uint8) + 1
+        labels[~inside] = 0
+
+        # --- image ---------------------------------------------------------------------------------------
+        k_res = (c_wm - c_csf) / float(ref.class_means[2] - ref.class_means[0])
+        brain_img = c_csf * (f_csf + f_lv) + c_gm * f_gm + c_wm * f_wm + k_res * resid
+        thick = np.exp(0.2 * fields[3])
+        b1 = inner * thick
+        b2 = b1 + diploe * thick
+        b3 = b2 + outer * thick
+        b4 = b3 + fat * thick
+        b5 = b4 + skin
+        step = lambda x: _ramp(x, vox)
+        icv = 1.0 - step(d_env)
+        beyond_bone = step(d_env - b3)
+        img = (icv * brain_img
+               + c_bone * (step(d_env) - step(d_env - b1))
+               + c_marrow * (step(d_env - b1) - step(d_env - b2))
+               + c_bone * (step(d_env - b2) - beyond_bone)
+               + beyond_bone * (c_muscle * (1.0 - step(d_hull - b3))
+                                + c_fat * (step(d_hull - b3) - step(d_hull - b4))
+                                + c_skin * (step(d_hull - b4) - step(d_hull - b5))))
+        img = np.clip(img * np.exp(bias_amp * fields[4]), 0.0, 1.0) ** gamma
+        img = np.sqrt((img + noise_sd * noise[0]) ** 2 + (noise_sd * noise[1]) ** 2)  # Rician
+        img = np.round(np.clip(img, 0.0, 1.0) * _QUANT).astype(np.float32) / np.float32(_QUANT)
+
+        shape = ref.shape
+        labels = labels.reshape(shape)
+        ventricles_ml = float(np.count_nonzero(labels == 4)) * self.voxel_ml
+        brain_ml = float(np.count_nonzero((labels == 2) | (labels == 3))) * self.voxel_ml
+        scalars = np.array([male, a01, scale_volume(ventricles_ml, VENTRICLE_RANGE_ML),
+                            scale_volume(brain_ml, BRAIN_RANGE_ML)], dtype=np.float32)
+        return img.reshape(shape), labels, scalars
+
+
+def _cache_key(shape, seed) -> str:
+    blob = json.dumps({"version": GENERATOR_VERSION, "shape": list(map(int, shape)), "seed": int(seed),
+                       "block": BLOCK}).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _write_block(path: Path, indices: Sequence[int], generator: _Generator, seed: int) -> None:
+    images, labels, scalars = [], [], []
+    for i in indices:
+        img, lab, sc = generator.draw(seed, i)
+        images.append(np.round(img * _QUANT).astype(np.uint16))
+        labels.append(lab)
+        scalars.append(sc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, indices=np.asarray(indices, dtype=np.int64), image=np.stack(images),
+                            semantics=np.stack(labels), scalars=np.stack(scalars))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _worker_block(args) -> int:
+    shape, seed, cache_dir, block, path = args
+    generator = _Generator(load_reference(shape, cache_dir))
+    _write_block(Path(path), range(block * BLOCK, (block + 1) * BLOCK), generator, seed)
+    return block
+
+
+class SyntheticPopulation:
+    """An unbounded population of synthetic subjects at one image shape, cached on disk.
+
+    ``workers`` processes generate missing cache blocks (default: up to 2, the CPU budget the suite
+    plans for); ``progress`` shows a tqdm bar while generating.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], seed: int = 0, cache_dir: str | Path = ".cache",
+                 workers: int | None = None, progress: bool = False):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or min(shape) < 8:
+            raise DataError(f"synthetic image shape must be three sizes of at least 8 voxels, got {shape}")
+        self.shape = shape
+        self.seed = int(seed)
+        self.cache_dir = Path(cache_dir)
+        self.workers = max(1, min(2, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+        self.progress = progress
+        self._generator: _Generator | None = None
+        self.block_dir = self.cache_dir / "synthetic" / f"subjects_{_cache_key(shape, seed)}"
+
+    @property
+    def generator(self) -> _Generator:
+        if self._generator is None:
+            self._generator = _Generator(load_reference(self.shape, self.cache_dir))
+        return self._generator
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.generator.ref.affine.copy()
+
+    def _subject(self, index: int, image: np.ndarray, semantics: np.ndarray, scalars: np.ndarray) -> Subject:
+        image = image[None].astype(np.float32, copy=False)
+        semantics = semantics[None].astype(np.uint8, copy=False)
+        return Subject(id=subject_id(self.seed, index), image=image,
+                       lv_mask=(semantics == 4).astype(np.uint8), semantics=semantics,
+                       skull=skull_image(image, semantics), scalars=scalars.astype(np.float32),
+                       affine=self.affine)
+
+    @staticmethod
+    def _check_index(index) -> int:
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise DataError(f"subject index must be a non-negative integer, got {index!r}")
+        return int(index)
+
+    def subject(self, index: int) -> Subject:
+        """Generate one subject (no cache)."""
+        index = self._check_index(index)
+        return self._subject(index, *self.generator.draw(self.seed, index))
+
+    def _block_path(self, block: int) -> Path:
+        return self.block_dir / f"block_{block:05d}.npz"
+
+    def _load_block(self, block: int) -> dict | None:
+        path = self._block_path(block)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as z:
+                data = {k: z[k] for k in ("indices", "image", "semantics", "scalars")}
+        except (OSError, ValueError, KeyError, EOFError):
+            return None  # damaged (e.g. an interrupted copy): regenerate
+        if data["image"].shape[1:] != self.shape or len(data["indices"]) != BLOCK:
+            return None
+        return data
+
+    def ensure(self, indices: Sequence[int]) -> None:
+        """Generate and cache every block that holds one of ``indices``."""
+        blocks = sorted({self._check_index(i) // BLOCK for i in indices})
+        missing = [b for b in blocks if not self._block_path(b).is_file()]
+        if not missing:
+            return
+        load_reference(self.shape, self.cache_dir)  # build once here, not in every worker
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(missing) * BLOCK, desc=f"synthetic subjects {self.shape}", unit="subj")
+        try:
+            if self.workers > 1 and len(missing) > 1:
+                jobs = [(self.shape, self.seed, str(self.cache_dir), b, str(self._block_path(b))) for b in missing]
+                # spawn, not fork: the caller may hold threads (torch) that fork would copy half-way.
+                with ProcessPoolExecutor(min(self.workers, len(missing)), mp_context=get_context("spawn")) as pool:
+                    for _ in pool.map(_worker_block, jobs):
+                        if bar is not None:
+                            bar.update(BLOCK)
+            else:
+                for b in missing:
+                    _write_block(self._block_path(b), range(b * BLOCK, (b + 1) * BLOCK), self.generator, self.seed)
+                    if bar is not None:
+                        bar.update(BLOCK)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def subjects(self, indices: Sequence[int]) -> list[Subject]:
+        """The subjects at ``indices`` (in that order), from the on-disk cache, generating what is missing."""
+        indices = [self._check_index(i) for i in indices]
+        self.ensure(indices)
+        blocks: dict[int, dict] = {}
+        out = []
+        for i in indices:
+            b = i // BLOCK
+            if b not in blocks:
+                data = self._load_block(b)
+                if data is None:  # damaged file: regenerate it in this process
+                    _write_block(self._block_path(b), range(b * BLOCK, (b + 1) * BLOCK), self.generator, self.seed)
+                    data = self._load_block(b)
+                blocks[b] = data
+            data = blocks[b]
+            k = i - b * BLOCK
+            image = data["image"][k].astype(np.float32) / np.float32(_QUANT)
+            out.append(self._subject(i, image, data["semantics"][k], data["scalars"][k]))
+        return out

@@ -1,0 +1,45 @@
+"""LDM trained from scratch (VCM supplementary B.3, after Dorjsembe et al., JBHI 2024).
+
+BrainLDM's UNet architecture, randomly initialised and trained on the N pairs only, with
+the conditions put directly into its input: the latent, the four scalars broadcast over
+space (as BrainLDM does) and the conditions brought to the latent grid, concatenated.
+
+``cross_attention`` (default ``false``): Dorjsembe et al.'s conditional DDPM has no
+cross-attention, its conditions enter by concatenation only, and the VCM authors' scratch
+LDM follows it — MONAI's UNet with ``with_conditioning=False`` (plain self-attention blocks
+at the attention levels) is exactly what Table 5's 475.43M counts (475.42M here with the
+LV mask; BrainLDM's UNet with its cross-attention transformer blocks is 553.17M). With
+``cross_attention: true`` the scalars also go in as cross-attention context.
+
+Conditions reach the latent grid by ``condition_downsample`` (default ``area``, see
+``methods.ldm_finetune``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from methods._blocks import config_value, to_latent_grid, unet_context, unet_kwargs
+from methods.base import FrozenLDM, Method
+from methods.ldm_finetune import conditions_on_latent_grid
+from methods.registry import register
+
+
+@register("ldm_scratch", tasks=("lv", "multimodal", "sr4", "sr8"))
+class LDMScratch(Method):
+    def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
+        super().__init__(base, condition_channels, config)
+        self.downsample = str(config_value(self.config, "condition_downsample", "ldm_scratch", "area"))
+        to_latent_grid(torch.zeros(1, 1, 2, 2, 2), (1, 1, 1), self.downsample)  # fail early on a bad mode
+        self.cross_attention = bool(config_value(self.config, "cross_attention", "ldm_scratch", False))
+        kwargs = unet_kwargs(base.diffusion_config, DiffusionModelUNet, self.cross_attention)
+        kwargs["in_channels"] = int(kwargs["in_channels"]) + sum(self.condition_channels.values())
+        self.unet = DiffusionModelUNet(**kwargs)
+
+    def predict_noise(self, z_t, t, conditions, scalars):
+        cond = conditions_on_latent_grid(conditions, z_t.shape[2:], self.downsample, z_t)
+        x = torch.cat([self.base.unet_input(z_t, scalars), cond], dim=1)
+        context = unet_context(self.base, scalars) if self.cross_attention else None
+        return self.unet(x, timesteps=t, context=context)

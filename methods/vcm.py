@@ -1,0 +1,160 @@
+"""VCM: the Volumetric Conditioning Module (Ahn et al., WACV 2025; supplementary B.2).
+
+A small time-conditioned *asymmetric* U-Net beside the frozen model. Its encoder is deeper
+than its decoder: at the paper, base channels 16 with multipliers (1, 2, 3, 4, 8, 16), i.e.
+``encoder_channels: [16, 32, 48]`` and ``unet_channels: [64, 128, 256]`` in the profile:
+
+- the first levels (``encoder_channels``, one per stride-2 stage, i.e. log2 of the
+  autoencoder's compression: three at compression 8, two at compression 4) encode the
+  condition from image resolution down to the latent grid
+  (:class:`methods._blocks.ConditionEncoder`: residual blocks without time embedding and a
+  residual downsampling block per level, as the authors' ``DiffusionLikeEncoder``);
+- the last levels (``unet_channels``) form a time-conditioned MONAI ``DiffusionModelUNet``
+  (two-layer MLP time embedding, one linear time projection in every residual block,
+  ``num_res_blocks`` residual blocks per level, self-attention where ``attention_levels``
+  says and in the middle block) whose decoder uses only those widths. Its input is the noisy
+  latent, the frozen model's noise prediction and the encoded condition, concatenated; its
+  output has ``unet_channels[0]`` channels (the authors' ``out_channels=64``); no scalars,
+  no cross-attention (as the authors' configuration);
+- split final layers (SPADE-style, as the authors' code: a shared conv3 + LeakyReLU to
+  ``head_hidden`` channels, then one conv3 each) give gamma_t and beta_t at latent shape.
+
+The prediction is ``eps * (1 + gamma_t) + beta_t``; the loss adds
+``lambda * (|gamma_t|_1 + |beta_t|_1)`` with ``1 / lambda`` the element count of the latent
+batch (paper: 16 x 3 x 20 x 28 x 20).
+
+Multimodal: one condition encoder per modality, each with the widths divided by the number
+of modalities, so that the encoded conditions concatenated have the single-condition width
+and the total parameter count stays that of the single-condition VCM; a dropped modality's
+encoding is multiplied by its present flag (zero).
+
+Initialisation: MONAI zero-initialises the U-Net's output convolution; with
+``zero_init_heads`` (default) the gamma/beta convolutions also start at zero, so VCM starts
+exactly as the frozen model. The authors left the two heads at PyTorch's default
+initialisation (gamma/beta then start as small near-constant fields, ~1e-2); set
+``zero_init_heads: false`` to reproduce that.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from methods._blocks import ConditionEncoder, config_value, downsampling_levels, presence_gate, zero_module
+from methods.base import Conditions, FrozenLDM, Method
+from methods.registry import MethodError, register
+
+
+@register("vcm", tasks=("lv", "multimodal", "sr4", "sr8"))
+class VCM(Method):
+    def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
+        super().__init__(base, condition_channels, config)
+        cfg = self.config
+
+        def get(key, *default):
+            return config_value(cfg, key, "vcm", *default)
+
+        enc_channels = [int(c) for c in get("encoder_channels")]
+        unet_channels = tuple(int(c) for c in get("unet_channels"))
+        num_res_blocks = int(get("num_res_blocks", 2))
+        attention = [bool(a) for a in get("attention_levels", [False] * (len(unet_channels) - 1) + [True])]
+        enc_groups = int(get("encoder_norm_groups", 16))
+        unet_groups = int(get("unet_norm_groups", 32))
+        head_hidden = int(get("head_hidden", 128))
+        zero_heads = bool(get("zero_init_heads", True))
+
+        levels = downsampling_levels(base.compression, "vcm")
+        if len(enc_channels) != levels:
+            raise MethodError(
+                f"methods.vcm.encoder_channels {enc_channels} has {len(enc_channels)} levels, but the autoencoder "
+                f"compresses by {base.compression}: give {levels} widths (one per stride-2 stage)"
+            )
+        if len(attention) != len(unet_channels):
+            raise MethodError(
+                f"methods.vcm.attention_levels {attention} must have one entry per U-Net level {list(unet_channels)}"
+            )
+        if not self.condition_channels:
+            raise MethodError("VCM needs at least one condition modality")
+
+        # One encoder per modality; the widths are split so that the total stays as for one.
+        n_mod = len(self.condition_channels)
+        widths = [c // n_mod for c in enc_channels]
+        if min(widths) < 1:
+            raise MethodError(
+                f"methods.vcm.encoder_channels {enc_channels} are too narrow to split over {n_mod} modalities; "
+                "widen them"
+            )
+        self.encoders = nn.ModuleDict({
+            name: ConditionEncoder(ch, widths, num_res_blocks, enc_groups)
+            for name, ch in self.condition_channels.items()
+        })
+        encoded = sum(e.out_channels for e in self.encoders.values())
+
+        latent_c = base.latent_shape[0]
+        bad = [c for c in unet_channels if c % unet_groups]
+        if bad:
+            raise MethodError(
+                f"methods.vcm: U-Net widths {unet_channels} must be multiples of unet_norm_groups {unet_groups}"
+            )
+        self.time_unet = DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=2 * latent_c + encoded,        # z_t, the frozen model's eps, the encoded condition
+            out_channels=unet_channels[0],
+            channels=unet_channels,
+            attention_levels=tuple(attention),
+            num_head_channels=tuple(unet_channels),  # one head where there is attention (the mid block always has it)
+            num_res_blocks=num_res_blocks,
+            norm_num_groups=unet_groups,
+            norm_eps=1e-6,
+            resblock_updown=True,
+            with_conditioning=False,                 # time only, no cross-attention
+        )
+        self.head_shared = nn.Conv3d(unet_channels[0], head_hidden, 3, padding=1)
+        self.head_gamma = nn.Conv3d(head_hidden, latent_c, 3, padding=1)
+        self.head_beta = nn.Conv3d(head_hidden, latent_c, 3, padding=1)
+        if zero_heads:
+            zero_module(self.head_gamma)
+            zero_module(self.head_beta)
+
+    # ---- forward ------------------------------------------------------------------------
+    def encode_conditions(self, conditions: Conditions, like: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for name, encoder in self.encoders.items():
+            if name not in conditions.tensors:
+                raise MethodError(f"VCM was built for condition '{name}' but the batch has {conditions.names}")
+            x = conditions.tensors[name].to(dtype=like.dtype)
+            h = encoder(x)
+            parts.append(h * presence_gate(conditions.present[name], h))
+        return torch.cat(parts, dim=1)
+
+    def modulation(self, z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                   conditions: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma_t, beta_t), each at latent shape."""
+        cond = self.encode_conditions(conditions, z_t)
+        if cond.shape[2:] != z_t.shape[2:]:
+            raise MethodError(
+                f"VCM's condition encoder gave a grid {tuple(cond.shape[2:])} but the latent grid is "
+                f"{tuple(z_t.shape[2:])}; the image shape must be the latent shape times the compression"
+            )
+        h = self.time_unet(torch.cat([z_t, eps, cond], dim=1), timesteps=t)
+        h = F.leaky_relu(self.head_shared(h), 0.01)
+        return self.head_gamma(h), self.head_beta(h)
+
+    def _forward(self, z_t, t, conditions, scalars):
+        with torch.no_grad():
+            eps = self.base.unet(z_t, t, scalars)
+        gamma, beta = self.modulation(z_t, eps, t, conditions)
+        return eps * (1 + gamma) + beta, gamma, beta
+
+    def predict_noise(self, z_t, t, conditions, scalars):
+        return self._forward(z_t, t, conditions, scalars)[0]
+
+    def training_loss(self, z_t, t, conditions, scalars, noise):
+        pred, gamma, beta = self._forward(z_t, t, conditions, scalars)
+        # lambda^-1 = B * C * x * y * z of the latent batch (B.2); the authors' script unpacks
+        # the shape as (B, c, h, w, c) and so uses the last axis twice -- we follow the paper.
+        lam = 1.0 / z_t.numel()
+        return F.mse_loss(pred.float(), noise.float()) + lam * (gamma.abs().sum() + beta.abs().sum())

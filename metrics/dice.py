@@ -1,0 +1,100 @@
+"""Dice between label maps with MONAI's ``DiceMetric``, and conversion of conditions to label maps.
+
+Dice of one volume = mean over the foreground classes (``include_background=False``) that are present
+in the reference (classes absent from the reference are ignored, MONAI's ``ignore_empty=True``); the
+reported Dice is the mean over volumes that have any foreground in the reference.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import MetricError, as_label_maps
+
+TASK_CLASSES = {"lv": 2, "multimodal": 5}
+
+
+def num_classes_for_task(task: str) -> int:
+    if task not in TASK_CLASSES:
+        raise MetricError(f"Dice is defined for tasks {', '.join(TASK_CLASSES)}; task '{task}' has no mask condition")
+    return TASK_CLASSES[task]
+
+
+def condition_to_labels(condition: Any, task: str) -> torch.Tensor:
+    """The spatial condition of a task as an integer label map (N, 1, X, Y, Z).
+
+    lv: the LV mask (N, 1, ...), nonzero = 1. multimodal: the semantic map, either as labels 0-4
+    (N, 1, ...) or as the one-hot condition over labels 1-4 (N, 4, ...) (all-zero voxels -> 0);
+    pass the semantic part only, not the skull image.
+    """
+    c = torch.as_tensor(condition) if not isinstance(condition, torch.Tensor) else condition.detach().cpu()
+    if c.ndim == 4:
+        c = c.unsqueeze(0)
+    if c.ndim != 5:
+        raise MetricError(f"conditions have shape {tuple(c.shape)}; expected (N, C, X, Y, Z)")
+    if task == "lv":
+        if c.shape[1] != 1:
+            raise MetricError(f"the lv condition is a 1-channel mask; got {c.shape[1]} channels")
+        return (c > 0.5).to(torch.int64)
+    if task == "multimodal":
+        if c.shape[1] == 1:
+            lab = as_label_maps(c, "semantic label maps")
+            if lab.min() < 0 or lab.max() > 4:
+                raise MetricError(f"semantic labels must lie in 0..4, got {int(lab.min())}..{int(lab.max())}")
+            return lab
+        if c.shape[1] == 4:
+            c = c.float()
+            lab = c.argmax(dim=1, keepdim=True) + 1
+            lab[c.sum(dim=1, keepdim=True) < 0.5] = 0
+            return lab.to(torch.int64)
+        raise MetricError(
+            f"the multimodal semantic condition must be labels (N, 1, ...) or one-hot over labels 1-4 (N, 4, ...); "
+            f"got {c.shape[1]} channels (pass the semantic map without the skull image)"
+        )
+    raise MetricError(f"task '{task}' has no mask condition to compute Dice against")
+
+
+def _one_hot(lab: torch.Tensor, num_classes: int) -> torch.Tensor:
+    from monai.networks.utils import one_hot
+
+    return one_hot(lab, num_classes=num_classes, dim=1)
+
+
+@torch.no_grad()
+def dice_score(pred: Any, target: Any, num_classes: int) -> dict[str, Any]:
+    """``{"Dice": float, "Dice per volume": [...], "Dice per class": {c: float}, "protocol"}``.
+
+    ``pred`` and ``target`` are integer label maps (N, 1, X, Y, Z) with labels 0..num_classes-1."""
+    from monai.metrics import DiceMetric
+
+    p = as_label_maps(pred, "predicted label maps")
+    t = as_label_maps(target, "reference label maps")
+    if p.shape != t.shape:
+        raise MetricError(f"label maps differ in shape: {tuple(p.shape)} vs {tuple(t.shape)}")
+    for name, lab in (("predicted", p), ("reference", t)):
+        if lab.min() < 0 or lab.max() >= num_classes:
+            raise MetricError(f"{name} labels lie in {int(lab.min())}..{int(lab.max())}, outside 0..{num_classes - 1}")
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    per = metric(_one_hot(p, num_classes), _one_hot(t, num_classes)).double()  # (N, C-1), nan where reference class empty
+    per_np = per.numpy()
+    with np.errstate(all="ignore"):
+        valid = ~np.all(np.isnan(per_np), axis=1)
+        per_volume = np.where(valid, np.nanmean(np.where(np.isnan(per_np), np.nan, per_np), axis=1), np.nan)
+        per_class = {c + 1: float(np.nanmean(per_np[:, c])) if np.any(~np.isnan(per_np[:, c])) else float("nan")
+                     for c in range(per_np.shape[1])}
+    if not valid.any():
+        raise MetricError("no reference label map has any foreground; Dice is undefined")
+    return {
+        "Dice": float(np.mean(per_volume[valid])),
+        "Dice per volume": [float(v) for v in per_volume],
+        "Dice per class": per_class,
+        "protocol": {
+            "implementation": "monai.metrics.DiceMetric(include_background=False, ignore_empty=True)",
+            "num_classes": num_classes,
+            "reduction": "mean over foreground classes present in the reference, then mean over volumes",
+            "n_volumes": int(p.shape[0]),
+            "n_volumes_scored": int(valid.sum()),
+        },
+    }

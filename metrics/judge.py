@@ -1,0 +1,225 @@
+"""The suite's judge: a small 3D segmenter trained on real training volumes, used to measure how well
+generated volumes follow their spatial condition (Dice of its segmentation against the input mask).
+
+Network: ``monai.networks.nets.UNet(spatial_dims=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+num_res_units=1)`` (instance norm, PReLU). Task ``lv``: 2 classes (background, LV). Task
+``multimodal``: 5 classes (semantic labels 0-4). Training: ``DiceCELoss(softmax, one-hot)``, AdamW,
+one-cycle learning rate, batches of real training volumes with random left-right flips (X) and a
+random intensity gain/offset (x U[0.9, 1.1] + U[-0.05, 0.05], then clipped to [0, 1]) so the judge
+does not depend on the exact grey levels of the real scans; fixed seed. Volumes are zero-padded to a
+multiple of 8 and cropped back. The trained weights are cached under ``cache_dir/metrics/`` keyed by
+a hash of (num_classes, data shape, data id or content hash, config).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes, sha256_file
+from .dice import condition_to_labels, dice_score, num_classes_for_task
+
+JUDGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    gain_jitter: float = 0.1
+    offset_jitter: float = 0.05
+    seed: int = 0
+
+
+def _build(num_classes: int, cfg: JudgeConfig) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=num_classes,
+        channels=cfg.channels,
+        strides=cfg.strides,
+        num_res_units=cfg.num_res_units,
+    )
+
+
+def _multiple(cfg: JudgeConfig) -> int:
+    return int(np.prod(cfg.strides))
+
+
+def _pad(x: torch.Tensor, m: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    shape = tuple(x.shape[2:])
+    pads: list[int] = []
+    for s in reversed(shape):
+        pads += [0, (-s) % m]
+    return (F.pad(x, pads) if any(pads) else x), shape
+
+
+class Judge:
+    """A trained segmenter. :meth:`segment` maps volumes (N, 1, X, Y, Z) in [0, 1] to label maps."""
+
+    name = "judge-unet"
+
+    def __init__(self, net: torch.nn.Module, num_classes: int, config: JudgeConfig, weights_hash: str,
+                 source: str, meta: dict[str, Any], device: torch.device | str | None = None):
+        self.net = net.eval()
+        self.num_classes = num_classes
+        self.config = config
+        self.weights_hash = weights_hash
+        self.source = source
+        self.meta = meta
+        self.device = torch.device(device) if device is not None else default_device()
+        self.net.to(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weights_hash": self.weights_hash,
+            "source": self.source,
+            "num_classes": self.num_classes,
+            "architecture": f"monai UNet 3D channels={self.config.channels} strides={self.config.strides} "
+            f"num_res_units={self.config.num_res_units}",
+            "trained_on": {k: self.meta.get(k) for k in ("data_id", "train_shape")},
+            "train_seconds": self.meta.get("train_seconds"),
+        }
+
+    @torch.no_grad()
+    def segment(self, volumes: Any, batch_size: int = 4) -> torch.Tensor:
+        vols = as_volumes(volumes, "volumes to segment")
+        out = []
+        for i in range(0, vols.shape[0], batch_size):
+            x, shape = _pad(vols[i : i + batch_size], _multiple(self.config))
+            logits = self.net(x.to(self.device))
+            lab = logits.argmax(dim=1, keepdim=True)[..., : shape[0], : shape[1], : shape[2]]
+            out.append(lab.to(torch.uint8).cpu())
+        return torch.cat(out)
+
+    def dice(self, volumes: Any, reference_labels: Any) -> dict[str, Any]:
+        """Dice of the judge's segmentation of ``volumes`` against ``reference_labels``."""
+        res = dice_score(self.segment(volumes), reference_labels, self.num_classes)
+        res["protocol"]["judge"] = self.describe()
+        return res
+
+
+def _train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: JudgeConfig,
+           device: torch.device, progress: bool = False) -> tuple[torch.nn.Module, list[float]]:
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    net = _build(num_classes, cfg).to(device)
+    x_all, _ = _pad(images, _multiple(cfg))
+    y_all, _ = _pad(labels.float(), _multiple(cfg))
+    y_all = y_all.long()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
+    net.train()
+    losses = []
+    n = x_all.shape[0]
+    order = torch.randperm(n, generator=g)
+    pos = 0
+    for step in range(cfg.steps):
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=g), 0
+        idx = order[pos : pos + min(cfg.batch_size, n)]
+        pos += cfg.batch_size
+        x, y = x_all[idx].clone(), y_all[idx].clone()
+        flip = torch.rand(x.shape[0], generator=g) < 0.5
+        x[flip] = x[flip].flip(2)  # left-right (X)
+        y[flip] = y[flip].flip(2)
+        gain = 1 + (torch.rand(x.shape[0], 1, 1, 1, 1, generator=g) * 2 - 1) * cfg.gain_jitter
+        off = (torch.rand(x.shape[0], 1, 1, 1, 1, generator=g) * 2 - 1) * cfg.offset_jitter
+        x = (x * gain + off).clamp(0, 1)
+        loss = loss_fn(net(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if progress and (step + 1) % 50 == 0:
+            print(f"judge step {step + 1}/{cfg.steps} loss {np.mean(losses[-50:]):.4f}", flush=True)
+    net.eval()
+    return net.cpu(), losses
+
+
+def judge_cache_key(num_classes: int, shape: Sequence[int], data_id: str, cfg: JudgeConfig) -> str:
+    payload = json.dumps({"classes": num_classes, "shape": list(shape), "data": data_id, "config": asdict(cfg),
+                          "v": JUDGE_VERSION}, sort_keys=True)
+    return sha256_bytes(payload.encode(), 16)
+
+
+def train_judge(
+    images: Any,
+    labels: Any,
+    num_classes: int,
+    cache_dir: str | Path,
+    data_id: str | None = None,
+    config: JudgeConfig | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Judge:
+    """Train (or load from the cache) a judge on real ``images`` (N, 1, X, Y, Z) in [0, 1] with integer
+    ``labels`` (N, 1, X, Y, Z) in 0..num_classes-1."""
+    cfg = config or JudgeConfig()
+    imgs = as_volumes(images, "judge training images")
+    labs = as_label_maps(labels, "judge training labels")
+    if imgs.shape != labs.shape:
+        raise MetricError(f"judge images {tuple(imgs.shape)} and labels {tuple(labs.shape)} differ in shape")
+    if labs.min() < 0 or labs.max() >= num_classes:
+        raise MetricError(f"judge labels lie in {int(labs.min())}..{int(labs.max())}, outside 0..{num_classes - 1}")
+    did = data_id if data_id is not None else "sha:" + array_digest(imgs) + array_digest(labs)
+    key = judge_cache_key(num_classes, tuple(imgs.shape), did, cfg)
+    path = Path(cache_dir) / "metrics" / f"judge-{num_classes}cls-{key}.pt"
+    if path.exists():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            net = _build(num_classes, cfg)
+            net.load_state_dict(ckpt["state_dict"], strict=True)
+            meta = json.loads(ckpt["meta"])
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(
+                f"cached judge {path} could not be loaded ({type(e).__name__}); delete the file and the suite will retrain it"
+            ) from e
+    else:
+        dev = torch.device(device) if device is not None else default_device()
+        t0 = time.perf_counter()
+        net, losses = _train(imgs, labs, num_classes, cfg, dev, progress)
+        meta = {"data_id": did, "train_shape": list(imgs.shape), "config": asdict(cfg),
+                "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
+                "device": str(dev)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, tmp)
+        os.replace(tmp, path)
+    return Judge(net, num_classes, cfg, sha256_file(path), str(path), meta, device)
+
+
+def get_judge(
+    task: str,
+    images: Any,
+    conditions: Any,
+    cache_dir: str | Path,
+    data_id: str | None = None,
+    config: JudgeConfig | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Judge:
+    """A judge for ``task`` ('lv': 2 classes from the LV mask; 'multimodal': 5 classes from the semantic
+    map, given as labels (N, 1, ...) or one-hot over 1-4 (N, 4, ...))."""
+    k = num_classes_for_task(task)
+    labels = condition_to_labels(conditions, task)
+    return train_judge(images, labels, k, cache_dir, data_id=data_id, config=config, device=device, progress=progress)
