@@ -175,8 +175,8 @@ def train_method(
 ) -> TrainResult:
     """Train ``method`` on ``subjects``; resumes from ``run_dir/checkpoint.pt`` if present.
 
-    ``stop_after`` ends the call after that many steps (as an interruption would), leaving
-    the checkpoint behind; used to test resumption.
+    ``stop_after`` ends the call after that many steps without a final checkpoint, as a kill
+    would; used to test resumption.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,7 @@ def train_method(
         times.append(time.perf_counter() - tic)
         bar.set_postfix(loss=f"{value:.4f}")
         done = step + 1
-        if done % settings.checkpoint_every == 0 or done == end_step:
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
             save_checkpoint(done)
     bar.close()
     steady = times[3:] if len(times) > 4 else times

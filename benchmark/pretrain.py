@@ -82,8 +82,9 @@ def load_base_model(
 
     BrainLDM weights from ``weights_dir`` for ``base_weights: brainldm``; otherwise the cached
     pretrained model, pretraining it first if the cache holds none for this configuration.
-    ``step_callback(stage, steps_done)`` is called after every training step (for tests and
-    monitoring); an exception it raises stops pretraining, which resumes on the next call.
+    ``step_callback(stage, steps_done)`` (stage ``"autoencoder"`` or ``"diffusion"``) is called
+    after every training step, for tests and monitoring; an exception it raises stops
+    pretraining, and the next call resumes from the last checkpoint.
     """
     if str(profile.get("base_weights", "") or "").lower() == "brainldm":
         if weights_dir is None:
@@ -96,14 +97,14 @@ def load_base_model(
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out / "lock"):
         if not (out / "done").is_file():
-            _Pretrainer(profile, cache_dir, out, device, progress, step_callback).run()
+            _Pretrainer(profile, cache_dir, device, progress, step_callback).run()
         elif progress:
             print(f"base model: loaded from {out}", file=sys.stderr, flush=True)
         return _load_cached(profile, out, device)
 
 
-def base_model_key(profile) -> dict[str, Any]:
-    """Everything that decides the pretrained weights (what the cache hash covers)."""
+def autoencoder_key(profile) -> dict[str, Any]:
+    """Everything that decides the pretrained autoencoder and its latents."""
     d = profile.data
     indices = _pretrain_indices(profile)
     return {
@@ -116,18 +117,33 @@ def base_model_key(profile) -> dict[str, Any]:
             "generator": _data_version(),
         },
         "autoencoder": profile.autoencoder.to_dict(),
-        "diffusion": profile.diffusion.to_dict(),
-        "scheduler": profile.scheduler.to_dict(),
     }
 
 
+def base_model_key(profile) -> dict[str, Any]:
+    """Everything that decides the pretrained weights (what the cache hash covers)."""
+    return {**autoencoder_key(profile),
+            "diffusion": profile.diffusion.to_dict(),
+            "scheduler": profile.scheduler.to_dict()}
+
+
+def _hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def base_model_hash(profile) -> str:
-    blob = json.dumps(base_model_key(profile), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return _hash(base_model_key(profile))
 
 
 def base_model_dir(profile, cache_dir: str | Path) -> Path:
+    """``<cache_dir>/base/<hash>/``: the pretrained model (``model.pt``, ``done``) and its diffusion checkpoints."""
     return Path(cache_dir) / "base" / base_model_hash(profile)
+
+
+def autoencoder_dir(profile, cache_dir: str | Path) -> Path:
+    """``<cache_dir>/base/autoencoder-<hash>/``: the autoencoder and the latents of the pretraining
+    pool, shared by every diffusion configuration on top of the same autoencoder."""
+    return Path(cache_dir) / "base" / f"autoencoder-{_hash(autoencoder_key(profile))}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +171,9 @@ def load_images(profile, cache_dir, indices: Sequence[int], progress: bool = Tru
 
     shape = tuple(profile.image_shape)
     pop = SyntheticPopulation(shape, seed=profile.data.seed, cache_dir=cache_dir)
+    if hasattr(pop, "ensure"):  # generate missing subjects in parallel first
+        pop.progress = progress
+        pop.ensure(list(indices))
     images = torch.empty((len(indices), 1, *shape), dtype=torch.float32)
     scalars = torch.empty((len(indices), 4), dtype=torch.float32)
     chunk = 32
@@ -209,75 +228,88 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class _Pretrainer:
-    def __init__(self, profile, cache_dir, out: Path, device, progress: bool, callback: StepCallback | None):
+    def __init__(self, profile, cache_dir, device, progress: bool, callback: StepCallback | None):
         self.profile = profile
         self.cache_dir = Path(cache_dir)
-        self.out = out
+        self.out = base_model_dir(profile, cache_dir)
+        self.ae_dir = autoencoder_dir(profile, cache_dir)
+        self.ae_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(device)
         self.progress = progress
         self.callback = callback
         self.seed = int(profile.data.seed)
-        self.summary_path = out / "summary.json"
-        self.summary: dict[str, Any] = (
-            json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
-        )
 
     # -- orchestration ----------------------------------------------------------------------
     def run(self) -> None:
         t_start = time.time()
         _atomic_write_text(json.dumps(base_model_key(self.profile), indent=2, default=str), self.out / "config.json")
-        torch.manual_seed(self.seed)  # initial weights
-        base = BaseLDM.from_profile(self.profile).to(self.device)
-        indices = _pretrain_indices(self.profile)
-        if not indices:
+        if not _pretrain_indices(self.profile):
             raise BaseModelError(
                 f"profile '{self.profile.get('name', '?')}' has data.pretrain_pool = 0: there is nothing to "
                 "pretrain the base model on; set data.pretrain_pool (e.g. --override data.pretrain_pool=300) "
                 "or use BrainLDM weights (base_weights: brainldm and --weights-dir)"
             )
-        need_images = not (self.out / "latents.pt").is_file()
-        images = scalars = None
-        if need_images:
-            t0 = time.time()
-            images, scalars = load_images(self.profile, self.cache_dir, indices, self.progress, "pretraining data")
-            self.summary["data_seconds"] = round(time.time() - t0, 1)
-
-        self._train_autoencoder(base, images)
-        latents = self._encode_pool(base, images, scalars)
-        del images
-        base.scale_factor = latents["scale_factor"]
-        self._train_diffusion(base, latents)
+        torch.manual_seed(self.seed)  # initial weights
+        base = BaseLDM.from_profile(self.profile).to(self.device)
+        with _lock(self.ae_dir / "lock"):
+            latents = self._autoencoder_and_latents(base)
+        base.scale_factor = float(latents["scale_factor"])
+        diffusion_summary = self._train_diffusion(base, latents)
 
         state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
         _atomic_save({"state_dict": state, "scale_factor": base.scale_factor,
                       "key": base_model_key(self.profile)}, self.out / "model.pt")
-        self.summary["total_seconds_this_call"] = round(time.time() - t_start, 1)
-        self.summary["parameters"] = base.num_parameters()
-        self.summary["scale_factor"] = base.scale_factor
-        self._write_summary()
+        summary = {**_read_json(self.ae_dir / "summary.json"), "diffusion": diffusion_summary,
+                   "seconds_this_call": round(time.time() - t_start, 1),
+                   "parameters": base.num_parameters(), "scale_factor": base.scale_factor,
+                   "autoencoder_dir": str(self.ae_dir)}
+        _atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
         (self.out / "done").write_text("pretraining finished\n")
-        for stale in ("autoencoder.ckpt", "diffusion.ckpt"):
-            (self.out / stale).unlink(missing_ok=True)
-        ae, df = self.summary.get("autoencoder", {}), self.summary.get("diffusion", {})
+        (self.out / "diffusion.ckpt").unlink(missing_ok=True)
+        ae = summary.get("autoencoder", {})
         print(
-            f"base model: pretrained in {self.summary['total_seconds_this_call']:.0f} s "
-            f"(autoencoder {ae.get('steps')} steps, {ae.get('seconds', 0):.0f} s, L1 {ae.get('final_l1', float('nan')):.4f}; "
-            f"diffusion {df.get('steps')} steps, {df.get('seconds', 0):.0f} s, MSE {df.get('final_mse', float('nan')):.4f}; "
-            f"scale factor {base.scale_factor:.4f}); cached in {self.out}",
+            f"base model: ready in {summary['seconds_this_call']:.0f} s (autoencoder {ae.get('steps')} steps "
+            f"in {ae.get('seconds', 0):.0f} s, L1 {ae.get('final_l1', float('nan')):.4f}; diffusion "
+            f"{diffusion_summary['steps']} steps in {diffusion_summary['seconds']:.0f} s, MSE "
+            f"{diffusion_summary.get('final_mse', float('nan')):.4f}; scale factor {base.scale_factor:.4f}); "
+            f"cached in {self.out}",
             file=sys.stderr, flush=True,
         )
 
-    def _write_summary(self) -> None:
-        _atomic_write_text(json.dumps(self.summary, indent=2), self.summary_path)
+    def _autoencoder_and_latents(self, base: BaseLDM) -> dict[str, torch.Tensor]:
+        """Stages 1 and 2, cached in the autoencoder folder."""
+        latents_path = self.ae_dir / "latents.pt"
+        ae_path = self.ae_dir / "autoencoder.pt"
+        if latents_path.is_file() and ae_path.is_file():
+            base.autoencoder.load_state_dict(torch.load(ae_path, map_location=self.device, weights_only=True))
+            return torch.load(latents_path, map_location="cpu", weights_only=True)
+        summary = _read_json(self.ae_dir / "summary.json")
+        t0 = time.time()
+        images, scalars = load_images(self.profile, self.cache_dir, _pretrain_indices(self.profile),
+                                      self.progress, "pretraining data")
+        summary["data_seconds"] = round(time.time() - t0, 1)
+        if ae_path.is_file():
+            base.autoencoder.load_state_dict(torch.load(ae_path, map_location=self.device, weights_only=True))
+        else:
+            summary["autoencoder"] = self._train_autoencoder(base, images)
+            _atomic_save(base.autoencoder.state_dict(), ae_path)
+            (self.ae_dir / "autoencoder.ckpt").unlink(missing_ok=True)
+        _atomic_write_text(json.dumps(summary, indent=2), self.ae_dir / "summary.json")
+        latents = self._encode_pool(base, images, scalars)
+        summary["latent_std"] = 1.0 / float(latents["scale_factor"])
+        _atomic_write_text(json.dumps(summary, indent=2), self.ae_dir / "summary.json")
+        _atomic_save(latents, latents_path)
+        return latents
 
     # -- a resumable training loop ------------------------------------------------------------
-    def _loop(self, stage: str, module: torch.nn.Module, cfg, step_fn) -> None:
-        """Train ``module`` for ``cfg.steps`` steps of ``step_fn(step, gen) -> (loss, logs)``."""
-        final_path = self.out / f"{stage}.pt"
-        if final_path.is_file():
-            module.load_state_dict(torch.load(final_path, map_location=self.device, weights_only=True))
-            return
+    def _loop(self, stage: str, module: torch.nn.Module, cfg, ckpt_path: Path, step_fn) -> dict[str, Any]:
+        """Train ``module`` for ``cfg.steps`` steps of ``step_fn(step, gen) -> (loss, logs)``,
+        resuming from ``ckpt_path`` if it exists. Returns a summary."""
         steps = int(cfg.steps)
         if steps <= 0:
             raise BaseModelError(f"{stage}.steps must be positive to pretrain the base model, got {steps}")
@@ -286,10 +318,9 @@ class _Pretrainer:
         every = max(1, int(cfg.get("checkpoint_every", max(1, steps // 10))))
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
         gen = torch.Generator().manual_seed(self.seed + (1 if stage == "autoencoder" else 2))
-        ckpt_path = self.out / f"{stage}.ckpt"
         start, seconds, running = 0, 0.0, None
         if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
             module.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["generator"])
@@ -320,39 +351,32 @@ class _Pretrainer:
         finally:
             bar.close()
         module.eval()
-        _atomic_save(module.state_dict(), final_path)
-        self.summary[stage] = {"steps": steps, "seconds": round(time.time() - t0, 1),
-                               "seconds_per_step": round((time.time() - t0) / steps, 3),
-                               **{f"final_{k}": round(v, 6) for k, v in running.items()}}
-        self._write_summary()
-        ckpt_path.unlink(missing_ok=True)
+        elapsed = time.time() - t0
+        return {"steps": steps, "seconds": round(elapsed, 1), "seconds_per_step": round(elapsed / steps, 3),
+                **{f"final_{k}": round(v, 6) for k, v in (running or {}).items()}}
 
     # -- stage 1: autoencoder --------------------------------------------------------------------
-    def _train_autoencoder(self, base: BaseLDM, images: torch.Tensor | None) -> None:
+    def _train_autoencoder(self, base: BaseLDM, images: torch.Tensor) -> dict[str, Any]:
         cfg = self.profile.autoencoder
         ae = base.autoencoder
-        if (self.out / "autoencoder.pt").is_file() or images is None:
-            if images is None and not (self.out / "autoencoder.pt").is_file():
-                raise BaseModelError(f"{self.out} holds latents but no autoencoder.pt; delete the folder to retrain")
-            self._loop("autoencoder", ae, cfg, None)
-            return
         batch = int(cfg.batch_size)
         kl_weight = float(cfg.kl_weight)
         crop = cfg.get("crop")
         shape = tuple(images.shape[2:])
         if crop is not None:
             crop = tuple(min(int(c), s) for c, s in zip(crop, shape))
-            if any(c % base.compression for c in crop):
-                raise BaseModelError(f"autoencoder.crop {list(crop)} must be a multiple of the compression {base.compression}")
+            if len(crop) != 3 or any(c % base.compression for c in crop):
+                raise BaseModelError(f"autoencoder.crop {list(crop)} must be three sizes, multiples of the "
+                                     f"compression {base.compression}")
         n = images.shape[0]
 
         def step_fn(step: int, gen: torch.Generator):
             idx = torch.randint(0, n, (batch,), generator=gen)
             x = images[idx]
             if crop is not None:
-                starts = [int(torch.randint(0, s - c + 1, (1,), generator=gen)) for c, s in zip(crop, shape)]
-                x = x[:, :, starts[0]:starts[0] + crop[0], starts[1]:starts[1] + crop[1], starts[2]:starts[2] + crop[2]]
-            flip = torch.rand(batch, generator=gen) < 0.5
+                o = [int(torch.randint(0, s - c + 1, (1,), generator=gen)) for c, s in zip(crop, shape)]
+                x = x[:, :, o[0]:o[0] + crop[0], o[1]:o[1] + crop[1], o[2]:o[2] + crop[2]]
+            flip = torch.rand(batch, generator=gen) < 0.5  # left-right (X), CONVENTIONS.md
             x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(2), x).contiguous().to(self.device)
             mu, sigma = ae.encode(x)
             eps = torch.randn(mu.shape, generator=gen).to(self.device)
@@ -361,14 +385,11 @@ class _Pretrainer:
             kl = kl_divergence(mu, sigma)
             return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
-        self._loop("autoencoder", ae, cfg, step_fn)
+        return self._loop("autoencoder", ae, cfg, self.ae_dir / "autoencoder.ckpt", step_fn)
 
     # -- stage 2: latents and scale factor ------------------------------------------------------
     @torch.no_grad()
     def _encode_pool(self, base: BaseLDM, images, scalars) -> dict[str, torch.Tensor]:
-        path = self.out / "latents.pt"
-        if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
         ae = base.autoencoder.eval()
         mus, sigmas = [], []
         bs = max(1, int(self.profile.autoencoder.batch_size))
@@ -379,15 +400,11 @@ class _Pretrainer:
         mu, sigma = torch.cat(mus), torch.cat(sigmas)
         gen = torch.Generator().manual_seed(self.seed + 3)
         z = mu + sigma * torch.randn(mu.shape, generator=gen)
-        latents = {"mu": mu, "sigma": sigma, "scalars": scalars.clone(),
-                   "scale_factor": torch.tensor(1.0 / float(z.std()))}
-        _atomic_save(latents, path)
-        self.summary["latent_std"] = float(z.std())
-        self._write_summary()
-        return latents
+        return {"mu": mu, "sigma": sigma, "scalars": scalars.clone(),
+                "scale_factor": torch.tensor(1.0 / float(z.std()))}
 
     # -- stage 3: diffusion ---------------------------------------------------------------------
-    def _train_diffusion(self, base: BaseLDM, latents: dict[str, torch.Tensor]) -> None:
+    def _train_diffusion(self, base: BaseLDM, latents: dict[str, torch.Tensor]) -> dict[str, Any]:
         cfg = self.profile.diffusion
         mu = latents["mu"].to(self.device)
         sigma = latents["sigma"].to(self.device)
@@ -399,17 +416,17 @@ class _Pretrainer:
         n = mu.shape[0]
 
         def step_fn(step: int, gen: torch.Generator):
-            idx = torch.randint(0, n, (batch,), generator=gen)
+            idx = torch.randint(0, n, (batch,), generator=gen).to(self.device)
             eps = torch.randn((batch, *mu.shape[1:]), generator=gen).to(self.device)
-            z0 = (mu[idx.to(self.device)] + sigma[idx.to(self.device)] * eps) * sf
+            z0 = (mu[idx] + sigma[idx] * eps) * sf
             noise = torch.randn(z0.shape, generator=gen).to(self.device)
             t = torch.randint(0, num_t, (batch,), generator=gen).to(self.device)
             z_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
-            pred = base.unet(z_t, t, scalars[idx.to(self.device)])
+            pred = base.unet(z_t, t, scalars[idx])
             mse = F.mse_loss(pred.float(), noise)
             return mse, {"mse": mse.detach()}
 
-        self._loop("diffusion", base.diffusion, cfg, step_fn)
+        return self._loop("diffusion", base.diffusion, cfg, self.out / "diffusion.ckpt", step_fn)
 
 
 def _load_cached(profile, out: Path, device) -> BaseLDM:

@@ -31,12 +31,12 @@ from scipy import ndimage as ndi
 
 # Bump when anything here or in the subject generator changes what a subject looks like:
 # it is part of every cache key.
-GENERATOR_VERSION = "synth-mni152-v1"
+GENERATOR_VERSION = "synth-mni152-v2"
 
 # Field of view of the generated volumes in mm (X, Y, Z), the 5:7:5 box of BrainLDM's 160x224x160
 # at 1.15 mm, so that the whole head fits; centred on the head (MNI mm).
 FOV_MM = np.array([184.0, 257.6, 184.0])
-FOV_CENTRE_MM = np.array([0.0, -17.0, 10.0])
+FOV_CENTRE_MM = np.array([0.0, -17.0, 13.0])
 
 # Template-space box the reference grid covers: every subject's sampling points fall inside it
 # (head scaling shrinks, rotations and deformations move points by at most ~10 mm).
@@ -44,8 +44,8 @@ BOX_LO_MM = np.array([-112.0, -166.0, -108.0])
 BOX_HI_MM = np.array([112.0, 132.0, 126.0])
 
 CSF_RIM_MM = 2.0          # CSF between the (young) brain and the inner table of the skull
-NECK_Z_MM = -50.0         # below this the head outline continues as a slowly tapering neck
-NECK_TAPER = 0.3          # mm of narrowing per mm downwards
+NECK_Z_MM = -30.0         # below this the head outline continues as a slowly tapering neck
+NECK_TAPER = 0.35         # mm of narrowing per mm downwards
 LV_SEEDS_MM = ((-9.0, -10.0, 22.0), (9.0, -10.0, 22.0))  # bodies of the left and right ventricles
 LV_FIELD_DECAY_MM = 10.0  # how far from the ventricles the age-related push reaches
 
@@ -79,15 +79,46 @@ class Reference:
     class_means: np.ndarray   # template intensity of csf, gm, wm (for scaling the texture residual)
 
 
+def source_version() -> str:
+    """The generator version and the nilearn release whose template it reads (part of cache keys)."""
+    try:
+        from importlib.metadata import version
+        nilearn = version("nilearn")
+    except Exception:  # pragma: no cover - an unusual install
+        nilearn = "unknown"
+    return f"{GENERATOR_VERSION}+nilearn-{nilearn}"
+
+
 def _key(shape) -> str:
-    blob = json.dumps({"version": GENERATOR_VERSION, "shape": list(map(int, shape))}).encode()
+    params = {"version": source_version(), "shape": list(map(int, shape)), "fov": FOV_MM.tolist(),
+              "centre": FOV_CENTRE_MM.tolist(), "box": [BOX_LO_MM.tolist(), BOX_HI_MM.tolist()],
+              "rim": CSF_RIM_MM, "neck": [NECK_Z_MM, NECK_TAPER], "seeds": LV_SEEDS_MM,
+              "decay": LV_FIELD_DECAY_MM}
+    blob = json.dumps(params).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def load_reference(shape: tuple[int, int, int], cache_dir: str | Path) -> Reference:
     """The reference for ``shape``, from the cache or built (a few seconds) and cached."""
     shape = tuple(int(s) for s in shape)
-    path = Path(cache_dir) / "synthetic" / f"anatomy_{_key(shape)}.npz"
+    key = _key(shape)
+    path = Path(cache_dir) / "synthetic" / f"anatomy_{key}.npz"
+    if key in _MEMORY and path.is_file():
+        return _MEMORY[key]
+    ref = _MEMORY.get(key) or _read(path, shape)
+    if ref is None:
+        ref = build_reference(shape)
+    if not path.is_file():
+        _write(path, ref)
+    _MEMORY[key] = ref
+    return ref
+
+
+# Built references, per process: several caches (e.g. tests' temporary ones) share one build.
+_MEMORY: dict[str, Reference] = {}
+
+
+def _read(path: Path, shape) -> Reference | None:
     if path.is_file():
         try:
             with np.load(path) as z:
@@ -95,9 +126,12 @@ def load_reference(shape: tuple[int, int, int], cache_dir: str | Path) -> Refere
                                  spacing=float(z["spacing"]), affine=z["affine"],
                                  voxel_mm=float(z["voxel_mm"]), brain_centre=z["brain_centre"],
                                  class_means=z["class_means"])
-        except (OSError, ValueError, KeyError):
-            pass  # a truncated or stale file: rebuild it below
-    ref = build_reference(shape)
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a truncated or damaged file: rebuild it
+    return None
+
+
+def _write(path: Path, ref: Reference) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so that a concurrent reader never sees half a file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
@@ -109,7 +143,6 @@ def load_reference(shape: tuple[int, int, int], cache_dir: str | Path) -> Refere
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return ref
 
 
 def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -197,8 +230,11 @@ def build_reference(shape: tuple[int, int, int]) -> Reference:
     envelope = ndi.binary_fill_holes(ndi.gaussian_filter(brain2.astype(np.float32), 3.0 / sp2) > 0.25)
     d_env = _signed_distance(envelope, sp2) - CSF_RIM_MM
     z_axis = BOX_LO_MM[2] + sp2 * np.arange(n2[2])
-    k_neck = int(np.argmin(np.abs(z_axis - NECK_Z_MM)))
-    d_slice = _signed_distance(envelope[:, :, k_neck], sp2) - CSF_RIM_MM
+    # The neck's cross-section: the head's outline just above, projected and closed (a solid shape).
+    band = (z_axis >= NECK_Z_MM) & (z_axis <= NECK_Z_MM + 25.0)
+    section = ndi.binary_closing(envelope[:, :, band].any(axis=2), structure=np.ones((3, 3)), iterations=5)
+    section = ndi.binary_fill_holes(section)
+    d_slice = _signed_distance(section, sp2) - CSF_RIM_MM
     below = np.clip(NECK_Z_MM - z_axis, 0.0, None)
     d_prism = np.where(z_axis < NECK_Z_MM, d_slice[..., None] + NECK_TAPER * below, 1e3).astype(np.float32)
     d_hull = np.minimum(d_env, d_prism)

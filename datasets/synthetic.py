@@ -22,8 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
@@ -31,13 +34,14 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+# GENERATOR_VERSION is re-exported: other parts key their own caches on it.
 from .anatomy import (BRAIN_CHANNELS, FIELD_CHANNELS, FOV_CENTRE_MM, FOV_MM, GENERATOR_VERSION,
-                      HEAD_CHANNELS, Reference, load_reference)
+                      HEAD_CHANNELS, Reference, load_reference, source_version)
 from .subject import DataError, Subject, skull_image, voxel_volume_ml
 
 AGE_RANGE = (44.0, 82.0)            # years; UK Biobank's imaging ages
-VENTRICLE_RANGE_ML = (0.0, 80.0)    # lateral ventricles, both sides
-BRAIN_RANGE_ML = (900.0, 1700.0)    # grey + white matter
+VENTRICLE_RANGE_ML = (0.0, 60.0)    # lateral ventricles, both sides
+BRAIN_RANGE_ML = (600.0, 1900.0)    # grey + white matter
 BLOCK = 32                          # subjects per cache file
 _QUANT = 65535.0                    # images are stored as uint16; generated ones are quantised alike
 
@@ -74,15 +78,11 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _linear_weights(coords: np.ndarray, n: int) -> np.ndarray:
-    """(len(coords), n) matrix of linear-interpolation weights at fractional indices (clamped)."""
+def _linear_weights(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower neighbour and weight of the upper one, for linear interpolation at fractional indices."""
     coords = np.clip(coords, 0.0, n - 1.0)
-    i0 = np.minimum(np.floor(coords).astype(int), n - 2)
-    t = coords - i0
-    w = np.zeros((len(coords), n))
-    w[np.arange(len(coords)), i0] = 1.0 - t
-    w[np.arange(len(coords)), i0 + 1] = t
-    return w
+    i0 = np.minimum(np.floor(coords).astype(np.intp), n - 2)
+    return i0, coords - i0
 
 
 def _ramp(x: np.ndarray, width: float) -> np.ndarray:
@@ -101,8 +101,7 @@ class _Generator:
         lo = FOV_CENTRE_MM - FOV_MM / 2 - _LATTICE_MARGIN_MM
         n_lat = np.ceil((FOV_MM + 2 * _LATTICE_MARGIN_MM) / _LATTICE_MM).astype(int) + 1
         self.lattice_shape = tuple(int(n) for n in n_lat)
-        # The output grid is axis-aligned, so linear interpolation from the lattice is separable:
-        # one small matrix per axis.
+        # The output grid is axis-aligned, so linear interpolation from the lattice is separable.
         self.lattice_weights = [_linear_weights((axes[i] - lo[i]) / _LATTICE_MM, self.lattice_shape[i])
                                 for i in range(3)]
         self.voxel_ml = voxel_volume_ml(ref.affine)
@@ -110,12 +109,16 @@ class _Generator:
     def _smooth_fields(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """``count`` smooth random fields with unit standard deviation, at the output voxels (count, N)."""
         noise = rng.standard_normal((count,) + self.lattice_shape)
-        wx, wy, wz = self.lattice_weights
         out = []
         for c in range(count):
             field = ndi.gaussian_filter(noise[c], _SMOOTH_CELLS, mode="nearest")
             field /= field.std()
-            out.append(np.einsum("ai,bj,ck,ijk->abc", wx, wy, wz, field, optimize=True).reshape(-1))
+            for axis, (i0, t) in enumerate(self.lattice_weights):
+                shape = [1, 1, 1]
+                shape[axis] = -1
+                t = t.reshape(shape)
+                field = np.take(field, i0, axis=axis) * (1.0 - t) + np.take(field, i0 + 1, axis=axis) * t
+            out.append(field.reshape(-1))
         return np.stack(out)
 
     def _sample(self, channels: slice, mm: np.ndarray) -> np.ndarray:
@@ -134,14 +137,14 @@ class _Generator:
         male = int(rng.integers(0, 2))
         age = rng.uniform(*AGE_RANGE)
         a01 = scale_age(age)
-        # --- geometry: the MNI152 head is larger than average (ICV ~1.9 l): scale to ~1.4/1.6 l ---
-        scale = (0.95 if male else 0.90) * np.exp(n(0.03)) * np.exp(n(0.015, 3))
+        # --- geometry: the MNI152 head is larger than average (ICV ~1.9 l): scale to ~1.35/1.6 l ---
+        scale = (0.94 if male else 0.89) * np.exp(n(0.03)) * np.exp(n(0.015, 3))
         rot = _rotation(np.deg2rad(np.clip(n(3.0, 3), -7, 7)))
         shift = np.clip(n(2.0, 3), -5.0, 5.0)
         deform_mm = 2.5
         # --- ageing, each with individual variation ---------------------------------------------
         contraction = max(0.0, 0.01 + 0.05 * a01 + n(0.01))           # brain shrinks inside the skull
-        lv_dilation = float(np.clip(-0.3 + 3.8 * a01 ** 1.5 + n(0.8), -1.0, 5.5))  # mm
+        lv_dilation = float(np.clip(4.5 * a01 ** 1.5 + n(0.8), -1.0, 6.0))  # mm
         thinning = max(0.0, 0.2 + 1.2 * a01 + n(0.25))                # mm of cortex lost at sulci
         # --- head layers (mm) ---------------------------------------------------------------------
         inner, diploe, outer = 1.6 * np.exp(n(0.15)), 2.6 * np.exp(n(0.25)), 1.4 * np.exp(n(0.15))
@@ -158,26 +161,28 @@ class _Generator:
 
         # --- backward maps: output voxel (subject mm) -> template mm --------------------------------
         # Scaling and rotation are about the field-of-view centre; atrophy contracts about the brain's.
+        vox = ref.voxel_mm
         fov_c, centre = FOV_CENTRE_MM[:, None], ref.brain_centre[:, None]
-        q_head = fov_c + rot.T @ (self.world - fov_c - shift[:, None]) / scale[:, None] + deform_mm * fields[:3]
-        q_brain = centre + (q_head - centre) * (1.0 + contraction)
-        push = self._sample(FIELD_CHANNELS, q_brain)
-        q_tissue = q_brain - lv_dilation * push
+        u = self.world - fov_c - shift[:, None]
+        # rot.T @ u written out: a 3x3 product is not worth BLAS threads (which stall under load)
+        rotated = np.stack([rot[0, i] * u[0] + rot[1, i] * u[1] + rot[2, i] * u[2] for i in range(3)])
+        q_head = fov_c + rotated / scale[:, None] + deform_mm * fields[:3]
+        # Distances are in template mm; the head scale turns them into subject mm.
+        d_env, d_hull = self._sample(HEAD_CHANNELS, q_head) * float(np.mean(scale))
+        # Brain fields matter only inside the skull: sample them there (a fifth of the voxels).
+        sel = np.flatnonzero(d_env < vox)
+        q_brain = centre + (q_head[:, sel] - centre) * (1.0 + contraction)
+        q_tissue = q_brain - lv_dilation * self._sample(FIELD_CHANNELS, q_brain)
         f_csf, f_gm, f_wm, f_lv, resid, depth = self._sample(BRAIN_CHANNELS, q_tissue)
-        d_env, d_hull = self._sample(HEAD_CHANNELS, q_head)
 
         # --- tissue fractions and labels -------------------------------------------------------------
         f_out = np.clip(1.0 - (f_csf + f_gm + f_wm + f_lv), 0.0, 1.0)  # gap left by the shrinking brain
-        lost = f_gm * np.clip(thinning * np.exp(0.3 * fields[5]) - depth + 0.5, 0.0, 1.0)
+        lost = f_gm * np.clip(thinning * np.exp(0.3 * fields[5, sel]) - depth + 0.5, 0.0, 1.0)
         f_gm = f_gm - lost
         f_csf = f_csf + f_out + lost
-        vox = ref.voxel_mm
-        # Distances are in template mm; the head scale turns them into subject mm.
-        mean_scale = float(np.mean(scale))
-        d_env, d_hull = d_env * mean_scale, d_hull * mean_scale
-        inside = d_env < 0
-        labels = np.argmax(np.stack([f_csf, f_gm, f_wm, f_lv]), axis=0).astype(np.uint8) + 1
-        labels[~inside] = 0
+        labels = np.zeros(self.world.shape[1], dtype=np.uint8)
+        tissue_label = np.argmax(np.stack([f_csf, f_gm, f_wm, f_lv]), axis=0).astype(np.uint8) + 1
+        labels[sel] = np.where(d_env[sel] < 0, tissue_label, 0)
 
         # --- image ---------------------------------------------------------------------------------------
         k_res = (c_wm - c_csf) / float(ref.class_means[2] - ref.class_means[0])
@@ -189,15 +194,14 @@ class _Generator:
         b4 = b3 + fat * thick
         b5 = b4 + skin
         step = lambda x: _ramp(x, vox)
-        icv = 1.0 - step(d_env)
         beyond_bone = step(d_env - b3)
-        img = (icv * brain_img
-               + c_bone * (step(d_env) - step(d_env - b1))
+        img = (c_bone * (step(d_env) - step(d_env - b1))
                + c_marrow * (step(d_env - b1) - step(d_env - b2))
                + c_bone * (step(d_env - b2) - beyond_bone)
                + beyond_bone * (c_muscle * (1.0 - step(d_hull - b3))
                                 + c_fat * (step(d_hull - b3) - step(d_hull - b4))
                                 + c_skin * (step(d_hull - b4) - step(d_hull - b5))))
+        img[sel] += (1.0 - step(d_env[sel])) * brain_img
         img = np.clip(img * np.exp(bias_amp * fields[4]), 0.0, 1.0) ** gamma
         img = np.sqrt((img + noise_sd * noise[0]) ** 2 + (noise_sd * noise[1]) ** 2)  # Rician
         img = np.round(np.clip(img, 0.0, 1.0) * _QUANT).astype(np.float32) / np.float32(_QUANT)
@@ -212,7 +216,7 @@ class _Generator:
 
 
 def _cache_key(shape, seed) -> str:
-    blob = json.dumps({"version": GENERATOR_VERSION, "shape": list(map(int, shape)), "seed": int(seed),
+    blob = json.dumps({"version": source_version(), "shape": list(map(int, shape)), "seed": int(seed),
                        "block": BLOCK}).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -321,20 +325,32 @@ class SyntheticPopulation:
             bar = tqdm(total=len(missing) * BLOCK, desc=f"synthetic subjects {self.shape}", unit="subj")
         try:
             if self.workers > 1 and len(missing) > 1:
-                jobs = [(self.shape, self.seed, str(self.cache_dir), b, str(self._block_path(b))) for b in missing]
-                # spawn, not fork: the caller may hold threads (torch) that fork would copy half-way.
-                with ProcessPoolExecutor(min(self.workers, len(missing)), mp_context=get_context("spawn")) as pool:
-                    for _ in pool.map(_worker_block, jobs):
-                        if bar is not None:
-                            bar.update(BLOCK)
-            else:
-                for b in missing:
-                    _write_block(self._block_path(b), range(b * BLOCK, (b + 1) * BLOCK), self.generator, self.seed)
-                    if bar is not None:
-                        bar.update(BLOCK)
+                missing = self._generate_in_pool(missing, bar)
+            for b in missing:  # single worker, or what a failed pool left
+                _write_block(self._block_path(b), range(b * BLOCK, (b + 1) * BLOCK), self.generator, self.seed)
+                if bar is not None:
+                    bar.update(BLOCK)
         finally:
             if bar is not None:
                 bar.close()
+
+    def _generate_in_pool(self, missing: list[int], bar) -> list[int]:
+        """Generate blocks in worker processes; returns the blocks still missing if the pool failed."""
+        jobs = [(self.shape, self.seed, str(self.cache_dir), b, str(self._block_path(b))) for b in missing]
+        # fork on Linux: workers inherit the reference and need no importable __main__ (spawn would
+        # re-run an unguarded script, and fails for stdin). The workers use numpy and scipy only.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        try:
+            with ProcessPoolExecutor(min(self.workers, len(missing)), mp_context=get_context(method)) as pool:
+                for _ in pool.map(_worker_block, jobs):
+                    if bar is not None:
+                        bar.update(BLOCK)
+        except (BrokenProcessPool, OSError, RuntimeError) as err:
+            left = [b for b in missing if not self._block_path(b).is_file()]
+            warnings.warn(f"synthetic data: the worker pool failed ({err}); generating the {len(left)} "
+                          "remaining blocks in this process", RuntimeWarning, stacklevel=3)
+            return left
+        return []
 
     def subjects(self, indices: Sequence[int]) -> list[Subject]:
         """The subjects at ``indices`` (in that order), from the on-disk cache, generating what is missing."""

@@ -11,7 +11,8 @@ baselines):
 - :func:`presence_gate` — the ``(B,)`` present flags of a modality as a ``(B,1,1,1,1)`` gate,
   so that a dropped modality contributes exactly nothing.
 - :func:`zero_module` — zero every parameter of a module ("zero convolution").
-- :func:`group_count` — a GroupNorm group count that divides the channel count.
+- :func:`group_count` — a GroupNorm group count that divides the channel count;
+  :func:`num_parameters` — a module's parameter count.
 - :class:`ResBlock3d` — the residual block of MONAI's DiffusionModelUNet (GroupNorm, SiLU,
   conv, optional time projection, GroupNorm, SiLU, zero-initialised conv, skip), with the
   time embedding optional and an optional 2x average-pool downsampling.

@@ -11,10 +11,12 @@ every skip feature and on the middle block. Its residuals go into the frozen UNe
 every modality are concatenated along channels (a dropped modality is zero) into the hint.
 
 ``cross_attention`` (default ``false``): whether the copy keeps the UNet's cross-attention
-on the scalars. The VCM authors' port leaves it out — MONAI's ControlNet with
-``with_conditioning=False`` puts plain self-attention blocks at the UNet's attention
-levels. That is what Table 5's 193.88M counts (193.90M here at the paper profile; with the
-cross-attention transformer blocks it is 230.68M). Without it, the self-attention blocks
+on the scalars. The VCM authors' port left it out: MONAI's ControlNet with
+``with_conditioning=False`` (plain self-attention blocks at the UNet's attention levels) is
+what Table 5's 193.88M counts — 193.90M here at the paper profile, against 230.68M with the
+cross-attention transformer blocks. Their ``models/ControlNet.py`` (Ahn-Ssu/VCM) defaults to
+``with_conditioning=False`` and their configs add it only for BrainLDM itself; their
+ControlNet training script is not published, so the parameter count is the evidence. Without it, the self-attention blocks
 have no counterpart in the frozen UNet and start from MONAI's initialisation; everything
 else (input conv, time embedding, residual blocks, group norms) is copied. With
 ``cross_attention: true`` the copy is complete and gets the scalars as context too.

@@ -36,10 +36,10 @@ Profile keys (``methods.t2i_adapter``): ``num_res_blocks`` (residual blocks per 
 ``multimodal`` (``concat`` | ``compose``). The widths are the frozen UNet's.
 
 Size note: the port's default ``nums_rb=3`` gives 223-227M parameters at BrainLDM's widths, half
-of Table 5's 447.26M. Six blocks per level reproduce Table 5 (447.26M exactly with a 192-channel
-input; 449.5M with our 512-channel LV input at compression 8), so the ``paper`` profile uses 6 and
-the smaller profiles 3 (their base UNet has one resnet per level instead of BrainLDM's two, so
-3 keeps the adapter/UNet ratio of the paper).
+of Table 5's 447.26M. Six blocks per level reproduce Table 5 (447.26M to the last digit with a
+192-channel input; 449.47M with our 512-channel LV input at compression 8), so the ``paper``
+profile uses 6. The smaller profiles use 4, which keeps the paper's adapter/UNet ratio (~81%)
+with their base UNet of one resnet per level (BrainLDM has two).
 """
 from __future__ import annotations
 

@@ -23,10 +23,14 @@ The prediction is ``eps * (1 + gamma_t) + beta_t``; the loss adds
 ``lambda * (|gamma_t|_1 + |beta_t|_1)`` with ``1 / lambda`` the element count of the latent
 batch (paper: 16 x 3 x 20 x 28 x 20).
 
-Multimodal: one condition encoder per modality, each with the widths divided by the number
-of modalities, so that the encoded conditions concatenated have the single-condition width
-and the total parameter count stays that of the single-condition VCM; a dropped modality's
-encoding is multiplied by its present flag (zero).
+Multimodal: one condition encoder per modality ("separate asymmetric parts of the encoder
+for each condition while keeping the number of parameters", B.2), each with the widths
+divided by the number of modalities, so that the encoded conditions concatenated have the
+single-condition width and the total stays that of the single-condition VCM (44.94M vs
+45.22M at the paper profile); a dropped modality's encoding is multiplied by its present
+flag (zero). The authors' code has no multimodal VCM. ``split_encoder_width: false`` gives
+every modality a full-width encoder instead (45.85M with two modalities — incidentally the
+closest match to Table 5's 45.88M, whose single-condition configuration counts 45.22M).
 
 Initialisation: MONAI zero-initialises the U-Net's output convolution; with
 ``zero_init_heads`` (default) the gamma/beta convolutions also start at zero, so VCM starts
@@ -65,6 +69,7 @@ class VCM(Method):
         unet_groups = int(get("unet_norm_groups", 32))
         head_hidden = int(get("head_hidden", 128))
         zero_heads = bool(get("zero_init_heads", True))
+        split_width = bool(get("split_encoder_width", True))
 
         levels = downsampling_levels(base.compression, "vcm")
         if len(enc_channels) != levels:
@@ -80,7 +85,7 @@ class VCM(Method):
             raise MethodError("VCM needs at least one condition modality")
 
         # One encoder per modality; the widths are split so that the total stays as for one.
-        n_mod = len(self.condition_channels)
+        n_mod = len(self.condition_channels) if split_width else 1
         widths = [c // n_mod for c in enc_channels]
         if min(widths) < 1:
             raise MethodError(

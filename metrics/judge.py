@@ -2,7 +2,7 @@
 generated volumes follow their spatial condition (Dice of its segmentation against the input mask).
 
 Network: ``monai.networks.nets.UNet(spatial_dims=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-num_res_units=1)`` (instance norm, PReLU). Task ``lv``: 2 classes (background, LV). Task
+num_res_units=0)`` (instance norm, PReLU). Task ``lv``: 2 classes (background, LV). Task
 ``multimodal``: 5 classes (semantic labels 0-4). Training: ``DiceCELoss(softmax, one-hot)``, AdamW,
 one-cycle learning rate, batches of real training volumes with random left-right flips (X) and a
 random intensity gain/offset (x U[0.9, 1.1] + U[-0.05, 0.05], then clipped to [0, 1]) so the judge
@@ -33,8 +33,8 @@ JUDGE_VERSION = 1
 class JudgeConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
-    num_res_units: int = 1
-    steps: int = 300
+    num_res_units: int = 0
+    steps: int = 400
     batch_size: int = 4
     lr: float = 5e-3
     weight_decay: float = 1e-4

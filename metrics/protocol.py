@@ -1,0 +1,236 @@
+"""One entry point that scores a set of generated volumes with every metric, and the reference row.
+
+:func:`score_generated` returns a flat dict ``{column name: value}`` plus ``"protocol"``: a nested,
+JSON-serialisable description of how every number was made (extractor name and weights hash, slice
+rule and counts per orientation, preprocessing, pair rules, numbers of real and generated volumes,
+judge identity, settings). Column names carry the extractor, e.g. ``"FID-2D mean [in-domain-2d]"``,
+``"FID-3D [medicalnet-resnet10]"``, so numbers from different extractors never share a column.
+
+Columns (present when their inputs are):
+
+* ``FID-A [x]``, ``FID-C [x]``, ``FID-S [x]``, ``FID-2D mean [x]`` for each 2D extractor x
+* ``FID-3D [x]`` for each 3D extractor x
+* ``LPIPS diversity``; ``LPIPS fidelity`` (with ``ground_truth``); ``None`` when LPIPS is
+  unavailable, the reason is in ``protocol["LPIPS"]["reason"]``
+* ``MS-SSIM diversity``; ``MS-SSIM fidelity`` (with ``ground_truth``)
+* ``PSNR``, ``SSIM`` (with ``ground_truth``)
+* ``Dice`` (with ``judge`` and ``conditions``, tasks ``lv`` and ``multimodal``)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .common import MetricError, as_volumes
+from .dice import TASK_CLASSES, condition_to_labels
+from .extractors import FeatureExtractor
+from .fid import DEFAULT_CENTRAL_FRACTION, DEFAULT_SLICES_PER_AXIS, fid_2d, fid_3d
+from .judge import Judge
+from .lpips_metric import (
+    DEFAULT_CENTRAL_FRACTION as LPIPS_CENTRAL,
+    DEFAULT_FRACTION as LPIPS_FRACTION,
+    DEFAULT_MIN_SIDE,
+    LPIPSModel,
+    lpips_diversity,
+    lpips_fidelity,
+)
+from .msssim import msssim_diversity, msssim_fidelity
+from .paired import psnr, ssim
+
+TASKS = ("lv", "multimodal", "sr4", "sr8")
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    slices_per_axis: int = DEFAULT_SLICES_PER_AXIS  # FID-2D slices per orientation
+    fid_central_fraction: float = DEFAULT_CENTRAL_FRACTION
+    lpips_fraction: float = LPIPS_FRACTION  # LPIPS: fraction of each axis' slices
+    lpips_central_fraction: float = LPIPS_CENTRAL
+    lpips_min_side: int = DEFAULT_MIN_SIDE
+    max_pairs: int = 100  # diversity pairs (LPIPS and MS-SSIM)
+    seed: int = 0  # drawing of diversity pairs
+
+
+def column(metric: str, extractor: FeatureExtractor | str | None = None) -> str:
+    """Column header of a metric, with the extractor name in brackets where one is used."""
+    if extractor is None:
+        return metric
+    name = extractor if isinstance(extractor, str) else extractor.name
+    return f"{metric} [{name}]"
+
+
+def _extractor_list(extractors: Any) -> list[FeatureExtractor]:
+    if extractors is None:
+        return []
+    if isinstance(extractors, FeatureExtractor):
+        return [extractors]
+    if isinstance(extractors, Mapping):
+        items = list(extractors.values())
+    else:
+        items = list(extractors)
+    for e in items:
+        if not isinstance(e, FeatureExtractor):
+            raise MetricError(f"extractors must be FeatureExtractor objects (metrics.extractors), got {type(e).__name__}")
+    names = [e.name for e in items]
+    if len(set(names)) != len(names):
+        raise MetricError(f"two extractors share a name ({names}); each column must name exactly one extractor")
+    return items
+
+
+def score_generated(
+    fake: Any,
+    real_ref: Any,
+    *,
+    conditions: Any = None,
+    ground_truth: Any = None,
+    extractors: Any,
+    judge: Judge | None = None,
+    task: str = "lv",
+    lpips: LPIPSModel | None = None,
+    settings: ScoringSettings | None = None,
+) -> dict[str, Any]:
+    """Score generated volumes ``fake`` (N, 1, X, Y, Z) in [0, 1] against real reference volumes
+    ``real_ref`` (M, 1, X, Y, Z).
+
+    ``conditions``: the spatial condition each generated volume was made from, for Dice (task lv: LV
+    masks (N, 1, ...); multimodal: semantic labels (N, 1, ...) or one-hot over 1-4 (N, 4, ...)).
+    ``ground_truth``: the real volume each generated one should reproduce (paired tasks, e.g. sr4/sr8,
+    or test subjects), for LPIPS/MS-SSIM fidelity, PSNR and SSIM. ``extractors``: FeatureExtractor
+    objects (a mapping such as :func:`metrics.extractors.get_extractors`' result, or a list).
+    ``lpips``: from :func:`metrics.lpips_metric.load_lpips` (``None`` = report LPIPS as unavailable).
+    """
+    if task not in TASKS:
+        raise MetricError(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    st = settings or ScoringSettings()
+    fake_t = as_volumes(fake, "generated volumes")
+    real_t = as_volumes(real_ref, "real reference volumes")
+    if fake_t.shape[2:] != real_t.shape[2:]:
+        raise MetricError(
+            f"generated volumes are {tuple(fake_t.shape[2:])} but real reference volumes {tuple(real_t.shape[2:])}; "
+            "score volumes of one shape"
+        )
+    gt_t = None
+    if ground_truth is not None:
+        gt_t = as_volumes(ground_truth, "ground-truth volumes")
+        if gt_t.shape != fake_t.shape:
+            raise MetricError(
+                f"ground truth {tuple(gt_t.shape)} must pair one to one with generated volumes {tuple(fake_t.shape)}"
+            )
+    exts = _extractor_list(extractors)
+
+    row: dict[str, Any] = {}
+    proto: dict[str, Any] = {
+        "task": task,
+        "n_generated_volumes": int(fake_t.shape[0]),
+        "n_real_reference_volumes": int(real_t.shape[0]),
+        "n_ground_truth_volumes": None if gt_t is None else int(gt_t.shape[0]),
+        "image_shape": list(fake_t.shape[2:]),
+        "settings": asdict(st),
+        "seconds": {},
+    }
+
+    def timed(key: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        proto["seconds"][key] = round(time.perf_counter() - t0, 3)
+        return out
+
+    # FID
+    for e in exts:
+        if e.spatial_dims == 2:
+            r = timed(column("FID-2D", e), lambda: fid_2d(real_t, fake_t, e, st.slices_per_axis, st.fid_central_fraction))
+            for k in ("FID-A", "FID-C", "FID-S", "FID-2D mean"):
+                row[column(k, e)] = r[k]
+            proto[column("FID-2D", e)] = r["protocol"]
+        else:
+            r = timed(column("FID-3D", e), lambda: fid_3d(real_t, fake_t, e))
+            row[column("FID-3D", e)] = r["FID-3D"]
+            proto[column("FID-3D", e)] = r["protocol"]
+
+    # LPIPS
+    lp = lpips if lpips is not None else LPIPSModel(None, "no LPIPS model was passed to score_generated", None, None)
+    lp_kw = dict(fraction=st.lpips_fraction, central_fraction=st.lpips_central_fraction, min_side=st.lpips_min_side)
+    lp_proto: dict[str, Any] = {}
+    if fake_t.shape[0] >= 2:
+        r = timed("LPIPS diversity", lambda: lpips_diversity(fake_t, lp, max_pairs=st.max_pairs, seed=st.seed, **lp_kw))
+        row["LPIPS diversity"] = r["LPIPS diversity"]
+        lp_proto["diversity"] = r["protocol"]
+    if gt_t is not None:
+        r = timed("LPIPS fidelity", lambda: lpips_fidelity(fake_t, gt_t, lp, **lp_kw))
+        row["LPIPS fidelity"] = r["LPIPS fidelity"]
+        lp_proto["fidelity"] = r["protocol"]
+    lp_proto["available"] = lp.available
+    lp_proto["reason"] = lp.reason
+    proto["LPIPS"] = lp_proto
+
+    # MS-SSIM
+    ms_proto: dict[str, Any] = {}
+    if fake_t.shape[0] >= 2:
+        r = timed("MS-SSIM diversity", lambda: msssim_diversity(fake_t, max_pairs=st.max_pairs, seed=st.seed))
+        row["MS-SSIM diversity"] = r["MS-SSIM diversity"]
+        ms_proto["diversity"] = r["protocol"]
+    if gt_t is not None:
+        r = timed("MS-SSIM fidelity", lambda: msssim_fidelity(fake_t, gt_t))
+        row["MS-SSIM fidelity"] = r["MS-SSIM fidelity"]
+        ms_proto["fidelity"] = r["protocol"]
+    proto["MS-SSIM"] = ms_proto
+
+    # PSNR / SSIM
+    if gt_t is not None:
+        r = timed("PSNR", lambda: psnr(fake_t, gt_t))
+        row["PSNR"] = r["PSNR"]
+        proto["PSNR"] = r["protocol"]
+        r = timed("SSIM", lambda: ssim(fake_t, gt_t))
+        row["SSIM"] = r["SSIM"]
+        proto["SSIM"] = r["protocol"]
+
+    # Dice
+    if judge is not None and conditions is not None and task in TASK_CLASSES:
+        labels = condition_to_labels(conditions, task)
+        if labels.shape[0] != fake_t.shape[0] or labels.shape[2:] != fake_t.shape[2:]:
+            raise MetricError(
+                f"conditions {tuple(labels.shape)} must pair one to one with generated volumes {tuple(fake_t.shape)}"
+            )
+        if judge.num_classes != TASK_CLASSES[task]:
+            raise MetricError(
+                f"the judge segments {judge.num_classes} classes but task '{task}' needs {TASK_CLASSES[task]}; "
+                "train the judge for this task (metrics.judge.get_judge)"
+            )
+        r = timed("Dice", lambda: judge.dice(fake_t, labels))
+        row["Dice"] = r["Dice"]
+        proto["Dice"] = {**r["protocol"], "per_class": r["Dice per class"]}
+
+    row["protocol"] = proto
+    return row
+
+
+def reference_row(
+    real_test: Any,
+    real_train: Any,
+    *,
+    conditions_test: Any = None,
+    extractors: Any,
+    judge: Judge | None = None,
+    task: str = "lv",
+    lpips: LPIPSModel | None = None,
+    settings: ScoringSettings | None = None,
+) -> dict[str, Any]:
+    """The reference row: real test volumes scored as if generated, against real training volumes
+    (the floor for FID, the ceiling for Dice; diversity of real data). No ground truth is passed, so
+    no fidelity columns appear."""
+    out = score_generated(
+        real_test,
+        real_train,
+        conditions=conditions_test,
+        ground_truth=None,
+        extractors=extractors,
+        judge=judge,
+        task=task,
+        lpips=lpips,
+        settings=settings,
+    )
+    out["protocol"]["row"] = "reference: real test volumes scored against real training volumes"
+    return out

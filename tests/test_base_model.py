@@ -1,0 +1,372 @@
+"""The frozen base model: pretraining cache and resume, BrainLDM loading, sampling and the scalar
+conditioning of a really pretrained smoke model."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.base_model import BaseLDM
+from benchmark.pretrain import (BaseModelError, autoencoder_dir, base_model_dir, base_model_hash,
+                                load_base_model, load_brainldm, load_network_weights)
+from benchmark.profiles import load_profile
+from tests.paths import ROOT
+
+# A tiny pretraining: small image, few subjects, narrow nets, a handful of steps, a checkpoint every 2.
+TINY = [
+    "image_shape=[16,32,16]",
+    "data.pretrain_pool=6", "data.train_pool=2", "data.test_set=2",
+    "autoencoder.channels=[8,8,8]", "autoencoder.steps=5", "autoencoder.batch_size=2",
+    "autoencoder.warmup_steps=2", "autoencoder.checkpoint_every=2",
+    "diffusion.channels=[8,16,16]", "diffusion.num_head_channels=[0,8,16]", "diffusion.norm_num_groups=8",
+    "diffusion.steps=6", "diffusion.batch_size=2", "diffusion.warmup_steps=2", "diffusion.checkpoint_every=2",
+]
+
+# The bundle's architecture (same levels, blocks, attention, hence the same key layout) at small widths.
+PAPER_SMALL = [
+    "autoencoder.channels=[8,16,16,16]", "autoencoder.norm_num_groups=8",
+    "diffusion.channels=[16,32,48]", "diffusion.num_head_channels=[0,32,48]", "diffusion.norm_num_groups=8",
+]
+
+
+class Stop(Exception):
+    """Raised from a step callback to simulate an interrupted run."""
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One folder of generated synthetic subjects, shared by the tests' own cache folders."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def cache(tmp_path, data_cache) -> Path:
+    """A fresh cache folder per test whose synthetic subjects are shared (generated once)."""
+    (data_cache / "synthetic").mkdir(exist_ok=True)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "synthetic").symlink_to(data_cache / "synthetic", target_is_directory=True)
+    return folder
+
+
+def tiny(*extra: str):
+    return load_profile("smoke", TINY + list(extra))
+
+
+def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def recorder():
+    calls: list[tuple[str, int]] = []
+    return calls, lambda stage, step: calls.append((stage, step))
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining cache and resume
+# ---------------------------------------------------------------------------------------------
+def test_second_call_loads_and_config_change_retrains(cache):
+    profile = tiny()
+    calls, cb = recorder()
+    first = load_base_model(profile, cache, progress=False, step_callback=cb)
+    assert ("autoencoder", 5) in calls and ("diffusion", 6) in calls
+    out = base_model_dir(profile, cache)
+    assert (out / "done").is_file() and (out / "model.pt").is_file()
+    assert not any(p.suffix == ".ckpt" for p in out.parent.rglob("*"))  # checkpoints cleared when done
+    assert first.scale_factor > 0 and first.scale_factor != 1.0
+    assert not first.training and not any(p.requires_grad for p in first.parameters())
+
+    mtime = (out / "model.pt").stat().st_mtime_ns
+    calls.clear()
+    second = load_base_model(profile, cache, progress=False, step_callback=cb)
+    assert calls == []  # loaded, not trained
+    assert (out / "model.pt").stat().st_mtime_ns == mtime
+    assert states_equal(first, second) and second.scale_factor == first.scale_factor
+
+    # A diffusion setting changes: new hash, the diffusion model is trained again on the cached autoencoder.
+    changed = tiny("diffusion.lr=1.0e-3")
+    assert base_model_hash(changed) != base_model_hash(profile)
+    assert autoencoder_dir(changed, cache) == autoencoder_dir(profile, cache)
+    calls.clear()
+    third = load_base_model(changed, cache, progress=False, step_callback=cb)
+    assert {s for s, _ in calls} == {"diffusion"}
+    assert torch.equal(third.autoencoder.encoder.conv_in.conv.weight, first.autoencoder.encoder.conv_in.conv.weight)
+    assert not states_equal(third.diffusion, first.diffusion)
+
+    # An autoencoder setting changes: everything is trained again.
+    calls.clear()
+    load_base_model(tiny("autoencoder.lr=2.0e-3"), cache, progress=False, step_callback=cb)
+    assert {s for s, _ in calls} == {"autoencoder", "diffusion"}
+    # So does a change of the pretraining data.
+    assert base_model_hash(tiny("data.pretrain_pool=7")) != base_model_hash(profile)
+    assert base_model_hash(tiny("image_shape=[16,32,32]")) != base_model_hash(profile)
+    assert base_model_hash(tiny("scheduler.beta_end=0.02")) != base_model_hash(profile)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(cache, tmp_path, data_cache):
+    profile = tiny()
+    reference = load_base_model(profile, cache, progress=False)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "synthetic").symlink_to(data_cache / "synthetic", target_is_directory=True)
+
+    def stop_at(stage_, step_):
+        def cb(stage, step):
+            if (stage, step) == (stage_, step_):
+                raise Stop
+        return cb
+
+    # Interrupted in the autoencoder between two checkpoints (at 2 and 4): resumes from step 2.
+    with pytest.raises(Stop):
+        load_base_model(profile, other, progress=False, step_callback=stop_at("autoencoder", 3))
+    assert (autoencoder_dir(profile, other) / "autoencoder.ckpt").is_file()
+    assert not (base_model_dir(profile, other) / "done").exists()
+    # Interrupted again in the diffusion stage, right after its checkpoint at step 4.
+    calls, cb = recorder()
+
+    def record_then_stop(stage, step):
+        cb(stage, step)
+        if (stage, step) == ("diffusion", 4):
+            raise Stop
+
+    with pytest.raises(Stop):
+        load_base_model(profile, other, progress=False, step_callback=record_then_stop)
+    assert calls[0] == ("autoencoder", 3)  # resumed after the checkpoint at step 2
+    assert (base_model_dir(profile, other) / "diffusion.ckpt").is_file()
+
+    calls.clear()
+    resumed = load_base_model(profile, other, progress=False, step_callback=cb)
+    assert calls == [("diffusion", 5), ("diffusion", 6)]
+    assert resumed.scale_factor == reference.scale_factor
+    assert states_equal(resumed, reference), "a resumed run must end with the same weights as an uninterrupted one"
+
+
+def test_no_pretraining_pool_is_a_clear_error(cache):
+    with pytest.raises(BaseModelError, match="pretrain_pool"):
+        load_base_model(tiny("data.pretrain_pool=0"), cache, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# BrainLDM loading (paper profile)
+# ---------------------------------------------------------------------------------------------
+def to_old_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MONAI Generative's names for a current MONAI state dict (the inverse of MONAI's
+    ``load_old_state_dict``): upsampling convs were ``conv`` (now ``postconv``), cross-attention
+    output projections ``to_out.0`` (now ``out_proj``), self-attention blocks had ``to_q/k/v`` and
+    ``proj_attn`` directly on the block (now under ``attn.``)."""
+    old = {}
+    for key, value in state.items():
+        new = key.replace(".postconv.", ".conv.")
+        if "transformer_blocks" in new:
+            new = re.sub(r"\.(attn[12])\.out_proj\.", r".\1.to_out.0.", new)
+        else:
+            new = re.sub(r"\.attn\.out_proj\.", ".proj_attn.", new)
+            new = re.sub(r"\.attn\.(to_[qkv])\.", r".\1.", new)
+        old[new] = value.clone()
+    return old
+
+
+def paper_small():
+    return load_profile("paper", PAPER_SMALL)
+
+
+def random_brainldm(seed: int = 0) -> BaseLDM:
+    """A randomly initialised network of the bundle's layout (never called pretrained)."""
+    torch.manual_seed(seed)
+    return BaseLDM.from_profile(paper_small())
+
+
+def save_bundle(model: BaseLDM, folder: Path, ae_name: str, df_name: str, old: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ae, df = model.autoencoder.state_dict(), model.diffusion.state_dict()
+    if old:
+        ae, df = to_old_names(ae), to_old_names(df)
+    torch.save(ae, folder / ae_name)
+    torch.save(df, folder / df_name)
+
+
+def test_paper_profile_matches_the_bundle_architecture():
+    profile = load_profile("paper")
+    from benchmark.base_model import autoencoder_config, diffusion_config
+
+    ae, df = autoencoder_config(profile), diffusion_config(profile)
+    assert ae["channels"] == (64, 128, 128, 128) and ae["num_res_blocks"] == 2 and ae["latent_channels"] == 3
+    assert ae["attention_levels"] == (False,) * 4 and not ae["with_encoder_nonlocal_attn"]
+    assert df["channels"] == (256, 512, 768) and df["attention_levels"] == (False, True, True)
+    assert df["num_head_channels"] == (0, 512, 768) and df["num_res_blocks"] == 2 and df["resblock_updown"]
+    assert df["in_channels"] == 7 and df["out_channels"] == 3 and df["cross_attention_dim"] == 4
+    assert profile.diffusion.scale_factor == pytest.approx(0.8962649106979370)
+
+
+def test_brainldm_loads_new_style_keys(tmp_path, cache):
+    model = random_brainldm()
+    save_bundle(model, tmp_path / "weights" / "brainldm", "autoencoder.pth", "diffusion_model.pth", old=False)
+    loaded = load_base_model(paper_small(), cache, weights_dir=tmp_path / "weights", progress=False)
+    assert states_equal(loaded.autoencoder, model.autoencoder)
+    assert states_equal(loaded.diffusion, model.diffusion)
+    assert loaded.scale_factor == pytest.approx(0.8962649106979370)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert not (cache / "base").exists()  # nothing pretrained
+
+
+def test_brainldm_loads_old_style_keys_from_bundle_layout(tmp_path):
+    model = random_brainldm(seed=1)
+    models = tmp_path / "weights" / "brain_image_synthesis_latent_diffusion_model" / "models"
+    save_bundle(model, models, "autoencoder.pt", "model.pt", old=True)
+    old_ae = torch.load(models / "autoencoder.pt")
+    old_df = torch.load(models / "model.pt")
+    # the files really use the old names, so MONAI's load_old_state_dict is exercised
+    assert any(".conv.conv." in k and "decoder.blocks" in k for k in old_ae)
+    assert any(".to_out.0." in k for k in old_df) and set(old_df) != set(model.diffusion.state_dict())
+    target = BaseLDM.from_profile(paper_small())
+    assert load_network_weights(target.autoencoder, models / "autoencoder.pt", "autoencoder") == "old"
+    assert load_network_weights(target.diffusion, models / "model.pt", "diffusion model") == "old"
+    loaded = load_brainldm(paper_small(), tmp_path / "weights")
+    assert states_equal(loaded.autoencoder, model.autoencoder)
+    assert states_equal(loaded.diffusion, model.diffusion)
+    # and it runs: the noise prediction of BaseLDM.unet on a small latent
+    z = torch.randn(1, 3, 4, 4, 4)
+    with torch.no_grad():
+        eps = loaded.unet(z, torch.tensor([500]), torch.full((1, 4), 0.5))
+    assert eps.shape == z.shape and torch.isfinite(eps).all()
+
+
+def test_brainldm_missing_weights_dir_or_files(tmp_path, cache):
+    profile = paper_small()
+    with pytest.raises(BaseModelError, match="--weights-dir"):
+        load_base_model(profile, cache, weights_dir=None, progress=False)
+    with pytest.raises(BaseModelError, match=r"does not exist.*brainldm.*brain_image_synthesis_latent_diffusion_model"):
+        load_base_model(profile, cache, weights_dir=tmp_path / "nowhere", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BaseModelError, match=r"missing the autoencoder .*and the diffusion model"):
+        load_brainldm(profile, empty)
+    model = random_brainldm()
+    folder = tmp_path / "half" / "brainldm"
+    folder.mkdir(parents=True)
+    torch.save(model.autoencoder.state_dict(), folder / "autoencoder.pth")
+    with pytest.raises(BaseModelError, match=r"missing the diffusion model \(diffusion_model\.pth or .*into .*brainldm"):
+        load_brainldm(profile, tmp_path / "half")
+
+
+def test_brainldm_mismatched_files_name_the_file(tmp_path):
+    profile = paper_small()
+    model = random_brainldm()
+    swapped = tmp_path / "swapped" / "brainldm"
+    swapped.mkdir(parents=True)
+    torch.save(model.diffusion.state_dict(), swapped / "autoencoder.pth")
+    torch.save(model.diffusion.state_dict(), swapped / "diffusion_model.pth")
+    with pytest.raises(BaseModelError, match=re.escape(str(swapped / "autoencoder.pth"))):
+        load_brainldm(profile, tmp_path / "swapped")
+
+    # the right layout at the wrong width: shapes do not match
+    wide = load_profile("paper", [o.replace("[16,32,48]", "[16,32,64]").replace("[0,32,48]", "[0,32,64]")
+                                  for o in PAPER_SMALL])
+    torch.manual_seed(0)
+    other = BaseLDM.from_profile(wide)
+    shapes = tmp_path / "shapes" / "brainldm"
+    save_bundle(model, shapes, "autoencoder.pth", "diffusion_model.pth", old=False)
+    torch.save(other.diffusion.state_dict(), shapes / "diffusion_model.pth")
+    with pytest.raises(BaseModelError, match=r"diffusion_model\.pth.*wrong shape"):
+        load_brainldm(profile, tmp_path / "shapes")
+    torch.save(to_old_names(other.diffusion.state_dict()), shapes / "diffusion_model.pth")
+    with pytest.raises(BaseModelError, match=r"diffusion_model\.pth does not match"):
+        load_brainldm(profile, tmp_path / "shapes")
+
+    # a truncated file, and a file that is no state dict at all
+    partial = dict(list(model.diffusion.state_dict().items())[:-3])
+    torch.save(partial, shapes / "diffusion_model.pth")
+    with pytest.raises(BaseModelError, match=r"diffusion_model\.pth does not match .* tensors where"):
+        load_brainldm(profile, tmp_path / "shapes")
+    (shapes / "diffusion_model.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(BaseModelError, match=r"cannot read .*diffusion_model\.pth"):
+        load_brainldm(profile, tmp_path / "shapes")
+
+
+# ---------------------------------------------------------------------------------------------
+# a really pretrained smoke model: samples and scalar conditioning
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_model():
+    """The smoke profile's base model, pretrained once (minutes on 2 CPU cores) and cached in the
+    suite's cache folder (``SCB_CACHE_DIR`` or ``.cache``), where the benchmark finds it too."""
+    cache = Path(os.environ.get("SCB_CACHE_DIR", ROOT / ".cache"))
+    profile = load_profile("smoke")
+    return profile, cache, load_base_model(profile, cache, progress=False)
+
+
+def central_dark_fraction(volumes: np.ndarray) -> np.ndarray:
+    """Per volume: the fraction of dark voxels in the central brain region, where the lateral
+    ventricles lie (middle 40% left-right, 30-70% posterior-anterior, 40-75% inferior-superior).
+    Dark: below half the median intensity of that region (CSF against grey and white matter)."""
+    x, y, z = volumes.shape[2:]
+    box = volumes[:, 0, int(0.3 * x):int(0.7 * x), int(0.3 * y):int(0.7 * y), int(0.4 * z):int(0.75 * z)]
+    box = box.reshape(len(volumes), -1)
+    threshold = 0.5 * np.median(box, axis=1, keepdims=True)
+    return (box < threshold).mean(axis=1)
+
+
+def test_dark_region_measure_tracks_ventricles_in_real_data(smoke_model):
+    """The measure the conditioning test uses follows the ventricular-volume scalar on data."""
+    from datasets.splits import make_splits
+    from datasets.synthetic import SyntheticPopulation
+
+    profile, cache, _ = smoke_model
+    d = profile.data
+    pop = SyntheticPopulation(tuple(profile.image_shape), seed=d.seed, cache_dir=cache)
+    subjects = pop.subjects(make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed).test[:48])
+    dark = central_dark_fraction(np.stack([s.image for s in subjects]))
+    ventricles = np.array([s.scalars[2] for s in subjects])
+    assert np.corrcoef(dark, ventricles)[0, 1] > 0.5
+
+
+def test_samples_in_range_and_not_constant(smoke_model):
+    from benchmark.sample_base import sample_volumes
+
+    profile, _, base = smoke_model
+    volumes = sample_volumes(base, [0.5, 0.5, 0.5, 0.5], 4, int(profile.sampling.ddim_steps), seed=0)
+    assert volumes.shape == (4, 1, *profile.image_shape)
+    assert volumes.dtype == np.float32 and np.isfinite(volumes).all()
+    assert volumes.min() >= 0.0 and volumes.max() <= 1.0
+    assert all(v.std() > 0.05 for v in volumes)  # not constant
+    assert np.abs(volumes[0] - volumes[1]).mean() > 0.01  # different seeds, different samples
+    again = sample_volumes(base, [0.5, 0.5, 0.5, 0.5], 2, int(profile.sampling.ddim_steps), seed=0)
+    np.testing.assert_allclose(again, volumes[:2], atol=1e-5)  # seeded
+
+
+def test_ventricular_volume_scalar_enlarges_the_dark_central_region(smoke_model):
+    from benchmark.sample_base import sample_volumes
+
+    profile, _, base = smoke_model
+    steps = int(profile.sampling.ddim_steps)
+    n = 8  # seeds; both settings start from the same noise
+    small = sample_volumes(base, [0.5, 0.5, 0.1, 0.5], n, steps, seed=1)
+    large = sample_volumes(base, [0.5, 0.5, 0.9, 0.5], n, steps, seed=1)
+    dark_small, dark_large = central_dark_fraction(small), central_dark_fraction(large)
+    assert dark_large.mean() > dark_small.mean(), (dark_small, dark_large)
+    assert (dark_large > dark_small).mean() >= 0.75, (dark_small, dark_large)
+
+
+def test_sample_base_cli_writes_nifti_and_montage(smoke_model, tmp_path):
+    import nibabel as nib
+
+    from benchmark.sample_base import main
+
+    profile, cache, _ = smoke_model
+    out = tmp_path / "samples"
+    assert main(["--profile", "smoke", "--n", "2", "--out", str(out), "--cache-dir", str(cache),
+                 "--scalars", "0.2,0.5,0.9,0.5", "--seed", "3", "--quiet"]) == 0
+    files = sorted(out.glob("sample_*.nii.gz"))
+    assert [f.name for f in files] == ["sample_000.nii.gz", "sample_001.nii.gz"]
+    img = nib.load(files[0])
+    assert img.shape == tuple(profile.image_shape)
+    assert np.allclose(np.diag(img.affine)[:3], np.diag(img.affine)[:3].mean())  # isotropic voxels
+    assert (out / "montage.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--n", "2", "--out", str(out), "--scalars", "0.5,2"])

@@ -1,0 +1,369 @@
+"""datasets/: the synthetic population, splits, tasks, degrade_axial, the NIfTI manifest, the data CLI."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from datasets.manifest import export_subjects, load_manifest
+from datasets.splits import make_splits
+from datasets.subject import SEMANTIC_LABELS, DataError, Subject
+from datasets.synthetic import BLOCK, SyntheticPopulation
+from datasets.tasks import TASKS, degrade_axial, get_task
+
+SHAPE = (32, 48, 32)  # the smoke profile's
+N_TREND = 96          # subjects for the age trends: three cache blocks
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="module")
+def pop(cache) -> SyntheticPopulation:
+    return SyntheticPopulation(SHAPE, seed=0, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def cohort(pop) -> list[Subject]:
+    return pop.subjects(range(N_TREND))  # generated with the pool of 2, then read from the cache
+
+
+def _same(a: Subject, b: Subject) -> None:
+    assert a.id == b.id
+    for name in ("image", "lv_mask", "semantics", "skull", "scalars", "affine"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert x.tobytes() == y.tobytes(), name
+
+
+# --- the synthetic population -------------------------------------------------------------------
+def test_subject_types_shapes_and_ranges(pop):
+    s = pop.subject(0)
+    vol = (1,) + SHAPE
+    assert s.image.shape == s.lv_mask.shape == s.semantics.shape == s.skull.shape == vol
+    assert s.image.dtype == np.float32 and s.skull.dtype == np.float32
+    assert s.lv_mask.dtype == np.uint8 and s.semantics.dtype == np.uint8
+    assert s.scalars.shape == (4,) and s.scalars.dtype == np.float32
+    assert s.affine.shape == (4, 4) and s.affine.dtype == np.float64
+    assert 0.0 <= s.image.min() and s.image.max() <= 1.0 and np.isfinite(s.image).all()
+    assert set(np.unique(s.semantics)) <= set(SEMANTIC_LABELS)
+    assert set(np.unique(s.semantics)) == set(SEMANTIC_LABELS)  # every class present
+    assert np.array_equal(s.lv_mask, (s.semantics == 4).astype(np.uint8))
+    brain = s.semantics > 0
+    assert np.all(s.skull[brain] == 0) and np.array_equal(s.skull[~brain], s.image[~brain])
+    assert np.all((0 <= s.scalars) & (s.scalars <= 1)) and s.scalars[0] in (0.0, 1.0)
+    # A head around the brain: bright scalp outside the brain mask, dark background in the corners.
+    assert s.skull.max() > 0.6 and s.image[0, :3, :3, :3].mean() < 0.1
+    # RAS voxel -> mm with positive diagonal: x left->right, y posterior->anterior, z inferior->superior.
+    assert np.all(np.diag(s.affine)[:3] > 0)
+
+
+def test_deterministic_and_distinct(pop, cache):
+    a = pop.subject(5)
+    _same(a, pop.subject(5))
+    _same(a, SyntheticPopulation(SHAPE, seed=0, cache_dir=cache).subject(5))
+    for other in (pop.subject(6), SyntheticPopulation(SHAPE, seed=1, cache_dir=cache).subject(5)):
+        assert other.id != a.id and not np.array_equal(other.image, a.image)
+
+
+def test_cache_hit_equals_fresh_generation(pop, cohort):
+    fresh = [pop.subject(i) for i in (0, 3, BLOCK + 1, N_TREND - 1)]
+    for s in fresh:
+        _same(s, cohort[int(s.id.split("-")[-1])])
+    assert len(list(pop.block_dir.glob("block_*.npz"))) == N_TREND // BLOCK
+    again = pop.subjects([N_TREND - 1, 3, 3])  # order kept, duplicates allowed, from disk
+    _same(again[0], fresh[3])
+    _same(again[1], fresh[1])
+    _same(again[2], fresh[1])
+
+
+def test_damaged_cache_block_is_regenerated(tmp_path, pop):
+    fresh = pop.subject(2)
+    other = SyntheticPopulation(SHAPE, seed=0, cache_dir=tmp_path, workers=1)
+    other.ensure([2])
+    path = next(other.block_dir.glob("block_*.npz"))
+    path.write_bytes(b"not a zip file")
+    _same(other.subjects([2])[0], fresh)
+
+
+def test_labels_and_age_trends(cohort):
+    sex, ages, lv, bv = (np.array([s.scalars[k] for s in cohort]) for k in range(4))
+    for s in cohort:
+        assert s.lv_mask.any(), s.id
+        # the ventricles lie inside the brain: their neighbourhood is brain too
+        grown = ndi.binary_dilation(s.lv_mask[0] > 0, iterations=1)
+        assert np.all(s.semantics[0][grown] > 0), s.id
+    assert np.corrcoef(ages, lv)[0, 1] > 0.4
+    assert np.corrcoef(ages, bv)[0, 1] < -0.2
+    assert bv[sex == 1].mean() > bv[sex == 0].mean()  # head size by sex
+    assert 0.2 < sex.mean() < 0.8 and ages.min() < 0.15 and ages.max() > 0.85
+    assert len({s.scalars.tobytes() for s in cohort}) == len(cohort)
+
+
+def test_bad_population_arguments(pop):
+    with pytest.raises(DataError, match="index"):
+        pop.subject(-1)
+    with pytest.raises(DataError, match="shape"):
+        SyntheticPopulation((4, 4))
+
+
+# --- splits ---------------------------------------------------------------------------------------
+def test_splits_disjoint_nested_and_seeded():
+    sp = make_splits(300, 500, 104, seed=0)
+    sets = [set(sp.pretrain), set(sp.train_pool), set(sp.test)]
+    assert [len(s) for s in sets] == [300, 500, 104]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    s10, s50, s500 = (sp.training_subset(n) for n in (10, 50, 500))
+    assert s50[:10] == s10 and s500[:50] == s50 and set(s500) == sets[1]
+    assert sp.training_subset(10) == make_splits(300, 500, 104, seed=0).training_subset(10)
+    assert sp.training_subset(10) != make_splits(300, 500, 104, seed=1).training_subset(10)
+    # a bigger pretraining pool leaves the test set and the training pool unchanged
+    bigger = make_splits(2000, 500, 104, seed=0)
+    assert bigger.test == sp.test and bigger.train_pool == sp.train_pool
+    with pytest.raises(DataError, match="500"):
+        sp.training_subset(501)
+    with pytest.raises(DataError):
+        sp.training_subset(0)
+    with pytest.raises(DataError, match="train_pool"):
+        make_splits(10, -1, 5, seed=0)
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+def test_task_conditions(pop):
+    s = pop.subject(1)
+    assert set(TASKS) == {"lv", "multimodal", "sr4", "sr8"}
+    for name, task in TASKS.items():
+        conds = task.conditions(s)
+        assert list(conds) == list(task.modalities)
+        for key, channels in task.modalities.items():
+            assert conds[key].shape == (channels,) + SHAPE and conds[key].dtype == np.float32
+    assert np.array_equal(TASKS["lv"].conditions(s)["lv_mask"], s.lv_mask.astype(np.float32))
+    mm = TASKS["multimodal"].conditions(s)
+    assert np.array_equal(mm["semantics"].sum(0), (s.semantics[0] > 0).astype(np.float32))
+    assert np.array_equal(mm["semantics"][3], s.lv_mask[0].astype(np.float32))
+    assert np.array_equal(mm["skull"], s.skull)
+    assert TASKS["sr4"].paired and TASKS["sr8"].paired and not TASKS["lv"].paired
+    assert np.array_equal(TASKS["sr8"].conditions(s)["low_res"], degrade_axial(s.image, 8))
+
+
+def test_modality_drop_frequencies():
+    rng = np.random.default_rng(0)
+    p = TASKS["multimodal"].sample_presence(rng, 20000)
+    sem, skull = p["semantics"], p["skull"]
+    assert sem.dtype == np.float32 and set(np.unique(sem)) <= {0.0, 1.0}
+    assert np.all(sem + skull >= 1)  # never both dropped
+    freq = [np.mean((sem == 1) & (skull == 0)), np.mean((sem == 0) & (skull == 1)), np.mean((sem == 1) & (skull == 1))]
+    assert np.allclose(freq, [0.3, 0.3, 0.4], atol=0.015)
+    lv = TASKS["lv"].sample_presence(rng, 7)
+    assert list(lv) == ["lv_mask"] and np.array_equal(lv["lv_mask"], np.ones(7, np.float32))
+
+
+def test_get_task_unknown_lists_known():
+    assert get_task("sr4") is TASKS["sr4"]
+    with pytest.raises(DataError, match="lv, multimodal, sr4, sr8"):
+        get_task("segmentation")
+
+
+def test_degrade_axial_keeps_exactly_the_intended_slices():
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 3, 4, 19)).astype(np.float32)
+    for k in (1, 2, 4, 8):
+        y = degrade_axial(x, k)
+        assert y.shape == x.shape and y.dtype == np.float32
+        assert np.array_equal(y[..., ::k], x[..., ::k])  # kept slices untouched
+        last = (x.shape[-1] - 1) // k * k
+        assert np.array_equal(y[..., last:], np.repeat(x[..., last:last + 1], x.shape[-1] - last, -1))
+    y = degrade_axial(x, 4)
+    assert np.allclose(y[..., 1], 0.75 * x[..., 0] + 0.25 * x[..., 4])
+    assert np.allclose(y[..., 6], 0.5 * x[..., 4] + 0.5 * x[..., 8])
+    # nothing of the dropped slices leaks in
+    z = x.copy()
+    z[..., 1:4] = 99.0
+    assert np.array_equal(degrade_axial(z, 4), y)
+    with pytest.raises(DataError):
+        degrade_axial(x, 0)
+
+
+# --- manifest ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(pop, tmp_path_factory):
+    subjects = [pop.subject(i) for i in (0, 1)]
+    return subjects, export_subjects(subjects, tmp_path_factory.mktemp("export"))
+
+
+def test_manifest_round_trip(exported):
+    subjects, manifest = exported
+    assert manifest.name == "manifest.csv"
+    back = load_manifest(manifest, SHAPE)
+    assert len(back) == 2
+    for a, b in zip(subjects, back):
+        _same(a, b)
+    img = nib.load(str(manifest.parent / f"{subjects[0].id}_image.nii.gz"))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and img.shape == SHAPE
+
+
+def test_manifest_fits_other_shapes_and_orientations(exported, tmp_path):
+    subjects, manifest = exported
+    small = load_manifest(manifest, (16, 24, 16))[0]
+    assert small.image.shape == (1, 16, 24, 16) and small.lv_mask.any()
+    assert set(np.unique(small.semantics)) <= set(SEMANTIC_LABELS)
+    assert np.allclose(np.diag(small.affine)[:3], 2 * np.diag(subjects[0].affine)[:3])
+    # an LPS-stored copy (x and y flipped) reads back as the same RAS arrays
+    rows = _rows(manifest)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(SHAPE[:2]) - 1
+    for column in ("image", "lv_mask", "semantics", "skull"):
+        src = nib.load(str(manifest.parent / rows[0][column]))
+        data = np.asanyarray(src.dataobj)[::-1, ::-1, :]
+        nib.save(nib.Nifti1Image(data, src.affine @ flip), str(tmp_path / rows[0][column]))
+    _write_rows(tmp_path / "m.csv", rows[:1])
+    _same(load_manifest(tmp_path / "m.csv", SHAPE)[0], subjects[0])
+
+
+def _rows(manifest: Path) -> list[dict]:
+    with open(manifest, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_rows(path: Path, rows: list[dict], columns=None) -> Path:
+    columns = columns or list(rows[0])
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _save(path: Path, data, affine) -> str:
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path.name
+
+
+def _break_missing_file(d, row, s):
+    row["lv_mask"] = "nowhere_lv.nii.gz"
+    return "nowhere_lv.nii.gz"
+
+
+def _break_unreadable(d, row, s):
+    (d / "garbage.nii.gz").write_bytes(b"this is not a NIfTI file at all")
+    row["semantics"] = "garbage.nii.gz"
+    return "garbage.nii.gz"
+
+
+def _break_shape(d, row, s):
+    row["semantics"] = _save(d / "sem_small.nii.gz", s.semantics[0, :-2], s.affine)
+    return "sem_small.nii.gz"
+
+
+def _break_affine(d, row, s):
+    shifted = s.affine.copy()
+    shifted[0, 3] += 3.0
+    row["lv_mask"] = _save(d / "lv_moved.nii.gz", s.lv_mask[0], shifted)
+    return "lv_moved.nii.gz"
+
+
+def _break_nan(d, row, s):
+    img = s.image[0].copy()
+    img[5, 5, 5] = np.nan
+    row["image"] = _save(d / "img_nan.nii.gz", img, s.affine)
+    return "img_nan.nii.gz"
+
+
+def _break_inf(d, row, s):
+    img = s.image[0].copy()
+    img[5, 5, 5] = np.inf
+    row["image"] = _save(d / "img_inf.nii.gz", img, s.affine)
+    return "img_inf.nii.gz"
+
+
+def _break_semantic_label(d, row, s):
+    sem = s.semantics[0].copy()
+    sem[0, 0, 0] = 7
+    row["semantics"] = _save(d / "sem_7.nii.gz", sem, s.affine)
+    return "sem_7.nii.gz"
+
+
+def _break_mask_label(d, row, s):
+    lv = s.lv_mask[0].copy()
+    lv[lv > 0] = 2
+    row["lv_mask"] = _save(d / "lv_2.nii.gz", lv, s.affine)
+    return "lv_2.nii.gz"
+
+
+def _break_scalar(d, row, s):
+    row["age"] = "63.5"  # years, not scaled
+    return "m.csv"
+
+
+def _break_scalar_text(d, row, s):
+    row["brain_volume"] = "large"
+    return "m.csv"
+
+
+def _break_empty_lv(d, row, s):
+    row["lv_mask"] = _save(d / "lv_empty.nii.gz", np.zeros(SHAPE, np.uint8), s.affine)
+    return "lv_empty.nii.gz"
+
+
+@pytest.mark.parametrize("breaker", [_break_missing_file, _break_unreadable, _break_shape, _break_affine,
+                                     _break_nan, _break_inf, _break_semantic_label, _break_mask_label,
+                                     _break_scalar, _break_scalar_text, _break_empty_lv])
+def test_manifest_bad_input_names_subject_and_file(exported, tmp_path, breaker):
+    subjects, manifest = exported
+    rows = _rows(manifest)
+    for row in rows:  # absolute paths to the good files; the broken one is relative to tmp_path
+        for column in ("image", "lv_mask", "semantics", "skull"):
+            row[column] = str(manifest.parent / row[column])
+    culprit = rows[1]
+    file_name = breaker(tmp_path, culprit, subjects[1])
+    _write_rows(tmp_path / "m.csv", rows)
+    with pytest.raises(DataError) as err:
+        load_manifest(tmp_path / "m.csv", SHAPE)
+    message = str(err.value)
+    assert culprit["id"] in message and file_name in message, message
+
+
+def test_manifest_missing_column_names_column_and_file(exported, tmp_path):
+    _, manifest = exported
+    rows = _rows(manifest)
+    columns = [c for c in rows[0] if c != "brain_volume"]
+    _write_rows(tmp_path / "m.csv", rows, columns)
+    with pytest.raises(DataError) as err:
+        load_manifest(tmp_path / "m.csv", SHAPE)
+    message = str(err.value)
+    assert "brain_volume" in message and "m.csv" in message and rows[0]["id"] in message, message
+
+
+def test_manifest_without_skull_column_derives_it(exported, tmp_path):
+    subjects, manifest = exported
+    rows = _rows(manifest)
+    for row in rows:
+        for column in ("image", "lv_mask", "semantics"):
+            row[column] = str(manifest.parent / row[column])
+    columns = [c for c in rows[0] if c != "skull"]
+    back = load_manifest(_write_rows(tmp_path / "m.csv", rows, columns), SHAPE)
+    assert np.array_equal(back[0].skull, subjects[0].skull)
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+def test_cli_summary_and_export(cohort, cache, tmp_path, capsys):
+    from benchmark.data import main
+
+    assert main(["summary", "--profile", "smoke", "--n", "8", "--cache-dir", str(cache), "--out", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("8 subjects at (32, 48, 32)")
+    table = _rows(tmp_path / "summary.csv")
+    assert len(table) == 8 and {"sex", "age", "ventricular_volume", "brain_volume", "split"} <= set(table[0])
+    assert (tmp_path / "population.png").stat().st_size > 10_000
+    out = tmp_path / "nifti"
+    assert main(["export", "--profile", "smoke", "--out", str(out), "--n", "2", "--cache-dir", str(cache)]) == 0
+    back = load_manifest(out / "manifest.csv", SHAPE)
+    assert [s.id for s in back] == [cohort[0].id, cohort[1].id]  # the test split starts at index 0
+    _same(back[1], cohort[1])
+    assert main(["summary", "--profile", "nosuch", "--cache-dir", str(cache)]) == 2
