@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from datasets.subject import Subject
 from datasets.tasks import Task
 from methods.base import Conditions, FrozenLDM, Method
+from metrics.cost import PeakMemory, StepTimer
 
 FLIP_AXIS = 2  # X (left-right) of a (B, C, X, Y, Z) batch: the "axial flip" of VCM B.2
 
@@ -144,8 +144,9 @@ class TrainSettings:
 class TrainResult:
     steps: int
     losses: list[float]
-    seconds_per_step: float  # median over the steps after the first few (warm-up)
+    seconds_per_step: float | None  # median over the steps after the warm-up steps
     wall_seconds: float
+    peak_memory: dict = field(default_factory=dict)
     resumed_from: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -222,25 +223,23 @@ def train_method(
     scalars_all = scalar_batch(subjects)
     num_timesteps = base.train_scheduler.num_train_timesteps
     method.train()
-    times: list[float] = []
+    timer = StepTimer(warmup=3, device=device)
     wall_start = time.perf_counter()
     end_step = settings.steps if stop_after is None else min(settings.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end_step), desc=f"train {method.name}", disable=not progress,
                initial=start_step, total=settings.steps, leave=False)
-    for step in bar:
-        tic = time.perf_counter()
+    def train_step(step: int) -> float:
         batch = rng.choice(len(subjects), size=min(settings.batch_size, len(subjects)),
                            replace=len(subjects) < settings.batch_size)
         flip = rng.random(len(batch)) < 0.5
         present = task.sample_presence(rng, len(batch))
-        chosen = [subjects[i] for i in batch]
         views = encoded[torch.from_numpy(batch), torch.from_numpy(flip.astype(np.int64))]
         mu, sigma = views[:, 0], views[:, 1]
-        z0 = mu + sigma * torch.randn(mu.shape, generator=noise_gen)
+        z0 = mu + sigma * torch.randn(mu.shape, generator=noise_gen)  # a fresh latent sample
         noise = torch.randn(z0.shape, generator=noise_gen)
         t = torch.randint(0, num_timesteps, (len(batch),), generator=noise_gen)
         z_t = base.train_scheduler.add_noise(z0, noise, t)
-        conditions = condition_batch(task, chosen, present, flip, device)
+        conditions = condition_batch(task, [subjects[i] for i in batch], present, flip, device)
         loss = method.training_loss(z_t.to(device), t.to(device), conditions,
                                     scalars_all[torch.from_numpy(batch)].to(device), noise.to(device))
         value = float(loss.detach())
@@ -253,19 +252,24 @@ def train_method(
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(value)
-        times.append(time.perf_counter() - tic)
-        bar.set_postfix(loss=f"{value:.4f}")
-        done = step + 1
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(done)
+        return value
+
+    with PeakMemory(device) as memory:
+        for step in bar:
+            with timer.step():
+                value = train_step(step)
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
+            done = step + 1
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                save_checkpoint(done)
     bar.close()
-    steady = times[3:] if len(times) > 4 else times
     return TrainResult(
         steps=settings.steps,
         losses=losses,
-        seconds_per_step=statistics.median(steady) if steady else float("nan"),
+        seconds_per_step=timer.seconds_per_step,
         wall_seconds=time.perf_counter() - wall_start,
+        peak_memory=memory.summary(),
         resumed_from=start_step,
     )
 

@@ -21,14 +21,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def write_record(path: Path, record: dict) -> None:
     """Atomic: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from benchmark import engine
 from benchmark.datasource import DataSource
-from benchmark.records import device_name, library_versions, read_record, write_record
+from benchmark.records import library_versions, read_record, write_record
 from datasets.tasks import Task, get_task
 from methods.base import Method
 from methods.registry import get_method
+from metrics.cost import device_name
 
 CODE_VERSION = "1"  # bump when a change invalidates finished runs
 

@@ -1,0 +1,103 @@
+"""Glue between a grid and ``metrics/``: which volumes are compared with which, per task.
+
+Generated volumes of the test subjects are scored against the real test volumes; the reference
+row scores the real test volumes against real training volumes. Feature extractors (pretrained
+when their weights are in --weights-dir, else in-domain ones trained on the training pool) and
+the LPIPS model are shared by every task of a grid; the Dice judge is trained per task.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+
+from metrics.cost import count_parameters, device_days
+from metrics.extractors import get_extractors
+from metrics.judge import get_judge
+from metrics.lpips_metric import load_lpips
+from metrics.protocol import score_generated
+
+JUDGED = {"lv": "lv_mask", "multimodal": "semantics"}  # task -> condition the judge must recover
+
+
+class SharedScoring:
+    """Extractors and LPIPS for one grid (built on first use, cached on disk by the metrics)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    @cached_property
+    def train_reference(self):
+        """Real training volumes that train the in-domain extractors and the judges."""
+        n = min(len(self.ctx.data.splits.train_pool), int(self.ctx.profile.get("metrics", {}).get("judge_train", 500)))
+        return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:n])
+
+    @cached_property
+    def data_id(self) -> str:
+        return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={len(self.train_reference)}"
+
+    @cached_property
+    def extractors(self):
+        images = np.stack([s.image for s in self.train_reference])
+        return get_extractors(weights_dir=self.ctx.weights_dir, cache_dir=self.ctx.cache_dir / "extractors",
+                              train_volumes=images, data_id=self.data_id, device=self.ctx.device)
+
+    @cached_property
+    def lpips(self):
+        return load_lpips(weights_dir=self.ctx.weights_dir, device=self.ctx.device)
+
+
+class Scorer:
+    def __init__(self, ctx, task):
+        self.ctx = ctx
+        self.task = task
+        if not hasattr(ctx, "shared_scoring"):
+            ctx.shared_scoring = SharedScoring(ctx)
+        self.shared = ctx.shared_scoring
+
+    @cached_property
+    def judge(self):
+        condition = JUDGED.get(self.task.name)
+        if condition is None:
+            return None
+        subjects = self.shared.train_reference
+        images = np.stack([s.image for s in subjects])
+        labels = np.stack([s.lv_mask if condition == "lv_mask" else s.semantics for s in subjects])
+        return get_judge(self.task.name, images, labels, self.ctx.cache_dir / "judges",
+                         data_id=self.shared.data_id, device=self.ctx.device, progress=self.ctx.progress)
+
+    def score(self, volumes: np.ndarray, subjects, conditions_task, real_reference=None) -> tuple[dict, dict]:
+        """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions."""
+        real = np.stack([s.image for s in (real_reference if real_reference is not None else subjects)])
+        conditions = None
+        if self.task.name in JUDGED:
+            name = JUDGED[self.task.name]
+            conditions = np.stack([conditions_task.conditions(s)[name] for s in subjects])
+        ground_truth = np.stack([s.image for s in subjects]) if self.task.paired and real_reference is None else None
+        row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
+                              extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
+                              lpips=self.shared.lpips)
+        protocol = row.pop("protocol")
+        return row, protocol
+
+    def cost(self, method, train, size: int) -> dict:
+        params = count_parameters(method)
+        base_params = sum(self.ctx.base.num_parameters().values())
+        cost = {
+            "trainable_parameters": params["trainable"],
+            "method_parameters": params["total"],
+            "base_parameters": base_params,
+            "seconds_per_step": train.seconds_per_step,
+            "train_wall_seconds": train.wall_seconds,
+            "batch_size": int(self.ctx.profile.training.batch_size),
+            **{k: v for k, v in train.peak_memory.items() if k != "peak_memory_gib"},
+        }
+        sps = train.seconds_per_step
+        if sps is not None and math.isfinite(sps):
+            # The paper's protocol: N=500, 10,000 epochs, minibatch 16, on this run's device.
+            projection = device_days(sps, n_train=500, epochs=10000, batch_size=16, device=self.ctx.device,
+                                     measured_batch_size=cost["batch_size"])
+            cost["device_days_paper_protocol"] = projection["device_days"]
+            cost["device_days_rule"] = projection["rule"] + (f"; {projection['scaling']}" if projection["scaling"] else "")
+        return cost
