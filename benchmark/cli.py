@@ -63,9 +63,9 @@ def _int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"error: --{what} must be comma-separated integers, got '{text}'") from None
+        raise ValueError(f"--{what} must be comma-separated integers, got '{text}'") from None
     if not values or any(v < 0 for v in values):
-        raise SystemExit(f"error: --{what} needs at least one non-negative integer, got '{text}'")
+        raise ValueError(f"--{what} needs at least one non-negative integer, got '{text}'")
     return values
 
 

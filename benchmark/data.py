@@ -23,8 +23,7 @@ from benchmark.profiles import ProfileError, load_profile
 from datasets.manifest import export_subjects
 from datasets.splits import make_splits
 from datasets.subject import SCALAR_NAMES, DataError, Subject
-from datasets.synthetic import (AGE_RANGE, BRAIN_RANGE_ML, VENTRICLE_RANGE_ML, SyntheticPopulation,
-                                unscale)
+from datasets.synthetic import AGE_RANGE, SyntheticPopulation, unscale
 
 SPLIT_NAMES = {"test": "test", "train": "train_pool", "pretrain": "pretrain"}
 

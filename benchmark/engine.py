@@ -223,7 +223,8 @@ def train_method(
     scalars_all = scalar_batch(subjects)
     num_timesteps = base.train_scheduler.num_train_timesteps
     method.train()
-    timer = StepTimer(warmup=3, device=device)
+    # The first steps (allocation, caches) are not typical; short runs keep at least one measured step.
+    timer = StepTimer(warmup=min(3, max(settings.steps - start_step - 1, 0) // 2), device=device)
     wall_start = time.perf_counter()
     end_step = settings.steps if stop_after is None else min(settings.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end_step), desc=f"train {method.name}", disable=not progress,

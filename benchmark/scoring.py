@@ -13,8 +13,8 @@ from functools import cached_property
 import numpy as np
 
 from metrics.cost import count_parameters, device_days
-from metrics.extractors import get_extractors
-from metrics.judge import get_judge
+from metrics.extractors import InDomainConfig, get_extractors
+from metrics.judge import JudgeConfig, get_judge
 from metrics.lpips_metric import load_lpips
 from metrics.protocol import score_generated
 
@@ -26,11 +26,20 @@ class SharedScoring:
 
     def __init__(self, ctx):
         self.ctx = ctx
+        self.settings = ctx.profile.get("metrics", {})
+
+    def config(self, key: str, cls):
+        """metrics.<key> of the profile as a metrics config object (defaults where absent)."""
+        values = dict(self.settings.get(key, {}))
+        for name, value in values.items():
+            if isinstance(value, list):
+                values[name] = tuple(value)
+        return cls(**values)
 
     @cached_property
     def train_reference(self):
         """Real training volumes that train the in-domain extractors and the judges."""
-        n = min(len(self.ctx.data.splits.train_pool), int(self.ctx.profile.get("metrics", {}).get("judge_train", 500)))
+        n = min(len(self.ctx.data.splits.train_pool), int(self.settings.get("reference_volumes", 500)))
         return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:n])
 
     @cached_property
@@ -41,7 +50,8 @@ class SharedScoring:
     def extractors(self):
         images = np.stack([s.image for s in self.train_reference])
         return get_extractors(weights_dir=self.ctx.weights_dir, cache_dir=self.ctx.cache_dir / "extractors",
-                              train_volumes=images, data_id=self.data_id, device=self.ctx.device)
+                              train_volumes=images, data_id=self.data_id, device=self.ctx.device,
+                              config=self.config("in_domain", InDomainConfig))
 
     @cached_property
     def lpips(self):
@@ -65,7 +75,8 @@ class Scorer:
         images = np.stack([s.image for s in subjects])
         labels = np.stack([s.lv_mask if condition == "lv_mask" else s.semantics for s in subjects])
         return get_judge(self.task.name, images, labels, self.ctx.cache_dir / "judges",
-                         data_id=self.shared.data_id, device=self.ctx.device, progress=self.ctx.progress)
+                         data_id=self.shared.data_id, device=self.ctx.device, progress=self.ctx.progress,
+                         config=self.shared.config("judge", JudgeConfig))
 
     def score(self, volumes: np.ndarray, subjects, conditions_task, real_reference=None) -> tuple[dict, dict]:
         """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions."""

@@ -60,7 +60,6 @@ class UNetLayout:
     level_channels: tuple[int, ...]
     res_blocks: tuple[int, ...]
     residual_channels: tuple[int, ...]
-    residual_level: tuple[int, ...]   # encoder level (resolution index) of each residual
     mid_channels: int
 
 
@@ -68,14 +67,12 @@ def unet_layout(config: Mapping) -> UNetLayout:
     channels = tuple(int(c) for c in config["channels"])
     nrb = config.get("num_res_blocks", 2)
     res_blocks = tuple(int(n) for n in nrb) if isinstance(nrb, Sequence) else (int(nrb),) * len(channels)
-    residual_channels, residual_level = [channels[0]], [0]
+    residual_channels = [channels[0]]
     for i, (c, n) in enumerate(zip(channels, res_blocks)):
         residual_channels += [c] * n
-        residual_level += [i] * n
         if i < len(channels) - 1:
-            residual_channels.append(c)
-            residual_level.append(i + 1)   # the downsampler's output lives at the next resolution
-    return UNetLayout(channels, res_blocks, tuple(residual_channels), tuple(residual_level), channels[-1])
+            residual_channels.append(c)   # the downsampler's output
+    return UNetLayout(channels, res_blocks, tuple(residual_channels), channels[-1])
 
 
 def condition_input(conditions: Conditions, condition_channels: Mapping[str, int]) -> torch.Tensor:

@@ -9,13 +9,19 @@ Network
     noisy latent ``z_t``, the frozen model's prediction ``eps`` and the new conditions resized
     to the latent grid (averaged over each latent voxel's footprint,
     :func:`methods._blocks.to_latent_grid` ``area``), concatenated along channels. Its
-    ``hidden``-channel output goes through MCM's SPADE-style heads - a shared 3x3x3 convolution to ``head_channels`` with LeakyReLU, then one
-    3x3x3 convolution each for ``gamma_t`` and ``beta_t`` at latent shape - and the prediction is
-    ``eps * (1 + gamma_t) + beta_t``. The frozen model runs under ``no_grad``: MCM needs no
-    gradient through it. This is the architecture the VCM authors kept around their own condition
-    encoder (``Ahn-Ssu/VCM`` ``models/vcm.py``: ``time_unet`` + ``mlp_shared`` / ``mlp_gamma`` /
-    ``mlp_beta``, "following the original works"); MCM differs from VCM in taking the condition
-    resized to the latent grid instead of encoding it from image resolution.
+    ``hidden``-channel output goes through SPADE-style heads - a shared 3x3x3 convolution to
+    ``head_channels`` with LeakyReLU, then one 3x3x3 convolution each for ``gamma_t`` and
+    ``beta_t`` at latent shape - and the prediction is ``eps * (1 + gamma_t) + beta_t``. The
+    frozen model runs under ``no_grad``: MCM needs no gradient through it.
+
+    MCM's code is not public; the VCM authors' ``models/vcm.py`` (``Ahn-Ssu/VCM``) builds VCM as
+    this same network (``time_unet`` + ``mlp_shared`` / ``mlp_gamma`` / ``mlp_beta``, the heads
+    marked "following the original works") with VCM's own condition encoder in front, so MCM-L is
+    that network with the condition resized to the latent grid instead of encoded from image
+    resolution. One difference from their code: their ``mlp_gamma`` / ``mlp_beta`` are MONAI
+    ``Convolution`` blocks with ``act=None`` and the default ``norm``, i.e. followed by an
+    InstanceNorm (no parameters) that standardises gamma and beta per sample; we use plain
+    convolutions, as SPADE's heads are (the parameter count is the same).
 
 Loss
     MSE on the modulated prediction plus ``l1_weight * (mean|gamma_t| + mean|beta_t|)``, i.e.
@@ -23,8 +29,9 @@ Loss
     objective the VCM authors' training script calls ``MCM_loss``).
 
 Multimodal
-    MCM is built for several modalities at once: they are concatenated along channels, a dropped
-    modality arriving as zeros (the engine applies the drop).
+    The modalities are concatenated along channels into the one module (MCM conditions one
+    module on all its modalities together), a dropped modality arriving as zeros (the engine
+    applies the drop).
 
 Sizes
     MCM's published U-Net has 32 base channels, multipliers (1, 1, 2, 4), two residual blocks per

@@ -128,10 +128,10 @@ def _config(profile, name):
     return cfg
 
 
-def _build(smoke, name, channels=LV, **overrides):
+def _build(smoke, name, conds=LV, **overrides):
     profile, base = smoke
     torch.manual_seed(1)
-    return get_method(name)(base, channels, {**_config(profile, name), **overrides})
+    return get_method(name)(base, conds, {**_config(profile, name), **overrides})
 
 
 def _batch(base, channels=LV, present=None, seed=2, batch=2):
@@ -185,12 +185,11 @@ def test_lite_residuals_match_every_skip_of_the_frozen_unet(smoke, name):
     assert mid.shape[1] == base.diffusion_config["channels"][-1]
 
 
-@pytest.mark.parametrize("channels", [LV, MULTI], ids=["lv", "multimodal"])
 @pytest.mark.parametrize("name", LIGHT)
-def test_predicts_noise_at_latent_shape(smoke, name, channels):
+def test_predicts_noise_at_latent_shape(smoke, name):
     _, base = smoke
-    z_t, t, cond, scalars, _ = _batch(base, channels)
-    method = _build(smoke, name, channels)
+    z_t, t, cond, scalars, _ = _batch(base)
+    method = _build(smoke, name)
     with torch.no_grad():
         out = method.predict_noise(z_t, t, cond, scalars)
     assert out.shape == z_t.shape and torch.isfinite(out).all()
@@ -235,16 +234,15 @@ def test_t2i_adapter_adds_features_inside_the_encoder_and_cleans_up(smoke):
 def test_training_moves_only_the_method_and_lowers_the_loss(smoke, name):
     _, base = smoke
     z_t, t, cond, scalars, noise = _batch(base)
-    method = _build(smoke, name)
+    # MCM's L1 penalty on gamma/beta is exactly at its minimum when the heads start at zero, and
+    # a few steps on two random samples cannot buy it back; the fall of the loss is checked on
+    # the MSE here and the penalty on its own in test_mcm_loss_adds_the_l1_penalty.
+    overrides = {"l1_weight": 0.0} if name in ("mcm", "mcm_l") else {}
+    method = _build(smoke, name, **overrides)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     own = {id(p) for p in method.parameters()}
     opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-3, weight_decay=0.0)
-
-    def mse():
-        with torch.no_grad():
-            return F.mse_loss(method.predict_noise(z_t, t, cond, scalars), noise).item()
-
-    mse_start, losses = mse(), []
+    losses = []
     for _ in range(4):
         opt.zero_grad(set_to_none=True)
         loss = method.training_loss(z_t, t, cond, scalars, noise)
@@ -258,14 +256,25 @@ def test_training_moves_only_the_method_and_lowers_the_loss(smoke, name):
         final = method.training_loss(z_t, t, cond, scalars, noise).item()
     for k, v in base.state_dict().items():
         assert torch.equal(v, before[k]), f"the frozen model changed: {k}"
-    assert mse() < mse_start, f"{name}: MSE {mse_start:.5f} -> {mse():.5f}"
-    if name in ("mcm", "mcm_l"):
-        # Zero gamma/beta heads start exactly at the L1 penalty's minimum, so the first update
-        # pays the penalty; from there the training loss falls.
-        assert final < losses[1], f"{name}: loss {losses} -> {final:.5f}"
-    else:
-        assert final < losses[0], f"{name}: loss {losses} -> {final:.5f}"
+    assert final < losses[0], f"{name}: loss {losses} -> {final:.5f}"
     assert not any(k.startswith(("autoencoder.", "diffusion.")) for k in method.state_dict())
+
+
+@pytest.mark.parametrize("name", ["mcm", "mcm_l"])
+def test_mcm_loss_adds_the_l1_penalty(smoke, name):
+    _, base = smoke
+    z_t, t, cond, scalars, noise = _batch(base)
+    method = _build(smoke, name, zero_init_heads=False)
+    with torch.no_grad():
+        eps = base.unet(z_t, t, scalars)
+        y = F.adaptive_avg_pool3d(cond.stacked(), z_t.shape[2:])
+        gamma, beta = method.net(torch.cat([z_t, eps, y], 1), t)
+        pred = method.predict_noise(z_t, t, cond, scalars)
+        torch.testing.assert_close(pred, eps * (1 + gamma) + beta)
+        # lambda (|gamma|_1 + |beta|_1), 1/lambda = B*C*x*y*z of the latent batch (B.2)
+        expected = F.mse_loss(pred, noise) + (gamma.abs().sum() + beta.abs().sum()) / z_t.numel()
+        torch.testing.assert_close(method.training_loss(z_t, t, cond, scalars, noise), expected)
+    assert gamma.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", LIGHT)
@@ -282,6 +291,7 @@ def test_multimodal_with_modality_drop(smoke, name):
         for p in method.parameters():  # leave the zero start so the conditions matter
             p.add_(0.05 * torch.randn_like(p))
         out = method.predict_noise(z_t, t, cond, scalars)
+        assert out.shape == z_t.shape and torch.isfinite(out).all()
         # Sample 1 sees its semantic map: changing it changes sample 1's prediction only.
         other = Conditions(dict(cond.tensors), dict(cond.present))
         other.tensors["semantics"] = cond.tensors["semantics"].clone()

@@ -1,0 +1,131 @@
+"""The grid runner end to end on a tiny grid: records, resume after a kill, recorded failures,
+tables, figures and the report. Sizes are cut by profile overrides so the whole file runs in a
+few minutes on 2 cores; the numbers are not meaningful, the bookkeeping is what is tested.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmark.records import iter_records
+from tests.paths import EXAMPLE_PLUGIN, ROOT
+
+TINY = [
+    "data.pretrain_pool=6", "data.train_pool=8", "data.test_set=3",
+    "autoencoder.steps=2", "autoencoder.batch_size=2", "autoencoder.checkpoint_every=1",
+    "diffusion.steps=2", "diffusion.batch_size=2", "diffusion.checkpoint_every=1",
+    "training.steps=3", "training.batch_size=2", "training.checkpoint_every=1", "training.warmup_steps=1",
+    "sampling.ddim_steps=2", "sampling.n_test=3", "sampling.batch_size=3",
+    "metrics.reference_volumes=8", "metrics.judge.steps=2", "metrics.in_domain.steps_2d=2",
+    "metrics.in_domain.steps_3d=2",
+]
+
+FAILING_PLUGIN = '''
+from methods.base import Method
+from methods.registry import register
+
+
+@register("always_fails", tasks=("lv",))
+class AlwaysFails(Method):
+    def __init__(self, base, condition_channels, config):
+        super().__init__(base, condition_channels, config)
+        raise RuntimeError("this method fails on purpose")
+'''
+
+
+def run_cli(args, cache, out, **kwargs):
+    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--profile", "smoke", "--quiet",
+           "--cache-dir", str(cache), "--out", str(out), *sum((["--override", o] for o in TINY), []), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("runner-cache")
+
+
+def _records(out):
+    return {(r["task"], r["method"], r["size"]): r for r in iter_records(out)}
+
+
+def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
+    out = tmp_path / "grid"
+    args = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift,vcm", "--sizes", "2,4", "--no-validation"]
+    proc = run_cli(args, cache, out)
+    # Kill it as soon as two runs have finished (mid-grid).
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((out / "records").glob("*.json"))) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the grid finished before it could be killed:\n{proc.stdout.read()}"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
+    assert 2 <= len(before) < 5
+    # Every record on disk is whole, even right after a kill.
+    for path in (out / "records").glob("*.json"):
+        json.loads(path.read_text())
+
+    rerun = run_cli(args, cache, out)
+    log = rerun.communicate()[0]
+    assert rerun.returncode == 0, log
+    records = _records(out)
+    assert set(records) == {("lv", "reference", 0)} | {("lv", m, n) for m in ("residual_shift", "vcm") for n in (2, 4)}
+    assert all(r["status"] == "ok" for r in records.values()), log
+    for name, mtime in before.items():  # finished runs were not redone
+        assert (out / "records" / name).stat().st_mtime_ns == mtime, f"{name} was redone"
+    assert f"{len(before)} already done" in log
+
+    record = records[("lv", "vcm", 4)]
+    assert record["config_hash"] and record["versions"]["torch"] and record["device"]
+    assert record["cost"]["trainable_parameters"] > 0 and record["cost"]["seconds_per_step"] > 0
+    assert any(k.startswith("FID-3D [") for k in record["metrics"]) and "Dice" in record["metrics"]
+    assert record["protocol"]["n_generated_volumes"] == 3
+
+    # Tables, figures and report are rebuilt from records alone.
+    for name in ("table_lv", "table5_cost"):
+        for ext in ("csv", "md", "tex"):
+            assert (out / "tables" / f"{name}.{ext}").is_file()
+    assert (out / "REPORT.md").read_text().count("residual_shift") >= 1
+    assert list((out / "figures").glob("montage_lv__vcm__n4*.png"))
+    assert (out / "figures" / "metrics_vs_size_lv.png").is_file()
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "tables", "--profile", "smoke",
+                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+
+
+def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path):
+    plugin = tmp_path / "failing_plugin.py"
+    plugin.write_text(FAILING_PLUGIN)
+    out = tmp_path / "grid"
+    proc = run_cli(["--plugin", str(plugin), "--plugin", str(EXAMPLE_PLUGIN),
+                    "--methods", "always_fails,residual_shift", "--sizes", "2", "--no-validation"], cache, out)
+    log = proc.communicate()[0]
+    assert proc.returncode == 1, log  # non-zero at the end because a run failed
+    records = _records(out)
+    assert records[("lv", "always_fails", 2)]["status"] == "failed"
+    assert "this method fails on purpose" in records[("lv", "always_fails", 2)]["error"]
+    assert records[("lv", "residual_shift", 2)]["status"] == "ok"
+    assert "1 failed" in log and "always_fails" in log
+    assert "this method fails on purpose" in (out / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--sizes", "10,9999"], "larger than the training pool"),
+    (["--plugin", "no_such_module_xyz"], "could not be imported"),
+    (["--task", "bogus"], "bogus"),
+    (["--profile", "huge"], "unknown profile"),
+    (["--sizes", "a,b"], "comma-separated integers"),
+])
+def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
+    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--out", str(tmp_path), *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
