@@ -124,7 +124,7 @@ def _train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Ju
     x_all, _ = _pad(images, _multiple(cfg))
     y_all, _ = _pad(labels.float(), _multiple(cfg))
     y_all = y_all.long()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
     net.train()
