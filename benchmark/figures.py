@@ -64,7 +64,12 @@ def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_s
     real = np.load(real_npz) if real_npz and Path(real_npz).is_file() else None
     real_by_id = {i: k for k, i in enumerate(real["ids"])} if real is not None else {}
     n = min(n_subjects, len(ids))
-    cols = 3 * (2 if real is not None else 1)
+    # Super-resolution: the low-resolution input is shown beside the generated and real volumes,
+    # and the axial slice is the one half-way between two kept slices (a kept one shows the input).
+    low_res = bool(condition_keys) and condition_keys[0] == "condition_low_res"
+    sr_task = Path(samples_npz).parent.name.split("__")[0]
+    factor = int(sr_task[2:]) if low_res and sr_task[:2] == "sr" and sr_task[2:].isdigit() else 1
+    cols = 3 * ((2 if real is not None else 1) + (1 if low_res else 0))
     fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 2.1 * n), squeeze=False)
     for row in range(n):
         generated = volumes[row, 0]
@@ -77,6 +82,10 @@ def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_s
                   if outline is not None and (outline > 0.5).any() and condition_keys[0] != "condition_low_res"
                   else [None, None, None])
         panels = [("generated", generated)]
+        if low_res:
+            z_mid = volumes.shape[-1] // 2
+            centre = [None, None, min((z_mid // factor) * factor + factor // 2, volumes.shape[-1] - 1)]
+            panels.insert(0, ("low-res input", data[condition_keys[0]][row, 0].astype(np.float32)))
         if real is not None and ids[row] in real_by_id:
             panels.append(("real", real["volumes"][real_by_id[ids[row]], 0].astype(np.float32)))
         col = 0

@@ -7,8 +7,11 @@
 * Every other profile pretrains BrainLDM's architecture, scaled down by the profile, on the
   *pretraining pool* of the synthetic population only (never the benchmark pool or the test set),
   and caches the result under ``<cache_dir>/base/<hash>/``. The hash covers the image shape, the
-  data seed and the exact pretraining indices, the ``autoencoder``, ``diffusion`` and ``scheduler``
-  sections and :data:`CODE_VERSION`; change any of them and the model is trained afresh.
+  data seed, the exact pretraining indices and the data generator's version, the ``autoencoder``,
+  ``diffusion`` and ``scheduler`` sections and :data:`CODE_VERSION`; change any of them and the
+  model is trained afresh. The autoencoder and the pretraining latents are cached on their own
+  (``<cache_dir>/base/autoencoder-<hash>/``, hash without the diffusion and scheduler sections), so
+  a change of diffusion settings retrains the diffusion model only.
 
 Pretraining, in three stages, each checkpointed (atomically: temporary file + ``os.replace``) so
 that an interrupted run resumes where it stopped and ends with the same numbers as an
@@ -377,7 +380,8 @@ class _Pretrainer:
                 o = [int(torch.randint(0, s - c + 1, (1,), generator=gen)) for c, s in zip(crop, shape)]
                 x = x[:, :, o[0]:o[0] + crop[0], o[1]:o[1] + crop[1], o[2]:o[2] + crop[2]]
             flip = torch.rand(batch, generator=gen) < 0.5  # left-right (X), CONVENTIONS.md
-            x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(2), x).contiguous().to(self.device)
+            x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(2), x).to(self.device)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
             mu, sigma = ae.encode(x)
             eps = torch.randn(mu.shape, generator=gen).to(self.device)
             rec = ae.decode(mu + sigma * eps)
@@ -385,7 +389,11 @@ class _Pretrainer:
             kl = kl_divergence(mu, sigma)
             return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
-        return self._loop("autoencoder", ae, cfg, self.ae_dir / "autoencoder.ckpt", step_fn)
+        ae.to(memory_format=torch.channels_last_3d)  # ~1.7x faster 3D convolutions on CPU
+        try:
+            return self._loop("autoencoder", ae, cfg, self.ae_dir / "autoencoder.ckpt", step_fn)
+        finally:
+            ae.to(memory_format=torch.contiguous_format)
 
     # -- stage 2: latents and scale factor ------------------------------------------------------
     @torch.no_grad()

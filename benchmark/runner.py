@@ -21,7 +21,7 @@ from benchmark import engine
 from benchmark.datasource import DataSource
 from benchmark.records import library_versions, read_record, write_record
 from datasets.tasks import Task, get_task
-from methods.base import Method
+from methods.base import DirectMethod, Method
 from methods.registry import get_method
 from metrics.cost import device_name
 
@@ -148,6 +148,11 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
                                                 spec.seed, ctx.device, ctx.progress)
         conditions_used = task
         result["cost"] = {"trainable_parameters": 0}
+    elif issubclass(get_method(spec.method.removesuffix(SPHERE_SUFFIX), task.name), DirectMethod):
+        # Methods that make volumes themselves (super-resolution baselines): fit, then generate.
+        generated, direct = run_direct(spec, task, ctx, test)
+        conditions_used = task
+        result.update(direct)
     else:
         method_name = spec.method.removesuffix(SPHERE_SUFFIX)
         inner = RunSpec(spec.task, method_name, spec.size, spec.seed)
@@ -171,6 +176,68 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
     result["metrics"], result["protocol"] = ctx.scorer(task).score(generated, test, conditions_used)
     result["cost"]["wall_seconds"] = time.perf_counter() - wall
     return result
+
+
+def run_direct(spec: RunSpec, task: Task, ctx: RunContext, test) -> tuple[np.ndarray, dict]:
+    """A ``DirectMethod`` run: fit on the training subjects (resuming from the run folder), then
+    generate the test volumes batch by batch; returns (volumes, record fields)."""
+    from metrics.cost import PeakMemory, count_parameters, device_days
+
+    method = build_method(spec.method, task, ctx, spec.seed)
+    subjects = ctx.data.train_subjects(spec.size)
+    settings = engine.TrainSettings.from_profile(ctx.profile, len(subjects))
+    fit_start = time.perf_counter()
+    with PeakMemory(ctx.device) as memory:
+        info = dict(method.fit(subjects, task, settings, ctx.run_dir(spec), spec.seed, ctx.progress) or {})
+    fit_seconds = time.perf_counter() - fit_start
+    torch.manual_seed(engine.stable_seed(spec.seed, "sampling"))
+    method.eval()
+    batch_size = ctx.profile.sampling.batch_size
+    gen_start = time.perf_counter()
+    out = []
+    for start in tqdm(range(0, len(test), batch_size), desc=f"generate {method.name}", disable=not ctx.progress,
+                      leave=False):
+        chunk = test[start : start + batch_size]
+        volumes = method.generate(engine.condition_batch(task, chunk, device=ctx.device),
+                                  engine.scalar_batch(chunk, ctx.device), chunk)
+        out.append(volumes.detach().clamp(0, 1).float().cpu().numpy())
+    generated = np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
+    gen_seconds = time.perf_counter() - gen_start
+
+    losses = [float(v) for v in info.get("losses", [])]
+    params = count_parameters(method)
+    cost = {
+        "trainable_parameters": params["trainable"],
+        "method_parameters": params["total"],
+        "seconds_per_step": info.get("seconds_per_step"),
+        "train_wall_seconds": fit_seconds,
+        "generate_wall_seconds": gen_seconds,
+        "generate_seconds_per_volume": gen_seconds / max(len(test), 1),
+        **{k: v for k, v in memory.summary().items() if k != "peak_memory_gib"},
+    }
+    if method.uses_base_model:
+        cost["base_parameters"] = sum(ctx.base.num_parameters().values())
+    if method.generate_info.get("seconds_per_step") is not None:  # optimisation at test time (InverseSR)
+        cost["generate_seconds_per_step"] = method.generate_info["seconds_per_step"]
+    if info.get("batch_size"):
+        cost["batch_size"] = int(info["batch_size"])
+    sps = info.get("seconds_per_step")
+    if sps is not None and np.isfinite(sps) and losses:
+        # The same projection as the diffusion methods (N=500, 10,000 epochs, minibatch 16).
+        projection = device_days(sps, n_train=500, epochs=10000, batch_size=16, device=ctx.device,
+                                 measured_batch_size=cost.get("batch_size"))
+        cost["device_days_paper_protocol"] = projection["device_days"]
+        cost["device_days_rule"] = projection["rule"] + (f"; {projection['scaling']}" if projection["scaling"] else "")
+    fields = {
+        "training": {"steps": int(info.get("steps", len(losses))), "final_loss": losses[-1] if losses else None,
+                     "first_loss": losses[0] if losses else None,
+                     "loss_curve": losses[:: max(1, len(losses) // 100)],
+                     "resumed_from": int(info.get("resumed_from", 0))},
+        "cost": cost,
+    }
+    if method.generate_info:
+        fields["generation"] = method.generate_info
+    return generated, fields
 
 
 def stack_images(subjects) -> np.ndarray:

@@ -105,7 +105,7 @@ def population_affine(profile, cache_dir) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     import nibabel as nib
 
-    from benchmark.pretrain import load_base_model
+    from benchmark.pretrain import BaseModelError, load_base_model
     from benchmark.profiles import ProfileError, load_profile
 
     p = argparse.ArgumentParser(prog="python -m benchmark.sample_base", description=__doc__.split("\n\n")[0])
@@ -130,7 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--n must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    base = load_base_model(profile, args.cache_dir, args.weights_dir, device=device, progress=not args.quiet)
+    try:
+        base = load_base_model(profile, args.cache_dir, args.weights_dir, device=device, progress=not args.quiet)
+    except BaseModelError as err:
+        p.exit(2, f"error: {err}\n")
     steps = args.steps or int(profile.sampling.ddim_steps)
     volumes = sample_volumes(base, scalars, args.n, steps, seed=args.seed,
                              batch_size=int(profile.sampling.batch_size), device=device, progress=not args.quiet)

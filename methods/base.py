@@ -123,3 +123,50 @@ class Method(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
+
+
+class DirectMethod(Method):
+    """Base class of a method that produces volumes itself instead of steering the frozen
+    model's sampler (super-resolution baselines such as LIIF-3D, InverseSR, interpolation).
+
+    The runner calls, once per run::
+
+        info = method.fit(train_subjects, task, settings, run_dir, seed, progress)
+        volume_batch = method.generate(conditions, scalars, subjects)   # per test batch
+
+    ``fit`` trains whatever the method trains (nothing for an optimisation-at-test-time or
+    interpolation method), checkpointing in ``run_dir`` and resuming from it when training is
+    long; it also records what ``generate`` needs to know about the task (e.g. the SR factor).
+    ``settings`` is the suite's method-training section (``benchmark.engine.TrainSettings``:
+    steps, batch_size, lr, checkpoint_every, ...); a direct method takes its own sizes from
+    ``self.config`` (``profile.methods.<name>``) and may use ``settings.checkpoint_every``.
+    ``fit`` returns a dict for the run record, with any of: ``steps``, ``losses`` (per step),
+    ``seconds_per_step``, ``batch_size``, ``wall_seconds``, ``peak_memory`` (dict), ``resumed_from``.
+
+    ``generate`` gets the test batch's conditions (``Conditions``, at image resolution), its
+    scalars (B, 4) and the ``Subject`` objects, and returns (B, 1, X, Y, Z) in [0, 1]. It sets
+    its own grad mode (an optimisation method needs gradients). It may leave a summary of what it
+    did for the record in ``self.generate_info`` (a dict; the runner stores it).
+
+    ``uses_base_model`` says whether the method runs the frozen base model (its parameters are
+    then part of the method's cost).
+    """
+
+    uses_base_model: ClassVar[bool] = False
+
+    def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
+        super().__init__(base, condition_channels, config)
+        self.generate_info: dict[str, Any] = {}
+
+    def predict_noise(self, z_t, t, conditions, scalars):  # noqa: D102  (not a diffusion controller)
+        raise NotImplementedError(
+            f"method '{self.name}' generates volumes directly (DirectMethod); it has no noise prediction"
+        )
+
+    def fit(self, train_subjects: Sequence[Any], task: Any, settings: Any, run_dir: Any, seed: int,
+            progress: bool = True) -> dict[str, Any]:
+        """Train if the method trains; the default trains nothing."""
+        return {}
+
+    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any]) -> torch.Tensor:
+        raise NotImplementedError(f"method '{self.name}' must implement generate")

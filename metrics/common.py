@@ -88,8 +88,8 @@ def central_slice_indices(depth: int, count: int, central_fraction: float) -> li
 
     Take the central ``central_fraction`` of the axis, i.e. indices
     ``[floor(depth*(1-f)/2), ceil(depth*(1+f)/2) - 1]``, and pick ``count`` indices evenly spaced in
-    it (``round(linspace(lo, hi, count))``, duplicates removed). ``count`` is clipped to the number of
-    slices in the central range.
+    it (``round(linspace(lo, hi, count))``, duplicates removed; a single slice is the middle one,
+    ``(lo + hi) // 2``). ``count`` is clipped to the number of slices in the central range.
     """
     if depth < 1:
         raise MetricError(f"an axis of length {depth} has no slices")
@@ -99,6 +99,8 @@ def central_slice_indices(depth: int, count: int, central_fraction: float) -> li
     hi = int(np.ceil(depth * (1.0 + central_fraction) / 2.0)) - 1
     hi = max(lo, min(hi, depth - 1))
     count = max(1, min(int(count), hi - lo + 1))
+    if count == 1:
+        return [(lo + hi) // 2]
     idx = np.round(np.linspace(lo, hi, count)).astype(int)
     return sorted(set(int(i) for i in idx))
 

@@ -245,6 +245,9 @@ class _AutoEncoder(nn.Module):
             conv(c[0], 1, 3, padding=1),
         )
         self.feature_dim = c[2] + c[3]
+        # per-feature standardisation measured on the training data after training
+        self.register_buffer("feat_mean", torch.zeros(self.feature_dim))
+        self.register_buffer("feat_std", torch.ones(self.feature_dim))
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -256,10 +259,23 @@ class _AutoEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dec(self.encode(x)[-1])
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         outs = self.encode(x)
         dims = tuple(range(2, x.ndim))
         return torch.cat([outs[2].mean(dims), outs[3].mean(dims)], dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw_features(x) - self.feat_mean) / self.feat_std
+
+    @torch.no_grad()
+    def set_standardisation(self, pools: Sequence[torch.Tensor], batch: int = 64) -> None:
+        """Per-feature mean and std over all training samples in ``pools`` (std floored at 1e-3 of its
+        mean over features, so that dead features are not blown up)."""
+        feats = torch.cat([self.raw_features(p[i : i + batch]) for p in pools for i in range(0, p.shape[0], batch)])
+        mean, std = feats.mean(0), feats.std(0)
+        floor = 1e-3 * float(std.mean()) + 1e-12
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std.clamp_min(floor))
 
 
 @dataclass(frozen=True)
@@ -277,7 +293,7 @@ class InDomainConfig:
     seed: int = 0
 
 
-IN_DOMAIN_VERSION = 1
+IN_DOMAIN_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +404,8 @@ MEDICALNET_PREPROCESSING = (
 )
 IN_DOMAIN_PREPROCESSING = (
     "{what} in [0,1] at native size, no normalisation; features = global averages of the last two "
-    "encoder stages of an autoencoder trained on real training volumes ({dim})"
+    "encoder stages of an autoencoder trained on real training volumes ({dim}), standardised per "
+    "feature with the mean and std over the training {what}s"
 )
 
 # --------------------------------------------------------------------------------------------
@@ -562,33 +579,45 @@ def in_domain_cache_key(kind: str, train_shape: Sequence[int], data_id: str, con
 def _train_ae(kind: str, vols: torch.Tensor, cfg: InDomainConfig, device: torch.device) -> tuple[_AutoEncoder, list[float]]:
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    n = vols.shape[0]
     if kind == "2d":
         net = _AutoEncoder(2, cfg.channels_2d).to(device)
         steps, bs = cfg.steps_2d, cfg.batch_2d
-        # one pool of slices per orientation (central part of each axis)
-        pools, flippable = [], []
-        for orient, ax in ORIENTATIONS.items():
-            depth = vols.shape[2 + ax]
-            idx = central_slice_indices(depth, depth, cfg.slice_central_fraction)
-            pools.append(_pad_to_multiple(extract_slices(vols, orient, idx)))
-            flippable.append(orient != "sagittal")  # axial (X, Y) and coronal (X, Z) slices have X first
+        orients = list(ORIENTATIONS)
+        ranges = {
+            o: central_slice_indices(vols.shape[2 + ax], vols.shape[2 + ax], cfg.slice_central_fraction)
+            for o, ax in ORIENTATIONS.items()
+        }
+
+        def batch(step: int) -> tuple[torch.Tensor, bool]:
+            # orientations in turn; random volumes and random slices of the central part of the axis
+            o = orients[step % len(orients)]
+            vi = torch.randint(0, n, (bs,), generator=g).tolist()
+            si = torch.randint(0, len(ranges[o]), (bs,), generator=g).tolist()
+            ax = ORIENTATIONS[o]
+            xb = torch.stack([vols[v].select(1 + ax, ranges[o][s]) for v, s in zip(vi, si)])
+            return xb, o != "sagittal"  # axial (X, Y) and coronal (X, Z) slices have X first
+
+        # standardisation: every central slice of each orientation of up to 32 training volumes
+        sub = vols[torch.randperm(n, generator=g)[:32]]
+        std_pools = [extract_slices(sub, o, ranges[o]) for o in orients]
     else:
         net = _AutoEncoder(3, cfg.channels_3d).to(device)
         steps, bs = cfg.steps_3d, cfg.batch_3d
-        pools, flippable = [_pad_to_multiple(vols)], [True]
+
+        def batch(step: int) -> tuple[torch.Tensor, bool]:
+            return vols[torch.randint(0, n, (min(bs, n),), generator=g)], True
+
+        std_pools = [vols[torch.randperm(n, generator=g)[:64]]]
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
     losses = []
     net.train()
     for step in range(steps):
-        which = step % len(pools)
-        pool = pools[which]
-        sel = torch.randint(0, pool.shape[0], (min(bs, pool.shape[0]),), generator=g)
-        xb = pool[sel]
-        if flippable[which] and rng.random() < 0.5:  # left-right flip (flips X)
+        xb, flippable = batch(step)
+        if flippable and float(torch.rand((), generator=g)) < 0.5:  # left-right flip (flips X)
             xb = xb.flip(2)
-        xb = xb.to(device)
+        xb = _pad_to_multiple(xb).to(device)
         loss = F.mse_loss(net(xb), xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -596,6 +625,7 @@ def _train_ae(kind: str, vols: torch.Tensor, cfg: InDomainConfig, device: torch.
         sched.step()
         losses.append(float(loss.detach()))
     net.eval()
+    net.set_standardisation([p.to(device) for p in std_pools], batch=64 if kind == "2d" else 4)
     return net.cpu(), losses
 
 

@@ -14,12 +14,15 @@ arithmetic mean.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import LinAlgWarning
 
 from .common import (
     ORIENTATION_LETTER,
@@ -63,11 +66,18 @@ def _frechet_svd(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d @ d + (A * A).sum() / na + (B * B).sum() / nb - 2 * tr_sqrt)
 
 
-def frechet_distance(feats_fake: Any, feats_real: Any, return_method: bool = False):
-    """Fréchet distance between two feature sets (n, F) via ``monai.metrics.FIDMetric``.
+FRECHET_METHODS = ("monai", "svd")
 
-    Returns a float (and, with ``return_method``, which computation was used: 'monai' or
-    'svd-fallback')."""
+
+def frechet_distance(feats_fake: Any, feats_real: Any, return_method: bool = False, method: str = "monai"):
+    """Fréchet distance between two feature sets (n, F).
+
+    ``method="monai"`` (default): ``monai.metrics.FIDMetric`` (``scipy.linalg.sqrtm`` of an F x F
+    matrix: about 20-30 s for F = 2048 on 2 CPU cores). ``method="svd"``: the same quantity computed
+    exactly from the singular values of the centred (n_fake x n_real) cross-product, much faster when
+    F is large; equal to MONAI's value to rounding. Returns a float (and, with ``return_method``,
+    which computation was used: 'monai', MONAI with its own 1e-6 diagonal regularisation,
+    'svd-fallback' when MONAI rejected its own result, or 'svd')."""
     from monai.metrics import FIDMetric
 
     a = torch.as_tensor(np.asarray(feats_fake) if not isinstance(feats_fake, torch.Tensor) else feats_fake)
@@ -78,11 +88,22 @@ def frechet_distance(feats_fake: Any, feats_real: Any, return_method: bool = Fal
         raise MetricError(
             f"the Fréchet distance needs at least 2 samples per set, got {a.shape[0]} generated and {b.shape[0]} real"
         )
-    method = "monai"
+    if method not in FRECHET_METHODS:
+        raise MetricError(f"Fréchet method must be one of {FRECHET_METHODS}, got {method!r}")
+    if method == "svd":
+        value = _frechet_svd(a, b)
+        if -1e-6 < value < 0.0:
+            value = 0.0
+        return (value, "svd") if return_method else value
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+        printed = io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+            warnings.simplefilter("ignore", DeprecationWarning)  # scipy's sqrtm(disp=...) inside MONAI
+            warnings.simplefilter("ignore", LinAlgWarning)  # singular covariances when n < feature dim
             value = float(FIDMetric()(a.double(), b.double()))
+        method = "monai"
+        if "singular product" in printed.getvalue():
+            method = "monai (covariances regularised with 1e-6 on the diagonal)"
         if not np.isfinite(value):
             raise ValueError("non-finite Fréchet distance")
     except ValueError:
@@ -135,6 +156,7 @@ def fid_2d(
     extractor: FeatureExtractor,
     slices_per_axis: int = DEFAULT_SLICES_PER_AXIS,
     central_fraction: float = DEFAULT_CENTRAL_FRACTION,
+    frechet: str = "monai",
 ) -> dict[str, Any]:
     """``{"FID-A", "FID-C", "FID-S", "FID-2D mean", "protocol"}`` between real and generated volumes."""
     real_t = as_volumes(real, "real volumes")
@@ -147,7 +169,7 @@ def fid_2d(
     out: dict[str, Any] = {}
     methods = {}
     for orient in ORIENTATIONS:
-        v, m = frechet_distance(ff[orient], fr[orient], return_method=True)
+        v, m = frechet_distance(ff[orient], fr[orient], return_method=True, method=frechet)
         out[f"FID-{ORIENTATION_LETTER[orient]}"] = v
         methods[orient] = m
     out["FID-2D mean"] = float(np.mean([out["FID-A"], out["FID-C"], out["FID-S"]]))
@@ -169,13 +191,13 @@ def fid_2d(
     return out
 
 
-def fid_3d(real: Any, fake: Any, extractor: FeatureExtractor) -> dict[str, Any]:
+def fid_3d(real: Any, fake: Any, extractor: FeatureExtractor, frechet: str = "monai") -> dict[str, Any]:
     """``{"FID-3D", "protocol"}`` between real and generated volumes."""
     real_t = as_volumes(real, "real volumes")
     fake_t = as_volumes(fake, "generated volumes")
     fr = volume_features(real_t, extractor, "real volumes")
     ff = volume_features(fake_t, extractor, "generated volumes")
-    v, m = frechet_distance(ff, fr, return_method=True)
+    v, m = frechet_distance(ff, fr, return_method=True, method=frechet)
     return {
         "FID-3D": v,
         "protocol": {

@@ -1,13 +1,15 @@
 """The suite's judge: a small 3D segmenter trained on real training volumes, used to measure how well
 generated volumes follow their spatial condition (Dice of its segmentation against the input mask).
 
-Network: ``monai.networks.nets.UNet(spatial_dims=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-num_res_units=0)`` (instance norm, PReLU). Task ``lv``: 2 classes (background, LV). Task
-``multimodal``: 5 classes (semantic labels 0-4). Training: ``DiceCELoss(softmax, one-hot)``, AdamW,
+Network: ``monai.networks.nets.UNet(spatial_dims=3, channels=(8, 16, 32, 64), strides=(1, 2, 2),
+num_res_units=0)`` (instance norm, PReLU; the first level works at full resolution because the
+lateral ventricles are only a few voxels thick at small profiles). Task ``lv``: 2 classes (background, LV). Task
+``multimodal``: 5 classes (semantic labels 0-4). Training: 600 steps of
+``DiceCELoss(softmax, one-hot, include_background=False)``, AdamW (lr 5e-3, weight decay 1e-4),
 one-cycle learning rate, batches of real training volumes with random left-right flips (X) and a
 random intensity gain/offset (x U[0.9, 1.1] + U[-0.05, 0.05], then clipped to [0, 1]) so the judge
 does not depend on the exact grey levels of the real scans; fixed seed. Volumes are zero-padded to a
-multiple of 8 and cropped back. The trained weights are cached under ``cache_dir/metrics/`` keyed by
+multiple of the total stride (4) and cropped back. The trained weights are cached under ``cache_dir/metrics/`` keyed by
 a hash of (num_classes, data shape, data id or content hash, config).
 """
 from __future__ import annotations
@@ -31,10 +33,10 @@ JUDGE_VERSION = 1
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    strides: tuple[int, ...] = (1, 2, 2)  # first level at full resolution: the LV is thin
     num_res_units: int = 0
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 4
     lr: float = 5e-3
     weight_decay: float = 1e-4

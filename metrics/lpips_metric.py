@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,8 @@ def build_lpips_with_trunk(trunk_path: str | Path | None) -> torch.nn.Module:
     (tests only)."""
     import lpips
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecation note on 'pretrained'
         net = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
     if trunk_path is None:
         return net

@@ -46,13 +46,13 @@ def ssim(fake: Any, real: Any, kernel_size: int = 11, kernel_sigma: float = 1.5)
     k = min(kernel_size, *f.shape[2:])
     if k % 2 == 0:
         k -= 1
-    per = SSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=k, kernel_sigma=kernel_sigma, reduction="none")(f, r)
+    per = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=k, kernel_sigma=kernel_sigma, reduction="none")(f, r)
     per = per.reshape(-1).double()
     return {
         "SSIM": float(per.mean()),
         "SSIM per volume": per.tolist(),
         "protocol": {
-            "implementation": f"monai.metrics.SSIMMetric(spatial_dims=3, data_range=1.0, kernel_size={k}, "
+            "implementation": f"monai.metrics.SSIMMetric(spatial_dims=3, data_range=1.0, win_size={k}, "
             f"kernel_sigma={kernel_sigma}), per volume, mean over volumes",
             "n_volumes": int(f.shape[0]),
         },

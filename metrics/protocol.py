@@ -52,6 +52,7 @@ class ScoringSettings:
     lpips_min_side: int = DEFAULT_MIN_SIDE
     max_pairs: int = 100  # diversity pairs (LPIPS and MS-SSIM)
     seed: int = 0  # drawing of diversity pairs
+    frechet: str = "monai"  # "monai" (FIDMetric, sqrtm) or "svd" (exact, faster for wide features)
 
 
 def column(metric: str, extractor: FeatureExtractor | str | None = None) -> str:
@@ -141,12 +142,13 @@ def score_generated(
     # FID
     for e in exts:
         if e.spatial_dims == 2:
-            r = timed(column("FID-2D", e), lambda: fid_2d(real_t, fake_t, e, st.slices_per_axis, st.fid_central_fraction))
+            r = timed(column("FID-2D", e),
+                      lambda: fid_2d(real_t, fake_t, e, st.slices_per_axis, st.fid_central_fraction, st.frechet))
             for k in ("FID-A", "FID-C", "FID-S", "FID-2D mean"):
                 row[column(k, e)] = r[k]
             proto[column("FID-2D", e)] = r["protocol"]
         else:
-            r = timed(column("FID-3D", e), lambda: fid_3d(real_t, fake_t, e))
+            r = timed(column("FID-3D", e), lambda: fid_3d(real_t, fake_t, e, st.frechet))
             row[column("FID-3D", e)] = r["FID-3D"]
             proto[column("FID-3D", e)] = r["protocol"]
 

@@ -95,7 +95,7 @@ def test_second_call_loads_and_config_change_retrains(cache):
     calls.clear()
     third = load_base_model(changed, cache, progress=False, step_callback=cb)
     assert {s for s, _ in calls} == {"diffusion"}
-    assert torch.equal(third.autoencoder.encoder.conv_in.conv.weight, first.autoencoder.encoder.conv_in.conv.weight)
+    assert states_equal(third.autoencoder, first.autoencoder)
     assert not states_equal(third.diffusion, first.diffusion)
 
     # An autoencoder setting changes: everything is trained again.
@@ -254,6 +254,14 @@ def test_brainldm_missing_weights_dir_or_files(tmp_path, cache):
     with pytest.raises(BaseModelError, match=r"missing the diffusion model \(diffusion_model\.pth or .*into .*brainldm"):
         load_brainldm(profile, tmp_path / "half")
 
+    # the sampling command says the same, as a one-line error, not a traceback
+    from benchmark.sample_base import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--profile", "paper", "--n", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+              "--weights-dir", str(tmp_path / "half"), "--quiet"])
+    assert exit_info.value.code == 2
+
 
 def test_brainldm_mismatched_files_name_the_file(tmp_path):
     profile = paper_small()
@@ -302,13 +310,15 @@ def smoke_model():
 
 
 def central_dark_fraction(volumes: np.ndarray) -> np.ndarray:
-    """Per volume: the fraction of dark voxels in the central brain region, where the lateral
-    ventricles lie (middle 40% left-right, 30-70% posterior-anterior, 40-75% inferior-superior).
-    Dark: below half the median intensity of that region (CSF against grey and white matter)."""
+    """Per volume: the fraction of dark voxels in the central brain region where the lateral
+    ventricles lie (30-70% left-right, 35-65% posterior-anterior, 45-70% inferior-superior of the
+    field of view). Dark: below 0.4 x the median intensity of that region (CSF against grey and
+    white matter). On the synthetic test subjects it correlates with the ventricular-volume
+    scalar at r ~ 0.77 (see the next test)."""
     x, y, z = volumes.shape[2:]
-    box = volumes[:, 0, int(0.3 * x):int(0.7 * x), int(0.3 * y):int(0.7 * y), int(0.4 * z):int(0.75 * z)]
+    box = volumes[:, 0, int(0.3 * x):int(0.7 * x), int(0.35 * y):int(0.65 * y), int(0.45 * z):int(0.7 * z)]
     box = box.reshape(len(volumes), -1)
-    threshold = 0.5 * np.median(box, axis=1, keepdims=True)
+    threshold = 0.4 * np.median(box, axis=1, keepdims=True)
     return (box < threshold).mean(axis=1)
 
 
@@ -320,10 +330,10 @@ def test_dark_region_measure_tracks_ventricles_in_real_data(smoke_model):
     profile, cache, _ = smoke_model
     d = profile.data
     pop = SyntheticPopulation(tuple(profile.image_shape), seed=d.seed, cache_dir=cache)
-    subjects = pop.subjects(make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed).test[:48])
+    subjects = pop.subjects(make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed).test)
     dark = central_dark_fraction(np.stack([s.image for s in subjects]))
     ventricles = np.array([s.scalars[2] for s in subjects])
-    assert np.corrcoef(dark, ventricles)[0, 1] > 0.5
+    assert np.corrcoef(dark, ventricles)[0, 1] > 0.6
 
 
 def test_samples_in_range_and_not_constant(smoke_model):
@@ -366,7 +376,10 @@ def test_sample_base_cli_writes_nifti_and_montage(smoke_model, tmp_path):
     assert [f.name for f in files] == ["sample_000.nii.gz", "sample_001.nii.gz"]
     img = nib.load(files[0])
     assert img.shape == tuple(profile.image_shape)
-    assert np.allclose(np.diag(img.affine)[:3], np.diag(img.affine)[:3].mean())  # isotropic voxels
+    from benchmark.sample_base import population_affine
+
+    np.testing.assert_allclose(img.affine, population_affine(profile, cache))
+    assert np.isfinite(np.asarray(img.dataobj)).all()
     assert (out / "montage.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["--profile", "smoke", "--n", "2", "--out", str(out), "--scalars", "0.5,2"])
