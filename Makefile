@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: benchmark test venv clean
+.PHONY: benchmark test test-slow venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -18,8 +18,13 @@ venv: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) run_benchmark.py --profile smoke --methods all --sizes 10,50,500 --task lv --seeds 0 --out results/smoke
 
+# The fast suite. Tests marked `slow` need the fully pretrained smoke base model (minutes of
+# pretraining on first use) and run with `make test-slow`.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 clean:
 	rm -rf $(VENV)

@@ -322,6 +322,7 @@ def central_dark_fraction(volumes: np.ndarray) -> np.ndarray:
     return (box < threshold).mean(axis=1)
 
 
+@pytest.mark.slow  # needs the fully pretrained smoke model: `make test-slow`
 def test_dark_region_measure_tracks_ventricles_in_real_data(smoke_model):
     """The measure the conditioning test uses follows the ventricular-volume scalar on data."""
     from datasets.splits import make_splits
@@ -336,6 +337,7 @@ def test_dark_region_measure_tracks_ventricles_in_real_data(smoke_model):
     assert np.corrcoef(dark, ventricles)[0, 1] > 0.6
 
 
+@pytest.mark.slow  # needs the fully pretrained smoke model: `make test-slow`
 def test_samples_in_range_and_not_constant(smoke_model):
     from benchmark.sample_base import sample_volumes
 
@@ -350,6 +352,7 @@ def test_samples_in_range_and_not_constant(smoke_model):
     np.testing.assert_allclose(again, volumes[:2], atol=1e-5)  # seeded
 
 
+@pytest.mark.slow  # needs the fully pretrained smoke model: `make test-slow`
 def test_ventricular_volume_scalar_enlarges_the_dark_central_region(smoke_model):
     from benchmark.sample_base import sample_volumes
 
@@ -363,6 +366,7 @@ def test_ventricular_volume_scalar_enlarges_the_dark_central_region(smoke_model)
     assert (dark_large > dark_small).mean() >= 0.75, (dark_small, dark_large)
 
 
+@pytest.mark.slow  # needs the fully pretrained smoke model: `make test-slow`
 def test_sample_base_cli_writes_nifti_and_montage(smoke_model, tmp_path):
     import nibabel as nib
 
