@@ -183,7 +183,12 @@ def run_direct(spec: RunSpec, task: Task, ctx: RunContext, test) -> tuple[np.nda
     generate the test volumes batch by batch; returns (volumes, record fields)."""
     from metrics.cost import PeakMemory, count_parameters, device_days
 
-    method = build_method(spec.method, task, ctx, spec.seed)
+    cls = get_method(spec.method, task.name)
+    if cls.uses_base_model:
+        method = build_method(spec.method, task, ctx, spec.seed)
+    else:  # as build_method, without loading (or pretraining) the base model it does not use
+        torch.manual_seed(engine.stable_seed(spec.seed, "init", spec.method))
+        method = cls(None, task.modalities, ctx.profile.methods.get(spec.method, {})).to(ctx.device)
     subjects = ctx.data.train_subjects(spec.size)
     settings = engine.TrainSettings.from_profile(ctx.profile, len(subjects))
     fit_start = time.perf_counter()

@@ -149,7 +149,8 @@ class DirectMethod(Method):
     did for the record in ``self.generate_info`` (a dict; the runner stores it).
 
     ``uses_base_model`` says whether the method runs the frozen base model (its parameters are
-    then part of the method's cost).
+    then part of the method's cost); when it is False the runner builds the method with
+    ``base=None`` and never loads (or pretrains) the base model for it.
     """
 
     uses_base_model: ClassVar[bool] = False

@@ -39,10 +39,9 @@ weights file), which go into column headers and the scoring protocol.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -640,7 +639,8 @@ def train_in_domain(
     """The in-domain extractor ``kind`` ('2d' or '3d'), trained on ``train_volumes`` (N, 1, X, Y, Z) in
     [0, 1] and cached under ``cache_dir/metrics/`` by a hash of (kind, data shape, ``data_id`` or the
     data's content hash, config). Training: MSE autoencoder, Adam with a one-cycle schedule,
-    random left-right flips, fixed seed. A cache file that exists but cannot be loaded raises
+    random left-right flips, fixed seed; then per-feature standardisation statistics over training
+    samples (see ``docs/METRICS.md``). A cache file that exists but cannot be loaded raises
     :class:`WeightsError` naming it (delete it to retrain)."""
     if kind not in ("2d", "3d"):
         raise MetricError(f"in-domain extractor kind must be '2d' or '3d', got {kind!r}")

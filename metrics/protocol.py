@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import Any, Mapping
 
 from .common import MetricError, as_volumes
 from .dice import TASK_CLASSES, condition_to_labels

@@ -302,8 +302,9 @@ def test_brainldm_mismatched_files_name_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smoke_model():
-    """The smoke profile's base model, pretrained once (minutes on 2 CPU cores) and cached in the
-    suite's cache folder (``SCB_CACHE_DIR`` or ``.cache``), where the benchmark finds it too."""
+    """The smoke profile's base model, pretrained once (minutes on 2 free CPU cores; the tests that
+    use it are marked slow) and cached in the suite's cache folder (``SCB_CACHE_DIR`` or
+    ``.cache``), where the benchmark finds it too."""
     cache = Path(os.environ.get("SCB_CACHE_DIR", ROOT / ".cache"))
     profile = load_profile("smoke")
     return profile, cache, load_base_model(profile, cache, progress=False)

@@ -1,12 +1,9 @@
 """The judge (segmenter for Dice) and the one scoring entry point."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import time
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +12,6 @@ import torchvision
 from torch import nn
 
 from metrics.common import MetricError, WeightsError
-from metrics.dice import condition_to_labels
 from metrics.extractors import FeatureExtractor
 from metrics.judge import Judge, JudgeConfig, _build, get_judge, train_judge
 from metrics.lpips_metric import load_lpips

@@ -11,7 +11,6 @@ import io
 import warnings
 
 import lpips
-import numpy as np
 import pytest
 import torch
 import torchvision
