@@ -1,0 +1,160 @@
+"""Seconds per training step of every method, and its ratio to the frozen model's forward alone.
+
+    python -m benchmark.bench_methods --profile cpu --task lv --size 50
+
+For each method the engine's own training step (``engine.train_method``: batch assembly,
+conditions, the method's loss, backward, AdamW) runs 3 warm-up + ``--steps`` times on the
+size-``--size`` training subjects; the median of the measured steps is reported. Right before each
+method, the frozen base UNet's forward alone (no gradients, the same batch size) is timed the same
+way, and the ratio is taken against that measurement, so slow drifts of a shared machine cancel
+out. Peak memory is the process's peak RSS on CPU (monotone over the run: read it as an upper
+bound) or torch's peak allocation on CUDA.
+
+``--random-base`` times a randomly initialised base model of the profile's architecture instead of
+the pretrained one (costs depend on the architecture, not on the weights), so the benchmark can
+run before pretraining; the output says which base was used.
+
+Writes ``<out>/methods-<profile>-<task>-<size>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmark import engine
+from benchmark.profiles import ProfileError, load_profile
+from benchmark.runner import RunContext
+from datasets.subject import DataError
+from datasets.tasks import get_task
+from methods.registry import MethodError, get_method, load_plugin, resolve_methods
+
+WARMUP = 3  # the first steps (allocation, caches) are not typical; engine.train_method discards 3 too
+from metrics.cost import StepTimer, count_parameters, device_name
+
+
+@torch.no_grad()
+def time_frozen_forward(base, batch_size: int, warmup: int, steps: int, device: str) -> float:
+    """Median seconds of one frozen UNet forward on a batch of noisy latents."""
+    z = torch.randn((batch_size, *base.latent_shape), device=device)
+    t = torch.randint(0, base.train_scheduler.num_train_timesteps, (batch_size,), device=device)
+    scalars = torch.rand((batch_size, 4), device=device)
+    timer = StepTimer(warmup=warmup, device=device)
+    for _ in range(warmup + steps):
+        with timer.step():
+            base.unet(z, t, scalars)
+    return timer.seconds_per_step
+
+
+def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: int) -> dict:
+    cls = get_method(name, task.name)
+    torch.manual_seed(engine.stable_seed(seed, "init", name))
+    method = cls(ctx.base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
+    subjects = ctx.data.train_subjects(size)
+    settings = engine.TrainSettings.from_profile(ctx.profile, len(subjects))
+    settings.steps = WARMUP + steps
+    settings.warmup_steps = min(settings.warmup_steps, WARMUP)
+    settings.checkpoint_every = 10**9  # only the final checkpoint, in a throw-away folder
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as run_dir:
+        wall = time.perf_counter()
+        result = engine.train_method(method, ctx.base, subjects, task, settings, ctx.latents, Path(run_dir),
+                                     seed, ctx.device, progress=False)
+    return {"trainable_parameters": count_parameters(method)["trainable"],
+            "seconds_per_step": result.seconds_per_step,
+            "wall_seconds": round(time.perf_counter() - wall, 2),
+            "peak_memory": result.peak_memory}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Seconds per training step: profile `{report['profile']}`, task `{report['task']}`, "
+             f"size {report['size']}", "",
+             f"Device: {report['device']}; base model: {report['base']}; batch size {report['batch_size']}; "
+             f"median of {report['steps']} steps after {report['warmup']} warm-up steps.", "",
+             f"Command: `{report['command']}`", "",
+             "| method | trainable params | s / training step | frozen forward (s) | ratio to frozen forward |",
+             "|---|---:|---:|---:|---:|"]
+    for row in report["methods"]:
+        if "error" in row:
+            lines.append(f"| {row['method']} | failed: {row['error']} | | | |")
+            continue
+        lines.append(f"| {row['method']} | {row['trainable_parameters'] / 1e6:.3f}M | {row['seconds_per_step']:.3f} "
+                     f"| {row['frozen_forward_seconds']:.3f} | {row['ratio_to_frozen_forward']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--task", default="lv")
+    p.add_argument("--methods", default="all")
+    p.add_argument("--size", type=int, default=50)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-base", action="store_true",
+                   help="time a randomly initialised base model of the profile's architecture (no pretraining)")
+    p.add_argument("--cache-dir", default=os.environ.get("SCB_CACHE_DIR", ".cache"))
+    p.add_argument("--weights-dir", default=None)
+    p.add_argument("--plugin", action="append", default=[])
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="results/bench")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    try:
+        profile = load_profile(args.profile, args.override)
+        for module in args.plugin:
+            load_plugin(module)
+        task = get_task(args.task)
+        names = resolve_methods(args.methods, task.name)
+        ctx = RunContext(profile, Path(args.out), Path(args.cache_dir), args.weights_dir, device=args.device,
+                         progress=False)
+        ctx.data.splits.training_subset(args.size)  # fails early, with the pool size, if too large
+        if args.random_base:
+            from benchmark.base_model import BaseLDM
+
+            torch.manual_seed(args.seed)
+            ctx.base = BaseLDM.from_profile(profile).freeze().to(ctx.device)
+            ctx.latents = engine.LatentCache(ctx.base, None, device=ctx.device)
+    except (ProfileError, MethodError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    rows = []
+    batch = int(profile.training.batch_size)
+    for name in names:
+        frozen = time_frozen_forward(ctx.base, batch, WARMUP, args.steps, ctx.device)
+        try:
+            row = time_method(name, ctx, task, args.size, args.steps, args.seed)
+        except Exception as err:  # one failing method must not hide the others' numbers
+            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"})
+            continue
+        row.update(method=name, frozen_forward_seconds=frozen,
+                   ratio_to_frozen_forward=row["seconds_per_step"] / frozen)
+        rows.append(row)
+        print(f"{name:16s} {row['seconds_per_step']:.3f} s/step  frozen forward {frozen:.3f} s  "
+              f"ratio {row['ratio_to_frozen_forward']:.2f}", flush=True)
+
+    report = {"profile": args.profile, "task": task.name, "size": args.size, "batch_size": batch,
+              "steps": args.steps, "warmup": WARMUP, "device": device_name(ctx.device),
+              "torch_threads": torch.get_num_threads(),
+              "base": "randomly initialised (timing only)" if args.random_base else "pretrained",
+              "command": "python -m benchmark.bench_methods " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "methods": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"methods-{args.profile}-{task.name}-{args.size}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
