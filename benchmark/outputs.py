@@ -1,7 +1,6 @@
 """Tables, figures and the Markdown report of one results folder, from its records alone."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from benchmark.figures import write_figures
@@ -10,12 +9,22 @@ from benchmark.tables import build_tables, records_frame
 
 
 def _extractors(results_dir: Path) -> list[str]:
-    """Which feature extractors and protocols the records used (named in every metric column)."""
+    """Which feature extractors, judges and unavailable metrics the records used, one line each."""
     seen = {}
     for rec in iter_records(results_dir):
-        for key, value in (rec.get("protocol") or {}).items():
-            if key.startswith("extractor") or key in ("fid_2d", "fid_3d", "lpips"):
-                seen[key + ": " + json.dumps(value, sort_keys=True, default=str)] = None
+        for metric, entry in (rec.get("protocol") or {}).items():
+            if not isinstance(entry, dict):
+                continue
+            if isinstance(entry.get("extractor"), dict):
+                e = entry["extractor"]
+                kind = "pretrained" if e.get("pretrained") else "trained by the suite on real training volumes"
+                seen[f"{metric}: extractor `{e.get('name')}` ({kind}; weights {e.get('source')})"] = None
+            if isinstance(entry.get("judge"), dict):
+                j = entry["judge"]
+                trained_on = (j.get("trained_on") or {}).get("data_id", "?")
+                seen[f"{metric}: judge `{j.get('name')}`, {j.get('architecture')}, trained on {trained_on}"] = None
+            if entry.get("available") is False:
+                seen[f"{metric}: not computed: {entry.get('reason')}"] = None
     return list(seen)
 
 

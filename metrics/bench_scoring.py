@@ -100,7 +100,7 @@ def _timing_extractors() -> dict[str, FeatureExtractor]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", type=int, nargs=3, default=[40, 56, 40])
+    ap.add_argument("--shape", type=int, nargs=3, default=[48, 64, 48])  # the cpu profile
     ap.add_argument("--n-fake", type=int, default=100)
     ap.add_argument("--n-ref", type=int, default=100)
     ap.add_argument("--n-train", type=int, default=100)

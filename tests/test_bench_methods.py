@@ -1,0 +1,34 @@
+"""The per-method training-step benchmark (benchmark.bench_methods) runs and writes its report."""
+from __future__ import annotations
+
+import json
+
+from benchmark.bench_methods import main
+
+TINY = ["data.train_pool=8", "data.test_set=2", "training.batch_size=2"]
+
+
+def _args(tmp_path, *extra):
+    return ["--profile", "smoke", "--random-base", "--steps", "1", "--size", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            *sum((["--override", o] for o in TINY), []), *extra]
+
+
+def test_reports_seconds_per_step_and_ratio_for_each_method(tmp_path):
+    assert main(_args(tmp_path, "--methods", "vcm,controlnet_mlp")) == 0
+    report = json.loads((tmp_path / "out" / "methods-smoke-lv-4.json").read_text())
+    assert [r["method"] for r in report["methods"]] == ["vcm", "controlnet_mlp"]
+    assert report["base"].startswith("randomly initialised")
+    for row in report["methods"]:
+        assert row["seconds_per_step"] > 0 and row["frozen_forward_seconds"] > 0
+        assert abs(row["ratio_to_frozen_forward"] - row["seconds_per_step"] / row["frozen_forward_seconds"]) < 1e-9
+        assert row["trainable_parameters"] > 0
+    table = (tmp_path / "out" / "methods-smoke-lv-4.md").read_text()
+    assert "| vcm |" in table and "| controlnet_mlp |" in table
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(_args(tmp_path, "--methods", "no_such_method")) == 2
+    assert "unknown method 'no_such_method'" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--methods", "vcm", "--size", "99")) == 2
+    assert "exceeds the training pool" in capsys.readouterr().err
