@@ -45,14 +45,14 @@ Sizes
     ``paper`` against VCM's 45.88M.
 
 Initialisation
-    MONAI zero-initialises the U-Net's output convolution. With ``zero_init_heads`` (default, as
-    for VCM in this suite) the gamma/beta convolutions start at zero too, so the method starts
-    exactly as the frozen model; ``zero_init_heads: false`` leaves them at PyTorch's default
-    initialisation (gamma/beta then start as small near-constant fields).
+    As for VCM (see ``methods.vcm``): the gamma/beta convolutions keep PyTorch's default
+    initialisation (small near-constant fields at the start, the U-Net's output convolution being
+    zero-initialised by MONAI); ``zero_init_heads: true`` zeroes them so that the method starts
+    exactly as the frozen model, at the price of a very slow start.
 
 Profile keys (``methods.mcm`` / ``methods.mcm_l``): ``channels``, ``attention_levels``,
 ``num_res_blocks``, ``norm_num_groups``, ``hidden``, ``head_channels``; optional ``l1_weight``
-(1.0), ``zero_init_heads`` (true), ``condition_resize`` (``area``). Attention blocks have one head
+(1.0), ``zero_init_heads`` (false), ``condition_resize`` (``area``). Attention blocks have one head
 (head width = the level's width), as BrainLDM's and VCM's.
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ class MCMMethod(Method):
             norm_num_groups=int(get("norm_num_groups")),
             hidden=int(get("hidden")),
             head_channels=int(get("head_channels")),
-            zero_init_heads=bool(get("zero_init_heads", True)),
+            zero_init_heads=bool(get("zero_init_heads", False)),
             method=self.name,
         )
 

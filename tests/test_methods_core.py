@@ -123,15 +123,16 @@ def _batch(base, channels, batch=2, seed=1, present=None):
     return z_t, t, Conditions(tensors, flags), scalars, noise
 
 
-def _build(name, profile, base, channels=LV):
+def _build(name, profile, base, channels=LV, **overrides):
     torch.manual_seed(0)
-    return get_method(name)(base, channels, profile.methods[name])
+    return get_method(name)(base, channels, {**profile.methods[name], **overrides})
 
 
 @pytest.mark.parametrize("name", CORE)
 def test_method_trains_only_itself_from_the_base_models_prediction(smoke, name):
     profile, base = smoke
-    method = _build(name, profile, base)
+    # VCM's identity start is its zero_init_heads option (the default is the authors' init).
+    method = _build(name, profile, base, **({"zero_init_heads": True} if name == "vcm" else {}))
     z_t, t, cond, scalars, noise = _batch(base, LV)
     with torch.no_grad():
         reference = base.unet(z_t, t, scalars)
@@ -162,6 +163,23 @@ def test_method_trains_only_itself_from_the_base_models_prediction(smoke, name):
         final = float(method.training_loss(z_t, t, cond, scalars, noise))
     assert final < losses[0], (losses, final)
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_before.items())
+
+
+def test_vcm_default_init_is_near_identity_and_trains_its_unet_from_the_first_step(smoke):
+    """The authors' initialisation: gamma/beta small but not zero, so the gradient reaches the
+    time U-Net at once; with zero heads (and MONAI's zero output conv) it does not."""
+    profile, base = smoke
+    z_t, t, cond, scalars, noise = _batch(base, LV)
+    for zero_heads, unet_gets_gradient in ((False, True), (True, False)):
+        method = _build("vcm", profile, base, zero_init_heads=zero_heads)
+        with torch.no_grad():
+            eps = base.unet(z_t, t, scalars)
+            gamma, beta = method.modulation(z_t, eps, t, cond)
+        assert float(gamma.abs().max()) < 0.1 and float(beta.abs().max()) < 0.1
+        assert (float(gamma.abs().max()) > 0) == (not zero_heads)
+        method.training_loss(z_t, t, cond, scalars, noise).backward()
+        unet_grad = sum(float(p.grad.abs().sum()) for p in method.time_unet.parameters() if p.grad is not None)
+        assert (unet_grad > 0) == unet_gets_gradient, (zero_heads, unet_grad)
 
 
 def test_controlnet_copy_starts_from_the_frozen_encoder(smoke):
