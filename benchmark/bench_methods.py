@@ -128,19 +128,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     batch = int(profile.training.batch_size)
-    for name in names:
-        frozen = time_frozen_forward(ctx.base, batch, WARMUP, args.steps, ctx.device)
-        try:
-            row = time_method(name, ctx, task, args.size, args.steps, args.seed)
-        except Exception as err:  # one failing method must not hide the others' numbers
-            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"})
-            continue
-        row.update(method=name, frozen_forward_seconds=frozen,
-                   ratio_to_frozen_forward=row["seconds_per_step"] / frozen)
-        rows.append(row)
-        print(f"{name:16s} {row['seconds_per_step']:.3f} s/step  frozen forward {frozen:.3f} s  "
-              f"ratio {row['ratio_to_frozen_forward']:.2f}", flush=True)
-
     report = {"profile": args.profile, "task": task.name, "size": args.size, "batch_size": batch,
               "steps": args.steps, "warmup": WARMUP, "device": device_name(ctx.device),
               "torch_threads": torch.get_num_threads(),
@@ -150,8 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods-{args.profile}-{task.name}-{args.size}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    for name in names:
+        frozen = time_frozen_forward(ctx.base, batch, WARMUP, args.steps, ctx.device)
+        try:
+            row = time_method(name, ctx, task, args.size, args.steps, args.seed)
+        except Exception as err:  # one failing method must not hide the others' numbers
+            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"})
+        else:
+            row.update(method=name, frozen_forward_seconds=frozen,
+                       ratio_to_frozen_forward=row["seconds_per_step"] / frozen)
+            rows.append(row)
+            print(f"{name:16s} {row['seconds_per_step']:.3f} s/step  frozen forward {frozen:.3f} s  "
+                  f"ratio {row['ratio_to_frozen_forward']:.2f}", flush=True)
+        # Written after every method: an interrupted benchmark keeps what it measured.
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        stem.with_suffix(".md").write_text(markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
     return 1 if any("error" in r for r in rows) else 0
 

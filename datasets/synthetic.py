@@ -215,6 +215,16 @@ class _Generator:
         return img.reshape(shape), labels, scalars
 
 
+def _default_workers() -> int:
+    """Generation processes: ``SCB_DATA_WORKERS`` (a many-core GPU box), else up to 2."""
+    value = os.environ.get("SCB_DATA_WORKERS")
+    if value is None:
+        return max(1, min(2, os.cpu_count() or 1))
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"SCB_DATA_WORKERS must be a positive whole number of processes, got {value!r}")
+    return int(value)
+
+
 def _cache_key(shape, seed) -> str:
     blob = json.dumps({"version": source_version(), "shape": list(map(int, shape)), "seed": int(seed),
                        "block": BLOCK}).encode()
@@ -250,7 +260,8 @@ def _worker_block(args) -> int:
 class SyntheticPopulation:
     """An unbounded population of synthetic subjects at one image shape, cached on disk.
 
-    ``workers`` processes generate missing cache blocks (default: up to 2, the CPU budget the suite
+    ``workers`` processes generate missing cache blocks (default: the environment variable
+    ``SCB_DATA_WORKERS``, else up to 2, the CPU budget the suite
     plans for); ``progress`` shows a tqdm bar while generating.
     """
 
@@ -262,7 +273,7 @@ class SyntheticPopulation:
         self.shape = shape
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir)
-        self.workers = max(1, min(2, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
+        self.workers = _default_workers() if workers is None else max(1, int(workers))
         self.progress = progress
         self._generator: _Generator | None = None
         self.block_dir = self.cache_dir / "synthetic" / f"subjects_{_cache_key(shape, seed)}"

@@ -78,7 +78,7 @@ def dice_score(pred: Any, target: Any, num_classes: int) -> dict[str, Any]:
             raise MetricError(f"{name} labels lie in {int(lab.min())}..{int(lab.max())}, outside 0..{num_classes - 1}")
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     per = metric(_one_hot(p, num_classes), _one_hot(t, num_classes)).double()  # (N, C-1), nan where reference class empty
-    per_np = per.numpy()
+    per_np = per.cpu().numpy()
     with np.errstate(all="ignore"):
         valid = ~np.all(np.isnan(per_np), axis=1)
         per_volume = np.where(valid, np.nanmean(np.where(np.isnan(per_np), np.nan, per_np), axis=1), np.nan)

@@ -100,3 +100,24 @@ def test_latents_are_cached_for_plain_and_mirrored_views(setup, tmp_path):
     with torch.no_grad():
         mu, _ = base.encode(torch.from_numpy(subjects[0].image[None]).flip(engine.FLIP_AXIS))
     torch.testing.assert_close(got[0, 1, 0], mu[0])
+
+
+@pytest.mark.parametrize("task_name", ["multimodal", "sr4"])
+def test_condition_store_gives_each_subjects_conditions_mirrored_and_dropped(setup, task_name):
+    _, _, subjects, _ = setup
+    task = get_task(task_name)
+    store = engine.ConditionStore(task, subjects)
+    for name, stored in store.tensors.items():  # binary maps lossless as uint8, images as float32
+        binary = name == "semantics"
+        assert stored.dtype == (torch.uint8 if binary else torch.float32), name
+    indices = np.array([4, 1, 4])
+    flip = np.array([True, False, False])
+    present = {name: np.array([1.0, 0.0, 1.0], dtype=np.float32) for name in task.modalities}
+    batch = store.batch(indices, present, flip)
+    for name in task.modalities:
+        expected = [task.conditions(subjects[i])[name] for i in indices]
+        expected[0] = np.flip(expected[0], axis=engine.FLIP_AXIS - 1)  # (C, X, Y, Z): X is axis 1
+        expected[1] = np.zeros_like(expected[1])
+        assert batch.tensors[name].dtype == torch.float32
+        np.testing.assert_array_equal(batch.tensors[name].numpy(), np.stack(expected))
+        np.testing.assert_array_equal(batch.present[name].numpy(), present[name])
