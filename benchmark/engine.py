@@ -11,6 +11,7 @@ id) only, so every method starts from the same noise for the same subject.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -169,6 +170,17 @@ class TrainSettings:
     weight_decay: float
     warmup_steps: int
     checkpoint_every: int
+    micro_batch_size: int | None = None  # gradients accumulated over micro-batches of this size
+    mixed_precision: str = "fp32"        # "bf16": autocast on CUDA (the VCM authors' setting)
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is None:
+            self.micro_batch_size = self.batch_size
+        if self.micro_batch_size < 1:
+            raise ValueError(f"training.micro_batch_size must be at least 1, got {self.micro_batch_size}")
+        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
+        if self.mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(f"training.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
 
     @classmethod
     def from_profile(cls, profile, n_train: int) -> "TrainSettings":
@@ -177,7 +189,8 @@ class TrainSettings:
         if steps <= 0:  # paper protocol: epochs over the training set at the given minibatch
             steps = int(t.epochs) * math.ceil(n_train / int(t.batch_size))
         return cls(steps, int(t.batch_size), float(t.lr), float(t.weight_decay),
-                   int(t.warmup_steps), int(t.checkpoint_every))
+                   int(t.warmup_steps), int(t.checkpoint_every),
+                   int(t.get("micro_batch_size", t.batch_size)), str(t.get("mixed_precision", "fp32")))
 
 
 @dataclass
@@ -199,6 +212,33 @@ def warmup_then_linear(warmup_steps: int, total_steps: int) -> Callable[[int], f
         return max(0.0, 1.0 - (step - warmup_steps) / remaining)
 
     return factor
+
+
+def backward_in_micro_batches(loss_of: Callable[[object], torch.Tensor], n: int, micro_batch_size: int,
+                              precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                              ) -> float:
+    """Backpropagate a minibatch of ``n`` examples in micro-batches; returns the minibatch's loss.
+
+    ``loss_of(index)`` is the mean loss of the examples at ``index``; each micro-batch's loss is
+    weighted by its share of the minibatch, so the accumulated gradient is the minibatch's (the
+    VCM authors split their minibatch of 16 over GPUs, 2 per GPU). Stops at the first non-finite
+    loss, before its backward, and returns it.
+    """
+    if micro_batch_size >= n:
+        parts = [slice(None)]
+    else:
+        parts = torch.split(torch.arange(n), micro_batch_size)
+    value = 0.0
+    for part in parts:
+        share = 1.0 if isinstance(part, slice) else len(part) / n
+        with precision():
+            loss = loss_of(part)
+        part_value = float(loss.detach())
+        if not math.isfinite(part_value):
+            return part_value
+        (loss * share).backward()
+        value += part_value * share
+    return value
 
 
 def train_method(
@@ -270,6 +310,11 @@ def train_method(
     end_step = settings.steps if stop_after is None else min(settings.steps, start_step + stop_after)
     bar = tqdm(range(start_step, end_step), desc=f"train {method.name}", disable=not progress,
                initial=start_step, total=settings.steps, leave=False)
+    use_bf16 = settings.mixed_precision == "bf16" and torch.device(device).type == "cuda"  # CPU stays float32
+
+    def precision():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
     def train_step(step: int) -> float:
         batch = rng.choice(len(subjects), size=min(settings.batch_size, len(subjects)),
                            replace=len(subjects) < settings.batch_size)
@@ -282,16 +327,16 @@ def train_method(
         t = torch.randint(0, num_timesteps, (len(batch),), generator=noise_gen)
         z_t = base.train_scheduler.add_noise(z0, noise, t)
         conditions = conditions_all.batch(batch, present, flip, device)
-        loss = method.training_loss(z_t.to(device), t.to(device), conditions,
-                                    scalars_all[torch.from_numpy(batch)].to(device), noise.to(device))
-        value = float(loss.detach())
+        scalars, z_t, t, noise = scalars_all[torch.from_numpy(batch)].to(device), z_t.to(device), t.to(device), noise.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        value = backward_in_micro_batches(
+            lambda part: method.training_loss(z_t[part], t[part], conditions.select(part), scalars[part], noise[part]),
+            len(batch), settings.micro_batch_size, precision)
         if not math.isfinite(value):
             raise TrainingDiverged(
                 f"method '{method.name}' diverged: the loss became {value} at step {step + 1}; "
                 "lower training.lr in the profile or check the inputs"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         optimizer.step()
         schedule.step()
         return value

@@ -65,6 +65,11 @@ class Conditions:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def select(self, index) -> "Conditions":
+        """The conditions of some examples of the batch (``index`` as in tensor indexing)."""
+        return Conditions({k: v[index] for k, v in self.tensors.items()},
+                          {k: v[index] for k, v in self.present.items()})
+
     def stacked(self) -> torch.Tensor:
         """All modalities concatenated along channels, in task order."""
         return torch.cat([self.tensors[n] for n in self.tensors], dim=1)

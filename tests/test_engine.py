@@ -121,3 +121,39 @@ def test_condition_store_gives_each_subjects_conditions_mirrored_and_dropped(set
         assert batch.tensors[name].dtype == torch.float32
         np.testing.assert_array_equal(batch.tensors[name].numpy(), np.stack(expected))
         np.testing.assert_array_equal(batch.present[name].numpy(), present[name])
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_gradient(setup):
+    _, base, subjects, _ = setup
+    task = get_task("lv")
+    torch.manual_seed(1)
+    method = get_method("residual_shift", "lv")(base, task.modalities, {"width": 4})
+    n = 4
+    z_t = torch.randn((n, *base.latent_shape))
+    noise = torch.randn_like(z_t)
+    t = torch.randint(0, 1000, (n,))
+    conditions = engine.condition_batch(task, subjects[:n])
+    scalars = engine.scalar_batch(subjects[:n])
+
+    def loss_of(part):
+        return method.training_loss(z_t[part], t[part], conditions.select(part), scalars[part], noise[part])
+
+    results = {}
+    for micro in (n, 3, 1):  # whole batch; unequal micro-batches (3 + 1); one example each
+        method.zero_grad(set_to_none=True)
+        value = engine.backward_in_micro_batches(loss_of, n, micro)
+        results[micro] = value, [p.grad.clone() for p in method.trainable_parameters()]
+    whole_value, whole_grads = results[n]
+    for micro in (3, 1):
+        value, grads = results[micro]
+        assert value == pytest.approx(whole_value, rel=1e-5)
+        for a, b in zip(whole_grads, grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_training_settings_reject_impossible_micro_batches_and_precisions():
+    with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
+        engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=0)
+    with pytest.raises(ValueError, match="mixed_precision must be 'fp32' or 'bf16'"):
+        engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16")
+    assert engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16).micro_batch_size == 4
