@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from benchmark.base_model import BaseLDM
@@ -321,6 +322,12 @@ class _Pretrainer:
         every = max(1, int(cfg.get("checkpoint_every", max(1, steps // 10))))
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
         gen = torch.Generator().manual_seed(self.seed + (1 if stage == "autoencoder" else 2))
+        # An exponential moving average of the weights (ema_decay > 0) becomes the final model:
+        # samples from short runs improve when the last steps' noise is averaged out.
+        decay = float(cfg.get("ema_decay", 0.0) or 0.0)
+        if not 0.0 <= decay < 1.0:
+            raise BaseModelError(f"{stage}.ema_decay must lie in [0, 1) (0: no averaging), got {decay}")
+        ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
         start, seconds, running = 0, 0.0, None
         if ckpt_path.is_file():
             ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
@@ -328,6 +335,8 @@ class _Pretrainer:
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["generator"])
             start, seconds, running = ckpt["step"], ckpt["seconds"], ckpt["running"]
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
         module.train()
         t0 = time.time() - seconds
         bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not self.progress, leave=False)
@@ -340,6 +349,8 @@ class _Pretrainer:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(module)
                 logs = {k: float(v) for k, v in logs.items()}
                 running = logs if running is None else {k: 0.98 * running[k] + 0.02 * logs[k] for k in logs}
                 bar.update(1)
@@ -348,14 +359,18 @@ class _Pretrainer:
                 if done % every == 0 and done < steps:
                     _atomic_save({"step": done, "model": module.state_dict(), "optimizer": opt.state_dict(),
                                   "generator": gen.get_state(), "seconds": time.time() - t0,
-                                  "running": running}, ckpt_path)
+                                  "running": running, "ema": ema.state_dict() if ema is not None else None},
+                                 ckpt_path)
                 if self.callback is not None:
                     self.callback(stage, done)
         finally:
             bar.close()
+        if ema is not None:
+            module.load_state_dict(ema.module.state_dict())
         module.eval()
         elapsed = time.time() - t0
         return {"steps": steps, "seconds": round(elapsed, 1), "seconds_per_step": round(elapsed / steps, 3),
+                "ema_decay": decay,
                 **{f"final_{k}": round(v, 6) for k, v in (running or {}).items()}}
 
     # -- stage 1: autoencoder --------------------------------------------------------------------

@@ -108,8 +108,9 @@ def test_second_call_loads_and_config_change_retrains(cache):
     assert base_model_hash(tiny("scheduler.beta_end=0.02")) != base_model_hash(profile)
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(cache, tmp_path, data_cache):
-    profile = tiny()
+@pytest.mark.parametrize("ema", ["diffusion.ema_decay=0.0", "diffusion.ema_decay=0.9"])
+def test_resume_after_interruption_matches_uninterrupted_run(cache, tmp_path, data_cache, ema):
+    profile = tiny(ema)
     reference = load_base_model(profile, cache, progress=False)
 
     other = tmp_path / "other"
@@ -145,6 +146,15 @@ def test_resume_after_interruption_matches_uninterrupted_run(cache, tmp_path, da
     assert calls == [("diffusion", 5), ("diffusion", 6)]
     assert resumed.scale_factor == reference.scale_factor
     assert states_equal(resumed, reference), "a resumed run must end with the same weights as an uninterrupted one"
+
+
+def test_ema_weights_become_the_final_diffusion_model(cache):
+    plain = load_base_model(tiny(), cache, progress=False)
+    averaged = load_base_model(tiny("diffusion.ema_decay=0.9"), cache, progress=False)
+    assert states_equal(plain.autoencoder, averaged.autoencoder)  # same cached autoencoder
+    assert not states_equal(plain.diffusion, averaged.diffusion)
+    with pytest.raises(BaseModelError, match=r"diffusion.ema_decay must lie in \[0, 1\)"):
+        load_base_model(tiny("diffusion.ema_decay=1.0"), cache, progress=False)
 
 
 def test_no_pretraining_pool_is_a_clear_error(cache):
