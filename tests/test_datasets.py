@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -367,3 +368,14 @@ def test_cli_summary_and_export(cohort, cache, tmp_path, capsys):
     assert [s.id for s in back] == [cohort[0].id, cohort[1].id]  # the test split starts at index 0
     _same(back[1], cohort[1])
     assert main(["summary", "--profile", "nosuch", "--cache-dir", str(cache)]) == 2
+
+
+def test_data_workers_come_from_the_environment_or_default_to_two(monkeypatch, tmp_path):
+    monkeypatch.delenv("SCB_DATA_WORKERS", raising=False)
+    assert SyntheticPopulation((16, 32, 16), cache_dir=tmp_path).workers == min(2, os.cpu_count() or 1)
+    monkeypatch.setenv("SCB_DATA_WORKERS", "7")
+    assert SyntheticPopulation((16, 32, 16), cache_dir=tmp_path).workers == 7
+    assert SyntheticPopulation((16, 32, 16), cache_dir=tmp_path, workers=3).workers == 3
+    monkeypatch.setenv("SCB_DATA_WORKERS", "many")
+    with pytest.raises(DataError, match="SCB_DATA_WORKERS must be a positive whole number"):
+        SyntheticPopulation((16, 32, 16), cache_dir=tmp_path)

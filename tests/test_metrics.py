@@ -16,16 +16,7 @@ from metrics.fid import _frechet_svd, frechet_distance, slice_rule
 from metrics.msssim import msssim_diversity, msssim_fidelity, msssim_pairs, msssim_params
 from metrics.paired import psnr, ssim
 from metrics.phantom import phantom_population
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is about as fast, and far faster when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:

@@ -28,15 +28,7 @@ from metrics.extractors import (
 )
 from metrics.fid import clear_feature_cache, fid_2d, fid_3d
 from metrics.phantom import phantom_population
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is about as fast, and far faster when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 TINY = InDomainConfig(steps_2d=40, steps_3d=20, batch_2d=16, batch_3d=2)

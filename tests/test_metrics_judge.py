@@ -17,15 +17,7 @@ from metrics.judge import Judge, JudgeConfig, _build, get_judge, train_judge
 from metrics.lpips_metric import load_lpips
 from metrics.phantom import phantom_population
 from metrics.protocol import ScoringSettings, reference_row, score_generated
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is about as fast, and far faster when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 SHAPE = (32, 48, 32)

@@ -24,16 +24,7 @@ from metrics.lpips_metric import (
     lpips_volume_pairs,
 )
 from metrics.phantom import phantom_population
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is about as fast, and far faster when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
 @pytest.fixture(scope="module")

@@ -133,3 +133,18 @@ def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
     cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--out", str(tmp_path), *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_task_table_shows_the_unconditioned_base_as_the_floor_and_leaves_out_sphere_runs():
+    import pandas as pd
+
+    from benchmark.tables import BASE_ROW, REFERENCE_ROW, task_table
+
+    runs = [("vcm", 50, 0.31), ("vcm", 50, 0.29), ("brainldm", 0, 0.24), ("reference", 0, 0.9), ("vcm+sphere", 50, 0.1),
+            ("controlnet", 50, None)]
+    frame = pd.DataFrame([{"task": "lv", "method": m, "size": n, "seed": i, "status": "ok" if d is not None else "failed",
+                           "error": None, "device": "cpu", "Dice": d} for i, (m, n, d) in enumerate(runs)])
+    table = task_table(frame, "lv").set_index("method")
+    assert set(table.index) == {"vcm", BASE_ROW, REFERENCE_ROW}
+    assert table.loc[BASE_ROW, "Dice"] == "0.24" and table.loc["vcm", "Dice"].startswith("0.3 ±")
+    assert table.loc["vcm", "seeds"] == 2
