@@ -3,8 +3,10 @@
 Training: latents of the training volumes (and of their left-right mirrors) are encoded once
 and cached; every step draws a fresh latent sample z = mu + sigma * e, a uniform random DDPM
 timestep and noise, applies the task's modality drop, and asks the method for its loss.
-AdamW, linear warm-up then linear annealing. Checkpoints are written atomically as training
-goes and an interrupted run resumes from the last one with the same numbers.
+AdamW, linear warm-up then linear annealing; the minibatch's gradient may be accumulated over
+micro-batches, under bf16 autocast on CUDA (``training.micro_batch_size``, ``mixed_precision``).
+The training conditions are built once per run (:class:`ConditionStore`). Checkpoints are written
+atomically as training goes and an interrupted run resumes from the last one with the same numbers.
 
 Sampling: DDIM, batched; the initial noise of a test subject is a function of (seed, subject
 id) only, so every method starts from the same noise for the same subject.
