@@ -21,7 +21,7 @@ than its decoder: at the paper, base channels 16 with multipliers (1, 2, 3, 4, 8
 
 The prediction is ``eps * (1 + gamma_t) + beta_t``; the loss adds
 ``lambda * (|gamma_t|_1 + |beta_t|_1)`` with ``1 / lambda`` the element count of the latent
-batch (paper: 16 x 3 x 20 x 28 x 20).
+batch (paper: 16 x 3 x 20 x 28 x 20), times ``l1_weight`` (default 1, the paper).
 
 Multimodal: one condition encoder per modality ("separate asymmetric parts of the encoder
 for each condition while keeping the number of parameters", B.2), each with the widths
@@ -73,6 +73,7 @@ class VCM(Method):
         head_hidden = int(get("head_hidden", 128))
         zero_heads = bool(get("zero_init_heads", False))
         split_width = bool(get("split_encoder_width", True))
+        self.l1_weight = float(get("l1_weight", 1.0))  # 1: the paper's lambda; 0: no sparsity penalty
 
         levels = downsampling_levels(base.compression, "vcm")
         if len(enc_channels) != levels:
@@ -164,5 +165,5 @@ class VCM(Method):
         pred, gamma, beta = self._forward(z_t, t, conditions, scalars)
         # lambda^-1 = B * C * x * y * z of the latent batch (B.2); the authors' script unpacks
         # the shape as (B, c, h, w, c) and so uses the last axis twice -- we follow the paper.
-        lam = 1.0 / z_t.numel()
+        lam = self.l1_weight / z_t.numel()
         return F.mse_loss(pred.float(), noise.float()) + lam * (gamma.abs().sum() + beta.abs().sum())

@@ -244,6 +244,12 @@ def test_vcm_loss_is_mse_plus_scaled_l1_of_the_modulation(smoke):
         loss = method.training_loss(z_t, t, cond, scalars, noise)
     assert gamma.shape == beta.shape == z_t.shape and float(gamma.abs().max()) > 0
     torch.testing.assert_close(loss, expected)
+    # l1_weight (profile: methods.vcm.l1_weight) scales the penalty; 0: plain MSE
+    assert _build("vcm", profile, base, l1_weight=0.5).l1_weight == 0.5
+    method.l1_weight = 0.0
+    with torch.no_grad():
+        unpenalised = method.training_loss(z_t, t, cond, scalars, noise)
+    torch.testing.assert_close(unpenalised, torch.nn.functional.mse_loss(eps * (1 + gamma) + beta, noise))
 
 
 def test_shared_blocks():
