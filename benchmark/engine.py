@@ -124,9 +124,6 @@ class ConditionStore:
             if sum(t.nbytes for t in self.tensors.values()) <= free // 4:
                 self.tensors = {name: t.to(target) for name, t in self.tensors.items()}
 
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
     def batch(self, indices: Sequence[int] | np.ndarray, present: dict[str, np.ndarray] | None = None,
               flip: np.ndarray | None = None, device: str = "cpu") -> Conditions:
         """Conditions of the subjects at ``indices`` (float32); mirrored where ``flip``, zeroed where dropped."""

@@ -164,6 +164,7 @@ class VCM(Method):
     def training_loss(self, z_t, t, conditions, scalars, noise):
         pred, gamma, beta = self._forward(z_t, t, conditions, scalars)
         # lambda^-1 = B * C * x * y * z of the latent batch (B.2); the authors' script unpacks
-        # the shape as (B, c, h, w, c) and so uses the last axis twice -- we follow the paper.
+        # the shape as (B, c, h, w, c) and so uses the last axis twice -- we follow the paper
+        # (at BrainLDM's latent shape, l1_weight 0.15 gives the script's value).
         lam = self.l1_weight / z_t.numel()
         return F.mse_loss(pred.float(), noise.float()) + lam * (gamma.abs().sum() + beta.abs().sum())
