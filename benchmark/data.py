@@ -25,6 +25,7 @@ from datasets.splits import make_splits
 from datasets.subject import SCALAR_NAMES, DataError, Subject
 from datasets.synthetic import AGE_RANGE, SyntheticPopulation, unscale
 
+PAIRWISE_SUBJECTS = 24  # test subjects whose LV masks are compared pairwise in the summary
 SPLIT_NAMES = {"test": "test", "train": "train_pool", "pretrain": "pretrain"}
 
 
@@ -72,6 +73,17 @@ def write_montage(subjects: Sequence[Subject], path: Path, title: str = "") -> P
     return path
 
 
+def pairwise_lv_dice(subjects: Sequence[Subject]) -> tuple[float, float, int]:
+    """Mean and sd of the Dice between the LV masks of every pair of different subjects, and the pair
+    count: how much one subject's mask says about another's (low: the mask carries information)."""
+    masks = [s.lv_mask[0].astype(bool) for s in subjects]
+    dice = [2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+            for i, a in enumerate(masks) for b in masks[i + 1:]]
+    if not dice:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(dice)), float(np.std(dice)), len(dice)
+
+
 def cmd_summary(args) -> int:
     import pandas as pd
 
@@ -101,10 +113,14 @@ def cmd_summary(args) -> int:
                         f"synthetic population, profile {profile.name}, shape {tuple(profile.image_shape)}")
     r_lv = np.corrcoef(table["age"], table["ventricular_volume"])[0, 1] if len(table) > 2 else float("nan")
     r_bv = np.corrcoef(table["age"], table["brain_volume"])[0, 1] if len(table) > 2 else float("nan")
+    test_ids = set(splits.test[:PAIRWISE_SUBJECTS])
+    paired = [s for i, s in zip(indices, subjects) if i in test_ids] or subjects[:PAIRWISE_SUBJECTS]
+    dice_mean, dice_sd, pairs = pairwise_lv_dice(paired)
     print(f"{len(subjects)} subjects at {tuple(profile.image_shape)} in {seconds:.1f} s "
           f"(cache {pop.block_dir}); age {table.age_years.min():.0f}-{table.age_years.max():.0f} y, "
           f"{100 * table.sex.mean():.0f}% male, ventricles {table.ventricles_ml.median():.1f} ml median "
-          f"(r with age {r_lv:+.2f}), brain {table.brain_ml.median():.0f} ml median (r with age {r_bv:+.2f}); "
+          f"(r with age {r_lv:+.2f}; LV masks of different subjects overlap with Dice {dice_mean:.3f} "
+          f"+- {dice_sd:.3f} over {pairs} pairs of {len(paired)}), brain {table.brain_ml.median():.0f} ml median (r with age {r_bv:+.2f}); "
           f"wrote {out / 'summary.csv'} and {png}")
     return 0
 

@@ -12,7 +12,8 @@ offline) is skull-stripped. From it we derive, in template space (MNI mm, RAS):
 * an intracranial envelope (the brain mask, smoothed over the sulci, plus a CSF rim) as a signed
   distance, around which each subject's skull and scalp are built, and a hull that continues it down
   into a neck below the posterior fossa;
-* a smooth outward field around the ventricles, along which they are dilated with age.
+* a smooth outward field around the ventricles, along which they are dilated with age, and its reach
+  (1 at the ventricles, fading over LV_FIELD_DECAY_MM), over which each subject's ventricles are moved.
 
 These fields are resampled (anti-aliased) to a reference grid matched to the profile's image shape and
 cached on disk, keyed by the generator version and the shape.
@@ -31,7 +32,7 @@ from scipy import ndimage as ndi
 
 # Bump when anything here or in the subject generator changes what a subject looks like:
 # it is part of every cache key.
-GENERATOR_VERSION = "synth-mni152-v2"
+GENERATOR_VERSION = "synth-mni152-v3"  # v3: ventricles vary by region, side and shape
 
 # Field of view of the generated volumes in mm (X, Y, Z), the 5:7:5 box of BrainLDM's 160x224x160
 # at 1.15 mm, so that the whole head fits; centred on the head (MNI mm).
@@ -49,10 +50,10 @@ NECK_TAPER = 0.35         # mm of narrowing per mm downwards
 LV_SEEDS_MM = ((-9.0, -10.0, 22.0), (9.0, -10.0, 22.0))  # bodies of the left and right ventricles
 LV_FIELD_DECAY_MM = 10.0  # how far from the ventricles the age-related push reaches
 
-CHANNELS = ("csf", "gm", "wm", "lv", "resid", "depth", "d_env", "d_hull", "vx", "vy", "vz")
+CHANNELS = ("csf", "gm", "wm", "lv", "resid", "depth", "d_env", "d_hull", "vx", "vy", "vz", "reach")
 BRAIN_CHANNELS = slice(0, 6)   # sampled where the (atrophied, ventricle-dilated) brain maps
 HEAD_CHANNELS = slice(6, 8)    # sampled where the head maps
-FIELD_CHANNELS = slice(8, 11)  # the ventricle push field
+FIELD_CHANNELS = slice(8, 12)  # the ventricle push field and its reach (1 at the ventricles)
 
 
 def output_geometry(shape: tuple[int, int, int]) -> tuple[float, np.ndarray]:
@@ -93,7 +94,7 @@ def _key(shape) -> str:
     params = {"version": source_version(), "shape": list(map(int, shape)), "fov": FOV_MM.tolist(),
               "centre": FOV_CENTRE_MM.tolist(), "box": [BOX_LO_MM.tolist(), BOX_HI_MM.tolist()],
               "rim": CSF_RIM_MM, "neck": [NECK_Z_MM, NECK_TAPER], "seeds": LV_SEEDS_MM,
-              "decay": LV_FIELD_DECAY_MM}
+              "decay": LV_FIELD_DECAY_MM, "channels": CHANNELS}
     blob = json.dumps(params).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -245,7 +246,8 @@ def build_reference(shape: tuple[int, int, int]) -> Reference:
     grad = np.stack(np.gradient(d_lv, sp2))
     grad /= np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
     weight = np.exp(-0.5 * (np.clip(d_lv, 0.0, None) / LV_FIELD_DECAY_MM) ** 2)
-    push = np.stack([ndi.gaussian_filter(weight * g, 1.0) for g in grad]).astype(np.float32)
+    push = np.stack([ndi.gaussian_filter(weight * g, 1.0) for g in grad]
+                    + [ndi.gaussian_filter(weight, 1.0)]).astype(np.float32)
     del grad, weight, d_lv
 
     # --- reference grid for this shape: anti-aliased for the output voxel size ----------------
@@ -259,7 +261,7 @@ def build_reference(shape: tuple[int, int, int]) -> Reference:
     onehot = lambda k: (hard == k).astype(np.float32)
     for c, vol in enumerate((onehot(1), onehot(2), onehot(3), onehot(4), resid, depth)):
         fields[c] = _sample(ndi.gaussian_filter(vol, sigma), pts, tmpl_origin, 1.0).reshape(n)
-    for c, vol in zip(range(6, 11), (d_env, d_hull, push[0], push[1], push[2])):
+    for c, vol in zip(range(6, 12), (d_env, d_hull, push[0], push[1], push[2], push[3])):
         fields[c] = _sample(vol, pts, BOX_LO_MM, sp2).reshape(n)
 
     centre = np.array([np.mean(np.nonzero(brain)[i]) for i in range(3)]) + tmpl_origin

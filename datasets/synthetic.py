@@ -40,7 +40,7 @@ from .anatomy import (BRAIN_CHANNELS, FIELD_CHANNELS, FOV_CENTRE_MM, FOV_MM, GEN
 from .subject import DataError, Subject, skull_image, voxel_volume_ml
 
 AGE_RANGE = (44.0, 82.0)            # years; UK Biobank's imaging ages
-VENTRICLE_RANGE_ML = (0.0, 60.0)    # lateral ventricles, both sides
+VENTRICLE_RANGE_ML = (0.0, 80.0)    # lateral ventricles, both sides
 BRAIN_RANGE_ML = (600.0, 1900.0)    # grey + white matter
 BLOCK = 32                          # subjects per cache file
 _QUANT = 65535.0                    # images are stored as uint16; generated ones are quantised alike
@@ -85,6 +85,60 @@ def _linear_weights(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
     return i0, coords - i0
 
 
+# Lateral ventricles vary between people far beyond what age and total volume say (docs/DATA.md):
+# each subject's outward push (mm) is drawn per region and side, plus bumps at the ventricles' scale.
+_LV_REGIONS = ("frontal", "body", "posterior")  # frontal horns; bodies; atria + occipital horns
+_LV_FRONTAL_Y_MM = -5.0      # template mm: anterior of this is the frontal horn (foramen of Monro ~0)
+_LV_POSTERIOR_Y_MM = -38.0   # posterior of this, the atrium and occipital horn
+_LV_BORDER_MM = 5.0          # softness of the region and side borders
+_LV_AGE_MM = (-1.0, 12.0)   # mean push at ages 44 and 82 (with a ** 1.5 in between)
+_LV_REGIONAL_SD_MM = 2.5   # horns enlarge separately
+_LV_SHAPE_CELLS = 1.0        # ventricle-scale bumps: ~12 mm smooth field
+_LV_SHAPE_MM = 4.0           # their amplitude (sd, mm)
+_LV_SHIFT_SD_MM = np.array([0.7, 6.0, 6.0])  # x (left-right), y, z
+_LV_DILATION_MM = (-3.0, 16.0)  # push limits: below -3 mm the thin young ventricles would vanish
+_LV_FLOW_STEPS = 6
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class _VentricleDraw:
+    """One subject's ventricle dilation: an age trend, per-region and per-side deviations."""
+
+    def __init__(self, push_mm: np.ndarray, shift_mm: np.ndarray):
+        self.push_mm = push_mm    # (side: left, right) x (region) mm
+        self.shift_mm = shift_mm  # (region, 3) mm, applied where the push field reaches
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, a01: float) -> "_VentricleDraw":
+        # Age trend with individual spread: the whole system enlarges ~3x from 45 to 80 years.
+        overall = _LV_AGE_MM[0] + _LV_AGE_MM[1] * a01 ** 1.5 + rng.normal(0.0, 1.4)
+        scale = np.exp(rng.normal(0.0, 0.25))                # how strongly this brain's ventricles respond
+        regional = rng.normal(0.0, _LV_REGIONAL_SD_MM, len(_LV_REGIONS))    # horns enlarge separately
+        asymmetry = rng.normal(0.0, 0.8) + rng.normal(0.0, 0.6, len(_LV_REGIONS))  # left minus right, mm
+        push = (overall + regional) * scale
+        # position relative to the brain: along the midline, not across it (that would be a midline shift)
+        # (the whole system, plus each region on its own: horns bend and tilt)
+        shift = rng.normal(0.0, 1.0, 3) * _LV_SHIFT_SD_MM + rng.normal(0.0, 0.7, (len(_LV_REGIONS), 3)) * _LV_SHIFT_SD_MM
+        return cls(np.stack([push + asymmetry / 2, push - asymmetry / 2]), np.clip(shift, -10.0, 10.0))
+
+    def displacement_mm(self, q_mm: np.ndarray, shape_field: np.ndarray, push: np.ndarray,
+                        reach: np.ndarray) -> np.ndarray:
+        """(3, M) mm by which the ventricles at template points ``q_mm`` (3, M) move: the outward push
+        (a soft blend of the regions and sides, plus bumps) along ``push``, and the shifts by ``reach``."""
+        x, y = q_mm[0], q_mm[1]
+        left = _sigmoid(-x / (0.5 * _LV_BORDER_MM))  # RAS: left is negative x
+        frontal = _sigmoid((y - _LV_FRONTAL_Y_MM) / _LV_BORDER_MM)
+        posterior = _sigmoid((_LV_POSTERIOR_Y_MM - y) / _LV_BORDER_MM)
+        body = np.clip(1.0 - frontal - posterior, 0.0, 1.0)
+        weights = np.stack([frontal, body, posterior])  # (region, M)
+        side = left * (self.push_mm[0] @ weights) + (1.0 - left) * (self.push_mm[1] @ weights)
+        dilation = np.clip(side + _LV_SHAPE_MM * shape_field, *_LV_DILATION_MM)
+        return dilation[None] * push + (self.shift_mm.T @ weights) * reach[None]
+
+
 def _ramp(x: np.ndarray, width: float) -> np.ndarray:
     """Partial-volume step: 0 well below 0, 1 well above, linear over one voxel."""
     return np.clip(0.5 + x / width, 0.0, 1.0)
@@ -106,12 +160,13 @@ class _Generator:
                                 for i in range(3)]
         self.voxel_ml = voxel_volume_ml(ref.affine)
 
-    def _smooth_fields(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """``count`` smooth random fields with unit standard deviation, at the output voxels (count, N)."""
+    def _smooth_fields(self, rng: np.random.Generator, count: int, cells: float = _SMOOTH_CELLS) -> np.ndarray:
+        """``count`` smooth random fields with unit standard deviation, at the output voxels (count, N);
+        ``cells`` is the Gaussian's width in lattice cells (2: about 24 mm, 1: about 12 mm)."""
         noise = rng.standard_normal((count,) + self.lattice_shape)
         out = []
         for c in range(count):
-            field = ndi.gaussian_filter(noise[c], _SMOOTH_CELLS, mode="nearest")
+            field = ndi.gaussian_filter(noise[c], cells, mode="nearest")
             field /= field.std()
             for axis, (i0, t) in enumerate(self.lattice_weights):
                 shape = [1, 1, 1]
@@ -144,7 +199,7 @@ class _Generator:
         deform_mm = 2.5
         # --- ageing, each with individual variation ---------------------------------------------
         contraction = max(0.0, 0.01 + 0.05 * a01 + n(0.01))           # brain shrinks inside the skull
-        lv_dilation = float(np.clip(4.5 * a01 ** 1.5 + n(0.8), -1.0, 6.0))  # mm
+        lv = _VentricleDraw.draw(rng, a01)
         thinning = max(0.0, 0.2 + 1.2 * a01 + n(0.25))                # mm of cortex lost at sulci
         # --- head layers (mm) ---------------------------------------------------------------------
         inner, diploe, outer = 1.6 * np.exp(n(0.15)), 2.6 * np.exp(n(0.25)), 1.4 * np.exp(n(0.15))
@@ -157,6 +212,7 @@ class _Generator:
         bias_amp = rng.uniform(0.04, 0.18)
         noise_sd = rng.uniform(0.008, 0.03)
         fields = self._smooth_fields(rng, 6)  # deformation x3, layer thickness, bias, cortical thinning
+        lv_shape_field = self._smooth_fields(rng, 1, cells=_LV_SHAPE_CELLS)[0]  # ventricle-scale bumps
         noise = rng.standard_normal((2, self.world.shape[1]), dtype=np.float32)
 
         # --- backward maps: output voxel (subject mm) -> template mm --------------------------------
@@ -172,7 +228,13 @@ class _Generator:
         # Brain fields matter only inside the skull: sample them there (a fifth of the voxels).
         sel = np.flatnonzero(d_env < vox)
         q_brain = centre + (q_head[:, sel] - centre) * (1.0 + contraction)
-        q_tissue = q_brain - lv_dilation * self._sample(FIELD_CHANNELS, q_brain)
+        # Moved in small steps along the field (a flow), so that a large dilation does not fold the
+        # tissue over itself (one big step leaves hollow ventricles).
+        q_tissue = q_brain
+        for _ in range(_LV_FLOW_STEPS):
+            push_reach = self._sample(FIELD_CHANNELS, q_tissue)
+            step_mm = lv.displacement_mm(q_tissue, lv_shape_field[sel], push_reach[:3], push_reach[3])
+            q_tissue = q_tissue - step_mm / _LV_FLOW_STEPS
         f_csf, f_gm, f_wm, f_lv, resid, depth = self._sample(BRAIN_CHANNELS, q_tissue)
 
         # --- tissue fractions and labels -------------------------------------------------------------
