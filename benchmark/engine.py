@@ -3,7 +3,7 @@
 Training: latents of the training volumes (and of their left-right mirrors) are encoded once
 and cached; every step draws a fresh latent sample z = mu + sigma * e, a uniform random DDPM
 timestep and noise, applies the task's modality drop, and asks the method for its loss.
-AdamW, linear warm-up then linear annealing; the minibatch's gradient may be accumulated over
+AdamW with the VCM authors' schedule (warm-up, cosine to lr/10) or linear warm-up and annealing; the minibatch's gradient may be accumulated over
 micro-batches, under bf16 autocast on CUDA (``training.micro_batch_size``, ``mixed_precision``).
 The training conditions are built once per run (:class:`ConditionStore`). Checkpoints are written
 atomically as training goes and an interrupted run resumes from the last one with the same numbers.
@@ -31,6 +31,10 @@ from datasets.tasks import Task
 from methods.base import Conditions, FrozenLDM, Method
 from metrics.cost import PeakMemory, StepTimer
 
+# Learning-rate schedules of method training (training.schedule): "authors" = the VCM authors'
+# warm-up of 1/30 of the run from lr/10 to lr, then cosine to lr/10; "linear" = training.warmup_steps
+# of linear warm-up from 0, then linear to 0.
+SCHEDULES = ("authors", "linear")
 FLIP_AXIS = 2  # X (left-right) of a (B, C, X, Y, Z) batch: the "axial flip" of VCM B.2
 
 
@@ -171,6 +175,7 @@ class TrainSettings:
     checkpoint_every: int
     micro_batch_size: int | None = None  # gradients accumulated over micro-batches of this size
     mixed_precision: str = "fp32"        # "bf16": autocast on CUDA (the VCM authors' setting)
+    schedule: str = "authors"            # learning-rate schedule, see SCHEDULES
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -180,6 +185,14 @@ class TrainSettings:
         self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
         if self.mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"training.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"training.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+    def lr_factor(self) -> Callable[[int], float]:
+        """The learning-rate multiplier per step (for ``torch.optim.lr_scheduler.LambdaLR``)."""
+        if self.schedule == "linear":
+            return warmup_then_linear(self.warmup_steps, self.steps)
+        return warmup_then_cosine(self.steps)
 
     @classmethod
     def from_profile(cls, profile, n_train: int) -> "TrainSettings":
@@ -189,7 +202,8 @@ class TrainSettings:
             steps = int(t.epochs) * math.ceil(n_train / int(t.batch_size))
         return cls(steps, int(t.batch_size), float(t.lr), float(t.weight_decay),
                    int(t.warmup_steps), int(t.checkpoint_every),
-                   int(t.get("micro_batch_size", t.batch_size)), str(t.get("mixed_precision", "fp32")))
+                   int(t.get("micro_batch_size", t.batch_size)), str(t.get("mixed_precision", "fp32")),
+                   str(t.get("schedule", "authors")))
 
 
 @dataclass
@@ -201,6 +215,26 @@ class TrainResult:
     peak_memory: dict = field(default_factory=dict)
     resumed_from: int = 0
     extra: dict = field(default_factory=dict)
+
+
+AUTHORS_WARMUP_FRACTION = 1 / 30  # the VCM authors' script: warmup_steps = target_iter // 30
+AUTHORS_LR_FLOOR = 0.1            # ... from min_lr = lr * lr_scale (0.1) up to lr, cosine back to min_lr
+
+
+def warmup_then_cosine(total_steps: int, warmup_fraction: float = AUTHORS_WARMUP_FRACTION,
+                       floor: float = AUTHORS_LR_FLOOR) -> Callable[[int], float]:
+    """The VCM authors' schedule (their script's ``CosineAnnealingWarmupRestarts`` over one cycle):
+    linear from ``floor * lr`` to ``lr`` over the first ``total // 30`` steps, then half a cosine
+    back down to ``floor * lr`` at the last step."""
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return floor + (1.0 - floor) * step / warmup
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
 
 
 def warmup_then_linear(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -252,11 +286,14 @@ def train_method(
     device: str = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
+    probe=None,
 ) -> TrainResult:
     """Train ``method`` on ``subjects``; resumes from ``run_dir/checkpoint.pt`` if present.
 
     ``stop_after`` ends the call after that many steps without a final checkpoint, as a kill
-    would; used to test resumption.
+    would; used to test resumption. ``probe`` (a :class:`benchmark.control_probe.ControlProbe`)
+    is measured before the first step and at every checkpoint; its history is kept in the
+    checkpoint and returned in ``TrainResult.extra["control_probe"]``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,10 +305,11 @@ def train_method(
     if not params:
         raise ValueError(f"method '{method.name}' has no trainable parameters; nothing to train")
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(settings.warmup_steps, settings.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_factor())
     rng = np.random.default_rng(stable_seed(seed, "batches"))
     noise_gen = torch.Generator().manual_seed(stable_seed(seed, "noise"))
     losses: list[float] = []
+    probe_history: list[dict] = []
     start_step = 0
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -281,6 +319,7 @@ def train_method(
         rng.bit_generator.state = state["numpy_rng"]
         noise_gen.set_state(state["torch_rng"])
         losses = list(state["losses"])
+        probe_history = list(state.get("probe_history", []))
         start_step = int(state["step"])
 
     def save_checkpoint(step: int) -> None:
@@ -292,6 +331,7 @@ def train_method(
                 "numpy_rng": rng.bit_generator.state,
                 "torch_rng": noise_gen.get_state(),
                 "losses": losses,
+                "probe_history": probe_history,
                 "step": step,
             },
             ckpt_path,
@@ -340,6 +380,14 @@ def train_method(
         schedule.step()
         return value
 
+    def measure_probe(step: int) -> None:
+        if probe is not None and not any(h["step"] == step for h in probe_history):
+            start = time.perf_counter()
+            result = probe.measure(method)
+            probe_history.append({"step": step, **result, "seconds": time.perf_counter() - start})
+
+    if start_step == 0:
+        measure_probe(0)  # before training: the gap the initialisation already has
     with PeakMemory(device) as memory:
         for step in bar:
             with timer.step():
@@ -348,6 +396,7 @@ def train_method(
             bar.set_postfix(loss=f"{value:.4f}")
             done = step + 1
             if done % settings.checkpoint_every == 0 or done == settings.steps:
+                measure_probe(done)  # outside the step timer: seconds per step stay the method's own
                 save_checkpoint(done)
     bar.close()
     return TrainResult(
@@ -357,6 +406,7 @@ def train_method(
         wall_seconds=time.perf_counter() - wall_start,
         peak_memory=memory.summary(),
         resumed_from=start_step,
+        extra={"control_probe": probe_history} if probe is not None else {},
     )
 
 

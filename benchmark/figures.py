@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmark.records import iter_records  # noqa: E402
 from benchmark.tables import metric_columns  # noqa: E402
 
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
@@ -23,6 +24,7 @@ def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
     if ok.empty or not columns:
         return None
     reference = frame[(frame.task == task) & (frame.method == "reference") & (frame.status == "ok")]
+    other = frame[(frame.task == task) & (frame.method == "reference_other") & (frame.status == "ok")]
     ncols = 3
     nrows = int(np.ceil(len(columns) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
@@ -34,6 +36,9 @@ def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
         ref = pd.to_numeric(reference[column], errors="coerce").dropna() if column in reference else pd.Series()
         if not ref.empty:
             ax.axhline(ref.mean(), color="k", linestyle="--", linewidth=1, label="real vs real")
+        ignored = pd.to_numeric(other[column], errors="coerce").dropna() if column in other else pd.Series()
+        if not ignored.empty:
+            ax.axhline(ignored.mean(), color="0.5", linestyle=":", linewidth=1, label="real, another's condition")
         ax.set_xscale("log")
         ax.set_xlabel("training volumes")
         ax.set_title(column, fontsize=9)
@@ -108,6 +113,39 @@ def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_s
     return out
 
 
+def control_gap_curves(results_dir: Path, task: str, out: Path) -> Path | None:
+    """The control probe against training step: one panel per timestep band, one line per method and
+    training-set size, the bootstrap 95% CI shaded; 0 (no use of the condition) drawn."""
+    curves = []
+    for rec in iter_records(results_dir):
+        history = (rec.get("control_probe") or {}).get("history")
+        if rec.get("task") == task and rec.get("status") == "ok" and history:
+            curves.append((f"{rec['method']} N={rec['size']} s{rec['seed']}", history))
+    if not curves:
+        return None
+    bands = [row["band"] for row in curves[0][1][0]["bands"]]
+    fig, axes = plt.subplots(1, len(bands), figsize=(3.6 * len(bands), 3.2), squeeze=False)
+    for b, (ax, band) in enumerate(zip(axes[0], bands)):
+        for label, history in sorted(curves):
+            steps = [h["step"] for h in history]
+            rows = [h["bands"][b] for h in history]
+            line, = ax.plot(steps, [r["gap"] for r in rows], marker=".", label=label)
+            ax.fill_between(steps, [r["gap_ci_low"] for r in rows], [r["gap_ci_high"] for r in rows],
+                            color=line.get_color(), alpha=0.2)
+        ax.axhline(0.0, color="k", linewidth=0.8)
+        ax.set_title(f"band {band}", fontsize=9)
+        ax.set_xlabel("training step")
+    axes[0, 0].set_ylabel("control gap: MSE(other) - MSE(own)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7)
+    fig.suptitle(f"Task {task}: control gap against training step (95% CI shaded)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(labels) // 4), 1, 0.94))
+    path = out / f"control_gap_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
     out = Path(results_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
@@ -115,9 +153,9 @@ def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
     if frame.empty:
         return paths
     for task in sorted(frame.task.dropna().unique()):
-        path = metric_vs_size(frame, task, out)
-        if path:
-            paths.append(path)
+        for path in (metric_vs_size(frame, task, out), control_gap_curves(Path(results_dir), task, out)):
+            if path:
+                paths.append(path)
     real = Path(results_dir) / "runs" / "real_test.npz"
     for run in sorted((Path(results_dir) / "runs").glob("*/samples.npz")):
         name = run.parent.name

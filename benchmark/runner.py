@@ -29,6 +29,7 @@ CODE_VERSION = "1"  # bump when a change invalidates finished runs
 
 # Pseudo-methods of the validation table (paper Table 6); not in the method registry.
 REFERENCE = "reference"         # real test volumes against real training volumes
+REFERENCE_OTHER = "reference_other"  # real test volumes against another test subject's condition (Dice)
 BASE_UNCONDITIONED = "brainldm"  # the frozen base model alone
 SPHERE_SUFFIX = "+sphere"        # a method sampled with sphere masks (out of distribution)
 
@@ -120,13 +121,27 @@ def build_method(name: str, task: Task, ctx: RunContext, seed: int) -> Method:
     return cls(ctx.base, task.modalities, config).to(ctx.device)
 
 
-def train_or_load(spec: RunSpec, task: Task, ctx: RunContext, stop_after: int | None = None):
+def control_probe(task: Task, ctx: RunContext, seed: int):
+    """The profile's control probe (``probe`` section) on the first test subjects, or None when off."""
+    from benchmark.control_probe import ControlProbe
+
+    cfg = ctx.profile.get("probe", {})
+    if not cfg.get("enabled", True):
+        return None
+    test = ctx.test_subjects()[: int(cfg.get("subjects", 16))]
+    latents = ctx.latents.get(test, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
+    return ControlProbe(ctx.base, task, test, latents, seed=seed, bands=int(cfg.get("bands", 4)),
+                        draws=int(cfg.get("draws", 2)), batch_size=int(ctx.profile.sampling.batch_size),
+                        device=ctx.device)
+
+
+def train_or_load(spec: RunSpec, task: Task, ctx: RunContext, stop_after: int | None = None, probe=None):
     """Train the run's method (resuming if interrupted); returns (method, TrainResult)."""
     method = build_method(spec.method, task, ctx, spec.seed)
     subjects = ctx.data.train_subjects(spec.size)
     settings = engine.TrainSettings.from_profile(ctx.profile, len(subjects))
     result = engine.train_method(method, ctx.base, subjects, task, settings, ctx.latents,
-                                 ctx.run_dir(spec), spec.seed, ctx.device, ctx.progress, stop_after)
+                                 ctx.run_dir(spec), spec.seed, ctx.device, ctx.progress, stop_after, probe)
     return method, result
 
 
@@ -143,20 +158,35 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
         metrics, protocol = ctx.scorer(task).score(stack_images(test), test, task, real_reference=real)
         return {"metrics": metrics, "protocol": protocol,
                 "cost": {"wall_seconds": time.perf_counter() - wall}}
+    if spec.method == REFERENCE_OTHER:
+        # What a perfect generator that ignores its condition scores: real volumes, others' conditions.
+        from benchmark.control_probe import derangement
+
+        other = derangement(len(test), spec.seed)
+        metrics, protocol = ctx.scorer(task).dice(stack_images(test), [test[j] for j in other])
+        protocol["row"] = "real test volumes against another test subject's condition (a fixed derangement)"
+        protocol["derangement"] = other.tolist()
+        return {"metrics": metrics, "protocol": protocol, "cost": {"wall_seconds": time.perf_counter() - wall}}
     if spec.method == BASE_UNCONDITIONED:
         generated = engine.sample_unconditioned(ctx.base, test, task, sampling.ddim_steps, sampling.batch_size,
                                                 spec.seed, ctx.device, ctx.progress)
         conditions_used = task
         result["cost"] = {"trainable_parameters": 0}
+        result["control_probe"] = {"not_applicable": "the base model alone has no spatial condition"}
     elif issubclass(get_method(spec.method.removesuffix(SPHERE_SUFFIX), task.name), DirectMethod):
         # Methods that make volumes themselves (super-resolution baselines): fit, then generate.
         generated, direct = run_direct(spec, task, ctx, test)
         conditions_used = task
         result.update(direct)
+        result["control_probe"] = {"not_applicable": f"{spec.method} generates volumes directly; it has no noise "
+                                                     "prediction to probe"}
     else:
         method_name = spec.method.removesuffix(SPHERE_SUFFIX)
         inner = RunSpec(spec.task, method_name, spec.size, spec.seed)
-        method, train = train_or_load(inner, task, ctx)
+        probe = control_probe(task, ctx, spec.seed)
+        method, train = train_or_load(inner, task, ctx, probe=probe)
+        if probe is not None:
+            result["control_probe"] = {"protocol": probe.describe(), "history": train.extra["control_probe"]}
         sample_task = task
         if spec.method.endswith(SPHERE_SUFFIX):
             from benchmark.validation import sphere_task
@@ -174,6 +204,11 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
     save_samples(ctx.run_dir(spec), test, generated, conditions_used)
     save_real(ctx.out_dir, test)
     result["metrics"], result["protocol"] = ctx.scorer(task).score(generated, test, conditions_used)
+    history = result.get("control_probe", {}).get("history")
+    if history and not spec.method.endswith(SPHERE_SUFFIX):
+        from benchmark.control_probe import summary_columns
+
+        result["metrics"].update(summary_columns(history[-1]))
     result["cost"]["wall_seconds"] = time.perf_counter() - wall
     return result
 

@@ -13,6 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from metrics.cost import count_parameters, device_days
+from metrics.dice import condition_to_labels
 from metrics.extractors import InDomainConfig, get_extractors
 from metrics.judge import JudgeConfig, get_judge
 from metrics.lpips_metric import load_lpips
@@ -91,6 +92,15 @@ class Scorer:
                               lpips=self.shared.lpips)
         protocol = row.pop("protocol")
         return row, protocol
+
+    def dice(self, volumes: np.ndarray, condition_subjects) -> tuple[dict, dict]:
+        """Only the judge's Dice of ``volumes`` against the conditions of ``condition_subjects``
+        (the row of real volumes scored against another subject's condition)."""
+        name = JUDGED[self.task.name]
+        labels = condition_to_labels(np.stack([self.task.conditions(s)[name] for s in condition_subjects]),
+                                     self.task.name)
+        result = self.judge.dice(volumes, labels)
+        return {"Dice": result["Dice"]}, {"Dice": {**result["protocol"], "per_class": result["Dice per class"]}}
 
     def cost(self, method, train, size: int) -> dict:
         params = count_parameters(method)

@@ -14,8 +14,10 @@ import pandas as pd
 from benchmark.records import iter_records
 
 PAPER_REFERENCE = Path(__file__).resolve().parent.parent / "results" / "paper_reference"
-REFERENCE_ROW = "reference (real vs real)"
+REFERENCE_ROW = "reference (real vs real)"  # real volumes against their own conditions: the Dice ceiling
+OTHER_ROW = "real, another subject's condition"  # a perfect generator that ignores its condition
 BASE_ROW = "base model, unconditioned"  # no spatial control: the Dice its anatomical prior alone reaches
+PSEUDO_METHODS = {"reference": REFERENCE_ROW, "reference_other": OTHER_ROW, "brainldm": BASE_ROW}
 VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
     "brainldm": ("brainldm", 0),
     "ldm_finetune": ("ldm_finetune", 50),
@@ -59,14 +61,19 @@ def summarise(frame: pd.DataFrame, by: list[str], columns: list[str]) -> pd.Data
 
 
 def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Methods × dataset sizes × metrics for one task, with the real-vs-real reference row and the
-    unconditioned base model's row (the floor a method's Dice must rise above to show control)."""
+    """Methods × dataset sizes × metrics for one task. Three reference rows come first: real volumes
+    against their own conditions (the Dice ceiling), against another subject's (what ignoring the
+    condition scores: a method shows control only above it) and the unconditioned base model (the
+    floor). The control-gap columns are the probe at the final checkpoint."""
     ok = frame[(frame.task == task) & (frame.status == "ok")]
     ok = ok[~ok.method.str.endswith("+sphere")]
     columns = [c for c in metric_columns(ok) if ok[c].notna().any()]
     table = summarise(ok, ["method", "size"], columns)
-    table["method"] = table["method"].replace({"reference": REFERENCE_ROW, "brainldm": BASE_ROW})
-    return table
+    order = {name: i for i, name in enumerate(PSEUDO_METHODS)}
+    table = table.assign(_order=table.method.map(lambda m: order.get(m, len(order))))
+    table = table.sort_values(["_order", "method", "size"], kind="stable").drop(columns="_order")
+    table["method"] = table["method"].replace(PSEUDO_METHODS)
+    return table.reset_index(drop=True)
 
 
 SR_TASKS = {"sr4": "4 mm", "sr8": "8 mm"}  # keep every 4th / 8th axial slice (1 mm voxels at paper size)
@@ -82,7 +89,7 @@ def sr_table(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[frame.task.isin(list(SR_TASKS)) & (frame.status == "ok")] if not frame.empty else frame
     if ok.empty:
         return pd.DataFrame()
-    ok = ok[~ok.method.isin(["brainldm"]) & ~ok.method.str.endswith("+sphere")]
+    ok = ok[~ok.method.isin(["brainldm", "reference_other"]) & ~ok.method.str.endswith("+sphere")]
     # LPIPS fidelity stays as a column of "–" when LPIPS was unavailable (no AlexNet weights)
     wanted = [c for c in metric_columns(ok) if c.split(" [")[0] in SR_METRICS
               and (ok[c].notna().any() or c == "LPIPS fidelity")]
@@ -122,7 +129,7 @@ def paper_reference(name: str) -> pd.DataFrame:
 
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 5: parameters and device-days per method, beside the paper's."""
-    ok = frame[(frame.status == "ok") & ~frame.method.isin(["reference", "brainldm"])]
+    ok = frame[(frame.status == "ok") & ~frame.method.isin(list(PSEUDO_METHODS))]
     ok = ok[~ok.method.str.endswith("+sphere")]
     if ok.empty:
         return pd.DataFrame()

@@ -18,15 +18,15 @@ Network
     this same network (``time_unet`` + ``mlp_shared`` / ``mlp_gamma`` / ``mlp_beta``, the heads
     marked "following the original works") with VCM's own condition encoder in front, so MCM-L is
     that network with the condition resized to the latent grid instead of encoded from image
-    resolution. One difference from their code: their ``mlp_gamma`` / ``mlp_beta`` are MONAI
-    ``Convolution`` blocks with ``act=None`` and the default ``norm``, i.e. followed by an
-    InstanceNorm (no parameters) that standardises gamma and beta per sample; we use plain
-    convolutions, as SPADE's heads are (the parameter count is the same).
+    resolution. Their ``mlp_gamma`` / ``mlp_beta`` are MONAI ``Convolution`` blocks with
+    ``act=None`` and the default ``norm``, i.e. followed by a parameter-free InstanceNorm:
+    ``head_norm: instance`` (default) does the same, ``none`` gives SPADE's plain convolutions
+    (``methods._modulation``).
 
 Loss
-    MSE on the modulated prediction plus ``l1_weight * (mean|gamma_t| + mean|beta_t|)``, i.e.
-    ``lambda (||gamma||_1 + ||beta||_1)`` with ``lambda^-1 = B C D H W`` of the latent batch (the
-    objective the VCM authors' training script calls ``MCM_loss``).
+    MSE on the modulated prediction plus ``l1_weight * lambda (||gamma||_1 + ||beta||_1)`` with
+    ``lambda^-1 = B C D H W`` of the latent batch (``l1_mode: paper``) or the authors' script's
+    ``B z x y z`` (``l1_mode: script``; the objective their training script calls ``MCM_loss``).
 
 Multimodal
     The modalities are concatenated along channels into the one module (MCM conditions one
@@ -52,7 +52,8 @@ Initialisation
 
 Profile keys (``methods.mcm`` / ``methods.mcm_l``): ``channels``, ``attention_levels``,
 ``num_res_blocks``, ``norm_num_groups``, ``hidden``, ``head_channels``; optional ``l1_weight``
-(1.0), ``zero_init_heads`` (false), ``condition_resize`` (``area``). Attention blocks have one head
+(1.0), ``l1_mode`` (``paper``), ``head_norm`` (``instance``), ``zero_init_heads`` (false),
+``condition_resize`` (``area``). Attention blocks have one head
 (head width = the level's width), as BrainLDM's and VCM's.
 """
 from __future__ import annotations
@@ -64,7 +65,8 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from methods._blocks import config_value, to_latent_grid, zero_module
+from methods._blocks import config_value, to_latent_grid
+from methods._modulation import L1_MODES, ModulationHeads, check_choice, l1_penalty
 from methods._light_blocks import condition_input
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
@@ -76,7 +78,8 @@ class MCMNet(nn.Module):
     """MCM's modulation network: time-conditioned U-Net + SPADE-style gamma/beta heads."""
 
     def __init__(self, in_channels: int, latent_channels: int, channels, attention_levels, num_res_blocks: int,
-                 norm_num_groups: int, hidden: int, head_channels: int, zero_init_heads: bool, method: str):
+                 norm_num_groups: int, hidden: int, head_channels: int, zero_init_heads: bool, method: str,
+                 head_norm: str = "instance"):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attention_levels = tuple(bool(a) for a in attention_levels)
@@ -104,16 +107,11 @@ class MCMNet(nn.Module):
             with_conditioning=False,      # time only: MCM does not see the base model's scalars
             upcast_attention=True,
         )
-        self.head_shared = nn.Conv3d(hidden, head_channels, 3, padding=1)
-        self.head_gamma = nn.Conv3d(head_channels, latent_channels, 3, padding=1)
-        self.head_beta = nn.Conv3d(head_channels, latent_channels, 3, padding=1)
-        if zero_init_heads:
-            zero_module(self.head_gamma)
-            zero_module(self.head_beta)
+        self.heads = ModulationHeads(hidden, head_channels, latent_channels, norm=head_norm,
+                                     zero_init=zero_init_heads)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.leaky_relu(self.head_shared(self.unet(x, timesteps=t)), 0.01)
-        return self.head_gamma(h), self.head_beta(h)
+        return self.heads(self.unet(x, timesteps=t))
 
 
 class MCMMethod(Method):
@@ -129,6 +127,7 @@ class MCMMethod(Method):
             raise MethodError(f"method '{self.name}' needs at least one condition modality")
         latent_c = int(base.latent_shape[0])
         self.l1_weight = float(get("l1_weight", 1.0))
+        self.l1_mode = check_choice(get("l1_mode", "paper"), L1_MODES, f"methods.{self.name}.l1_mode")
         self.resize = str(get("condition_resize", "area"))
         self.net = MCMNet(
             in_channels=2 * latent_c + sum(self.condition_channels.values()),
@@ -141,6 +140,7 @@ class MCMMethod(Method):
             head_channels=int(get("head_channels")),
             zero_init_heads=bool(get("zero_init_heads", False)),
             method=self.name,
+            head_norm=get("head_norm", "instance"),
         )
 
     def _forward(self, z_t, t, conditions, scalars):
@@ -158,9 +158,7 @@ class MCMMethod(Method):
 
     def training_loss(self, z_t, t, conditions, scalars, noise):
         pred, gamma, beta = self._forward(z_t, t, conditions, scalars)
-        # lambda (|gamma|_1 + |beta|_1) with 1/lambda = B*C*x*y*z of the latent batch, i.e. the means.
-        reg = gamma.abs().mean() + beta.abs().mean()
-        return F.mse_loss(pred.float(), noise.float()) + self.l1_weight * reg
+        return F.mse_loss(pred.float(), noise.float()) + l1_penalty(gamma, beta, self.l1_weight, self.l1_mode)
 
 
 @register("mcm", tasks=TASKS)

@@ -32,14 +32,16 @@ flag (zero). The authors' code has no multimodal VCM. ``split_encoder_width: fal
 every modality a full-width encoder instead (45.85M with two modalities — incidentally the
 closest match to Table 5's 45.88M, whose single-condition configuration counts 45.22M).
 
+Heads and penalty (``methods._modulation``): ``head_norm`` ``instance`` (the authors' code: a
+parameter-free InstanceNorm after each of the gamma/beta convolutions) or ``none``; ``l1_mode``
+``paper`` (1 / lambda = B C x y z) or ``script`` (the authors' script: B z x y z); ``l1_weight``
+scales either.
+
 Initialisation: as the authors' code, the gamma/beta convolutions keep PyTorch's default
-initialisation, so gamma/beta start as small near-constant fields (~1e-2: MONAI zero-initialises
-the U-Net's output convolution, so the heads first see only the shared conv's bias).
-``zero_init_heads: true`` zeroes them as well, so that VCM starts exactly as the frozen model;
-but then every path to the frozen prediction starts at zero (output convolution, heads), the
+initialisation. ``zero_init_heads: true`` zeroes them, so that VCM starts exactly as the frozen
+model; but then every path to the frozen prediction starts at zero (output convolution, heads), the
 gradient reaches the U-Net only after the heads have grown, and training barely moves off the
-identity in short budgets (measured at smoke: head weights ~1e-3 after 60 steps, samples equal
-to the frozen model's to four digits of FID).
+identity in short budgets (measured at smoke: head weights ~1e-3 after 60 steps).
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from methods._blocks import ConditionEncoder, config_value, downsampling_levels, presence_gate, zero_module
+from methods._blocks import ConditionEncoder, config_value, downsampling_levels, presence_gate
+from methods._modulation import L1_MODES, ModulationHeads, check_choice, l1_penalty
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
@@ -73,7 +76,8 @@ class VCM(Method):
         head_hidden = int(get("head_hidden", 128))
         zero_heads = bool(get("zero_init_heads", False))
         split_width = bool(get("split_encoder_width", True))
-        self.l1_weight = float(get("l1_weight", 1.0))  # 1: the paper's lambda; 0: no sparsity penalty
+        self.l1_weight = float(get("l1_weight", 1.0))  # 1: lambda as l1_mode says; 0: no sparsity penalty
+        self.l1_mode = check_choice(get("l1_mode", "paper"), L1_MODES, "methods.vcm.l1_mode")
 
         levels = downsampling_levels(base.compression, "vcm")
         if len(enc_channels) != levels:
@@ -121,12 +125,8 @@ class VCM(Method):
             resblock_updown=True,
             with_conditioning=False,                 # time only, no cross-attention
         )
-        self.head_shared = nn.Conv3d(unet_channels[0], head_hidden, 3, padding=1)
-        self.head_gamma = nn.Conv3d(head_hidden, latent_c, 3, padding=1)
-        self.head_beta = nn.Conv3d(head_hidden, latent_c, 3, padding=1)
-        if zero_heads:
-            zero_module(self.head_gamma)
-            zero_module(self.head_beta)
+        self.heads = ModulationHeads(unet_channels[0], head_hidden, latent_c,
+                                     norm=get("head_norm", "instance"), zero_init=zero_heads)
 
     # ---- forward ------------------------------------------------------------------------
     def encode_conditions(self, conditions: Conditions, like: torch.Tensor) -> torch.Tensor:
@@ -148,9 +148,7 @@ class VCM(Method):
                 f"VCM's condition encoder gave a grid {tuple(cond.shape[2:])} but the latent grid is "
                 f"{tuple(z_t.shape[2:])}; the image shape must be the latent shape times the compression"
             )
-        h = self.time_unet(torch.cat([z_t, eps, cond], dim=1), timesteps=t)
-        h = F.leaky_relu(self.head_shared(h), 0.01)
-        return self.head_gamma(h), self.head_beta(h)
+        return self.heads(self.time_unet(torch.cat([z_t, eps, cond], dim=1), timesteps=t))
 
     def _forward(self, z_t, t, conditions, scalars):
         with torch.no_grad():
@@ -163,8 +161,4 @@ class VCM(Method):
 
     def training_loss(self, z_t, t, conditions, scalars, noise):
         pred, gamma, beta = self._forward(z_t, t, conditions, scalars)
-        # lambda^-1 = B * C * x * y * z of the latent batch (B.2); the authors' script unpacks
-        # the shape as (B, c, h, w, c) and so uses the last axis twice -- we follow the paper
-        # (at BrainLDM's latent shape, l1_weight 0.15 gives the script's value).
-        lam = self.l1_weight / z_t.numel()
-        return F.mse_loss(pred.float(), noise.float()) + lam * (gamma.abs().sum() + beta.abs().sum())
+        return F.mse_loss(pred.float(), noise.float()) + l1_penalty(gamma, beta, self.l1_weight, self.l1_mode)

@@ -131,8 +131,11 @@ def _build(name, profile, base, channels=LV, **overrides):
 @pytest.mark.parametrize("name", CORE)
 def test_method_trains_only_itself_from_the_base_models_prediction(smoke, name):
     profile, base = smoke
-    # VCM's identity start is its zero_init_heads option (the default is the authors' init).
-    method = _build(name, profile, base, **({"zero_init_heads": True} if name == "vcm" else {}))
+    # VCM's identity start is its zero_init_heads option (the default is the authors' init); with the
+    # authors' instance-normalised heads the first update jumps to unit-std modulation, so this
+    # four-step descent check uses plain heads (the instance norm has its own test below).
+    overrides = {"zero_init_heads": True, "head_norm": "none"} if name == "vcm" else {}
+    method = _build(name, profile, base, **overrides)
     z_t, t, cond, scalars, noise = _batch(base, LV)
     with torch.no_grad():
         reference = base.unet(z_t, t, scalars)
@@ -166,14 +169,18 @@ def test_method_trains_only_itself_from_the_base_models_prediction(smoke, name):
 
 
 def test_vcm_default_init_is_near_identity_and_trains_its_unet_from_the_first_step(smoke):
-    """The authors' initialisation: gamma/beta small but not zero, so the gradient reaches the
-    time U-Net at once; with zero heads (and MONAI's zero output conv) it does not."""
+    """The authors' initialisation with plain heads: gamma/beta small but not zero, so the gradient
+    reaches the time U-Net at once; with zero heads (and MONAI's zero output conv) it does not. With
+    the authors' instance-normalised heads the same small fields are standardised to unit std."""
     profile, base = smoke
     z_t, t, cond, scalars, noise = _batch(base, LV)
+    with torch.no_grad():
+        eps = base.unet(z_t, t, scalars)
+        gamma, _ = _build("vcm", profile, base, head_norm="instance").modulation(z_t, eps, t, cond)
+    assert 0.5 < float(gamma.flatten(2).std(-1).mean()) <= 1.01
     for zero_heads, unet_gets_gradient in ((False, True), (True, False)):
-        method = _build("vcm", profile, base, zero_init_heads=zero_heads)
+        method = _build("vcm", profile, base, zero_init_heads=zero_heads, head_norm="none")
         with torch.no_grad():
-            eps = base.unet(z_t, t, scalars)
             gamma, beta = method.modulation(z_t, eps, t, cond)
         assert float(gamma.abs().max()) < 0.1 and float(beta.abs().max()) < 0.1
         assert (float(gamma.abs().max()) > 0) == (not zero_heads)
@@ -231,9 +238,9 @@ def test_vcm_dropped_modality_contributes_nothing(smoke):
 
 def test_vcm_loss_is_mse_plus_scaled_l1_of_the_modulation(smoke):
     profile, base = smoke
-    method = _build("vcm", profile, base)
+    method = _build("vcm", profile, base, head_norm="none")
     with torch.no_grad():
-        for p in (*method.head_gamma.parameters(), *method.head_beta.parameters()):
+        for p in (*method.heads.head_gamma.parameters(), *method.heads.head_beta.parameters()):
             p.add_(0.01 * torch.randn_like(p))
     z_t, t, cond, scalars, noise = _batch(base, LV)
     with torch.no_grad():
@@ -250,6 +257,47 @@ def test_vcm_loss_is_mse_plus_scaled_l1_of_the_modulation(smoke):
     with torch.no_grad():
         unpenalised = method.training_loss(z_t, t, cond, scalars, noise)
     torch.testing.assert_close(unpenalised, torch.nn.functional.mse_loss(eps * (1 + gamma) + beta, noise))
+    # l1_mode script: the authors' script unpacks (B, c, h, w, c), so the last latent axis replaces C
+    method.l1_weight, method.l1_mode = 1.0, "script"
+    b, c, x, y, z = z_t.shape
+    with torch.no_grad():
+        script = method.training_loss(z_t, t, cond, scalars, noise)
+    torch.testing.assert_close(script, torch.nn.functional.mse_loss(eps * (1 + gamma) + beta, noise)
+                               + (gamma.abs().sum() + beta.abs().sum()) / (b * z * x * y * z))
+    with pytest.raises(MethodError, match="l1_mode must be one of paper, script"):
+        _build("vcm", profile, base, l1_mode="half")
+
+
+@pytest.mark.parametrize("name", ["vcm", "mcm", "mcm_l"])
+def test_head_norm_instance_standardises_gamma_and_beta_as_the_authors_code(smoke, name):
+    """head_norm instance (the authors' MONAI Convolution default): gamma and beta have zero mean and
+    unit std per sample and channel once the heads see spatial variation; none: plain convolutions."""
+    profile, base = smoke
+    z_t, t, cond, scalars, _ = _batch(base, LV)
+    out = {}
+    for norm in ("instance", "none"):
+        torch.manual_seed(0)
+        method = _build(name, profile, base, head_norm=norm)
+        with torch.no_grad():
+            for p in method.parameters():  # move off MONAI's zero output convolution
+                p.add_(0.05 * torch.randn_like(p))
+            eps = base.unet(z_t, t, scalars)
+            unet = method.time_unet if name == "vcm" else method.net.unet
+            if name == "vcm":
+                cond_in = method.encode_conditions(cond, z_t)
+            else:
+                from methods._blocks import to_latent_grid
+                from methods._light_blocks import condition_input
+                cond_in = to_latent_grid(condition_input(cond, method.condition_channels), z_t.shape[2:])
+            heads = method.heads if name == "vcm" else method.net.heads
+            out[norm] = heads(unet(torch.cat([z_t, eps, cond_in], dim=1), timesteps=t))
+    for field in out["instance"]:
+        flat = field.flatten(2)
+        torch.testing.assert_close(flat.mean(-1), torch.zeros(flat.shape[:2]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(flat.std(-1, unbiased=False), torch.ones(flat.shape[:2]), atol=1e-2, rtol=0)
+    assert float(out["none"][0].flatten(2).std(-1).mean()) < 0.5  # plain convolutions: no standardising
+    with pytest.raises(MethodError, match="head_norm must be one of instance, none"):
+        _build(name, profile, base, head_norm="batch")
 
 
 def test_shared_blocks():

@@ -1,0 +1,169 @@
+"""The control probe: does a method use its spatial condition? Cheap enough for every checkpoint.
+
+On held-out test subjects, with the clean latents, noise and timesteps fixed by seed, the probe asks
+for the noise prediction of
+
+* the frozen base model (no spatial condition),
+* the method with each subject's **own** condition, and
+* the method with **another** subject's condition (a fixed derangement: nobody keeps their own),
+
+and reports the mean squared error against the true noise of each, per timestep band. The
+**control gap** is MSE(other) - MSE(own), per subject (averaged over that subject's draws in the
+band), with a bootstrap 95% confidence interval over subjects. A method that ignores its condition
+gets a gap of exactly 0 (the two predictions are the same); a method that uses it for the better
+gets a positive gap. The gap is a property of the noise predictor alone, so it can show control
+before it is visible in samples, and it says when during training control emerged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from datasets.subject import Subject
+from datasets.tasks import Task
+from methods.base import Conditions, FrozenLDM, Method
+
+DEFAULT_BANDS = 4        # equal bands of the training timesteps: [0, T/4), [T/4, T/2), ...
+DEFAULT_DRAWS = 2        # noise draws per subject and band
+BOOTSTRAP_RESAMPLES = 2000
+
+
+class ProbeError(ValueError):
+    """A probe that cannot be built (too few subjects, a bad band count)."""
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A fixed permutation of ``range(n)`` with no fixed point: subject i gets the condition of
+    subject ``perm[i] != i``. Seeded; the same on every machine."""
+    if n < 2:
+        raise ProbeError(f"the control probe needs at least 2 test subjects to swap conditions, got {n}")
+    rng = np.random.default_rng([0xC0DE, int(seed)])
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def bootstrap_ci(values: np.ndarray, seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled over subjects)."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng([0xB007, int(seed)])
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    alpha = (1.0 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+@dataclass(frozen=True)
+class Band:
+    lo: int
+    hi: int  # exclusive
+
+    @property
+    def label(self) -> str:
+        return f"t{self.lo}-{self.hi - 1}"
+
+
+class ControlProbe:
+    """Fixed probe inputs for one task and one set of test subjects; :meth:`measure` scores a method.
+
+    ``latents`` is (N, C, x, y, z): the scaled posterior means of the subjects' images (no flip).
+    """
+
+    def __init__(self, base: FrozenLDM, task: Task, subjects: Sequence[Subject], latents: torch.Tensor,
+                 seed: int = 0, bands: int = DEFAULT_BANDS, draws: int = DEFAULT_DRAWS, batch_size: int = 8,
+                 device: str = "cpu"):
+        from benchmark.engine import ConditionStore, scalar_batch
+
+        if bands < 1 or draws < 1:
+            raise ProbeError(f"the control probe needs at least one band and one draw, got {bands} and {draws}")
+        n = len(subjects)
+        if latents.shape[0] != n:
+            raise ProbeError(f"{latents.shape[0]} latents for {n} subjects; give one latent per subject")
+        self.base, self.task, self.seed = base, task, int(seed)
+        self.ids = [s.id for s in subjects]
+        self.batch_size, self.device = int(batch_size), device
+        self.other = derangement(n, seed)
+        total = int(base.train_scheduler.num_train_timesteps)
+        edges = np.linspace(0, total, bands + 1).round().astype(int)
+        self.bands = [Band(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        # One fixed (noise, timestep) per subject, band and draw.
+        self.noise = torch.randn((bands, draws) + tuple(latents.shape), generator=gen)
+        self.timesteps = torch.stack([torch.randint(b.lo, b.hi, (draws, n), generator=gen) for b in self.bands])
+        self.latents = latents.float()
+        self.scalars = scalar_batch(subjects)
+        self.conditions = ConditionStore(task, subjects)
+
+    def _mse(self, predict, index: np.ndarray, own: bool, band: int, draw: int) -> torch.Tensor:
+        """Per-subject MSE of ``predict`` on subjects ``index`` (their own or the deranged conditions)."""
+        idx = torch.from_numpy(index)
+        z0 = self.latents[idx]
+        noise = self.noise[band, draw][idx]
+        t = self.timesteps[band, draw][idx]
+        z_t = self.base.train_scheduler.add_noise(z0, noise, t)
+        cond_index = index if own else self.other[index]
+        conditions = self.conditions.batch(cond_index, device=self.device)
+        pred = predict(z_t.to(self.device), t.to(self.device), conditions, self.scalars[idx].to(self.device))
+        return ((pred.float().cpu() - noise) ** 2).flatten(1).mean(dim=1)
+
+    @torch.no_grad()
+    def measure(self, method: Method | None) -> dict:
+        """MSE of the frozen model and of ``method`` (own and other condition) per band, and the gap.
+
+        With ``method=None`` only the frozen model's MSE is computed (the floor of the loss)."""
+        was_training = method.training if method is not None else False
+        if method is not None:
+            method.eval()
+
+        def frozen(z_t, t, conditions: Conditions, scalars):
+            return self.base.unet(z_t, t, scalars)
+
+        n = len(self.ids)
+        bands = []
+        try:
+            for b, band in enumerate(self.bands):
+                per = {"frozen": torch.zeros(n), "own": torch.zeros(n), "other": torch.zeros(n)}
+                draws = self.noise.shape[1]
+                for d in range(draws):
+                    for start in range(0, n, self.batch_size):
+                        index = np.arange(start, min(n, start + self.batch_size))
+                        per["frozen"][index] += self._mse(frozen, index, True, b, d) / draws
+                        if method is not None:
+                            per["own"][index] += self._mse(method.predict_noise, index, True, b, d) / draws
+                            per["other"][index] += self._mse(method.predict_noise, index, False, b, d) / draws
+                row = {"band": band.label, "t_lo": band.lo, "t_hi": band.hi - 1,
+                       "mse_frozen": float(per["frozen"].mean())}
+                if method is not None:
+                    gap = (per["other"] - per["own"]).numpy().astype(np.float64)
+                    lo, hi = bootstrap_ci(gap, self.seed + b)
+                    row.update({"mse_own": float(per["own"].mean()), "mse_other": float(per["other"].mean()),
+                                "gap": float(gap.mean()), "gap_ci_low": lo, "gap_ci_high": hi})
+                bands.append(row)
+        finally:
+            if method is not None and was_training:
+                method.train()
+        return {"bands": bands, "subjects": n, "draws": int(self.noise.shape[1]), "seed": self.seed}
+
+    def describe(self) -> dict:
+        return {"subjects": len(self.ids), "bands": [b.label for b in self.bands], "draws": int(self.noise.shape[1]),
+                "seed": self.seed, "derangement": self.other.tolist(),
+                "gap": "MSE(another subject's condition) - MSE(own condition), per subject; "
+                       f"mean and {BOOTSTRAP_RESAMPLES}-resample percentile bootstrap 95% CI over subjects"}
+
+
+def bands_above_zero(result: dict) -> int:
+    """How many bands have a gap whose 95% CI lies above 0 (the method measurably uses its condition)."""
+    return sum(1 for row in result.get("bands", []) if row.get("gap_ci_low", 0.0) > 0.0)
+
+
+def summary_columns(result: dict) -> dict[str, float]:
+    """The probe's result as task-table columns (final checkpoint): the gap per band and the count of
+    bands whose CI excludes 0 from above."""
+    columns = {f"control gap {row['band']}": row["gap"] for row in result.get("bands", []) if "gap" in row}
+    if columns:
+        columns["control gap: bands CI>0"] = bands_above_zero(result)
+    return columns
