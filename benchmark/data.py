@@ -25,7 +25,6 @@ from datasets.splits import make_splits
 from datasets.subject import SCALAR_NAMES, DataError, Subject
 from datasets.synthetic import AGE_RANGE, SyntheticPopulation, unscale
 
-PAIRWISE_SUBJECTS = 24  # test subjects whose LV masks are compared pairwise in the summary
 SPLIT_NAMES = {"test": "test", "train": "train_pool", "pretrain": "pretrain"}
 
 
@@ -113,8 +112,8 @@ def cmd_summary(args) -> int:
                         f"synthetic population, profile {profile.name}, shape {tuple(profile.image_shape)}")
     r_lv = np.corrcoef(table["age"], table["ventricular_volume"])[0, 1] if len(table) > 2 else float("nan")
     r_bv = np.corrcoef(table["age"], table["brain_volume"])[0, 1] if len(table) > 2 else float("nan")
-    test_ids = set(splits.test[:PAIRWISE_SUBJECTS])
-    paired = [s for i, s in zip(indices, subjects) if i in test_ids] or subjects[:PAIRWISE_SUBJECTS]
+    test_ids = set(splits.test)  # the whole test split, or what of it was asked for
+    paired = [s for i, s in zip(indices, subjects) if i in test_ids] or subjects
     dice_mean, dice_sd, pairs = pairwise_lv_dice(paired)
     print(f"{len(subjects)} subjects at {tuple(profile.image_shape)} in {seconds:.1f} s "
           f"(cache {pop.block_dir}); age {table.age_years.min():.0f}-{table.age_years.max():.0f} y, "

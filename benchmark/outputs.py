@@ -44,7 +44,16 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     lines += ["", "Column headers name the extractor behind each number; numbers from different "
               "extractors are never in one column. The paper's numbers (columns `paper_…`) come "
               "from ADNI/UK Biobank data and the RadImageNet/MedicalNet extractors.", ""]
-    lines += ["## Tables", ""]
+    lines += ["## Reading control", "",
+              "A method follows its condition only where the table shows it above the row "
+              "\"real, another subject's condition\" (real test volumes scored against a derangement of the "
+              "test conditions: what a perfect generator that ignores its condition reaches) and its control "
+              "gap (noise-prediction MSE with another subject's condition minus with its own, per timestep band, "
+              "from the probe at the final checkpoint) is positive; \"control gap: bands CI>0\" counts the bands "
+              "whose bootstrap 95% CI lies above 0. The ceiling is \"reference (real vs real)\", the floor "
+              "\"base model, unconditioned\".", ""]
+    lines += [f"![{p.stem}](figures/{p.name})" for p in figures if p.name.startswith("control_gap_")]
+    lines += ["", "## Tables", ""]
     for name, table in tables.items():
         if table is None or table.empty:
             continue

@@ -1,13 +1,18 @@
-"""Train one method on one training-set size and sample the test subjects.
+"""Train one method on one training-set size, follow its control probe, and sample the test subjects.
 
     python -m benchmark.train --task lv --method vcm --size 50 --profile smoke
+    python -m benchmark.train --task lv --method vcm --size 50 --profile cpu --no-sampling \
+        --override methods.vcm.l1_weight=0 --out results/sweep/vcm-l1-0      # a recipe sweep point
 
-Writes the checkpoint, the generated volumes (samples.npz) and a montage under --out, and
-prints a one-line summary. Scoring and records are the grid runner's job (run_benchmark.py).
+Writes the checkpoint, the control probe's history (probe.json: the gap per timestep band at every
+checkpoint) and, unless --no-sampling, the generated volumes (samples.npz) and a montage under --out,
+and prints the probe table and a one-line summary. Scoring and records are the grid runner's job
+(run_benchmark.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,7 +20,7 @@ from pathlib import Path
 from benchmark import engine
 from benchmark.figures import montage
 from benchmark.profiles import ProfileError, load_profile
-from benchmark.runner import RunContext, RunSpec, save_real, save_samples, train_or_load
+from benchmark.runner import RunContext, RunSpec, control_probe, save_real, save_samples, train_or_load
 from datasets.subject import DataError
 from datasets.tasks import get_task
 from methods.registry import MethodError, load_plugin
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights-dir", default=None)
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--device", default=None)
+    p.add_argument("--no-sampling", action="store_true", help="train and probe only (a fast recipe check)")
     args = p.parse_args(argv)
     try:
         profile = load_profile(args.profile, args.override)
@@ -53,20 +59,45 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device)
     spec = RunSpec(task.name, args.method, args.size, args.seed)
     started = time.perf_counter()
-    method, result = train_or_load(spec, task, ctx)
+    probe = control_probe(task, ctx, args.seed)
+    method, result = train_or_load(spec, task, ctx, probe=probe)
+    run_dir = ctx.run_dir(spec)
+    history = result.extra.get("control_probe", [])
+    if probe is not None:
+        (run_dir / "probe.json").write_text(json.dumps({"protocol": probe.describe(), "history": history,
+                                                          "overrides": args.override}, indent=1))
+        print(probe_table(history))
+    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    summary = (f"{args.method} on {task.name}, N={args.size}: {result.steps} steps, "
+               f"{result.seconds_per_step:.3f} s/step, final loss {final}")
+    if args.no_sampling:
+        print(f"{summary}; {time.perf_counter() - started:.0f} s total; outputs in {run_dir}")
+        return 0
     test = ctx.test_subjects()
     s = profile.sampling
     generated = engine.sample_method(method, ctx.base, test, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
-    run_dir = ctx.run_dir(spec)
     save_samples(run_dir, test, generated, task)
     save_real(out, test)
     figure = montage(run_dir / "samples.npz", out / "runs" / "real_test.npz", spec.name, run_dir / "montage.png")
-    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-    print(f"{args.method} on {task.name}, N={args.size}: {result.steps} steps, "
-          f"{result.seconds_per_step:.3f} s/step, final loss {final}, "
-          f"{len(test)} test volumes sampled in {time.perf_counter() - started:.0f} s total; "
+    print(f"{summary}, {len(test)} test volumes sampled in {time.perf_counter() - started:.0f} s total; "
           f"outputs in {run_dir} (montage {figure.name})")
     return 0
+
+
+def probe_table(history: list[dict]) -> str:
+    """The probe per checkpoint: the gap (x 1e4) and its 95% CI per band; * where the CI excludes 0."""
+    if not history:
+        return "(no probe measurements)"
+    bands = [row["band"] for row in history[0]["bands"]]
+    lines = ["control gap x 1e4 [95% CI] per band; * = CI above 0",
+             "step  " + "  ".join(f"{b:>24}" for b in bands)]
+    for h in history:
+        cells = []
+        for row in h["bands"]:
+            mark = "*" if row["gap_ci_low"] > 0 else " "
+            cells.append(f"{1e4 * row['gap']:+7.2f} [{1e4 * row['gap_ci_low']:+6.2f},{1e4 * row['gap_ci_high']:+6.2f}]{mark}")
+        lines.append(f"{h['step']:>5} " + "  ".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

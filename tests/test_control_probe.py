@@ -104,6 +104,9 @@ def test_probe_history_is_kept_through_an_interrupted_run(setup, tmp_path):
                                    run_dir, seed=0, progress=False, stop_after=stop_after, probe=probe)
 
     whole = train(tmp_path / "whole").extra["control_probe"]
+    from benchmark.train import probe_table
+
+    assert probe_table(whole).splitlines()[2].split()[0] == "0" and len(probe_table(whole).splitlines()) == 5
     assert [h["step"] for h in whole] == [0, 2, 4]
     assert all(len(h["bands"]) == 2 and "gap" in h["bands"][0] for h in whole)
     assert whole[0]["bands"][0]["gap"] == 0.0  # zero-initialised output layer: no use of the mask yet
