@@ -27,6 +27,15 @@ from methods.registry import MethodError, load_plugin
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--sweep-table"]:
+        if len(argv) != 2 or not Path(argv[1]).is_dir():
+            print("error: --sweep-table takes one folder holding the --out folders of benchmark.train runs",
+                  file=sys.stderr)
+            return 2
+        print(sweep_table(Path(argv[1])))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="lv")
     p.add_argument("--method", required=True)
@@ -102,3 +111,27 @@ def probe_table(history: list[dict]) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def sweep_table(folder: Path) -> str:
+    """One Markdown row per probe.json under ``folder``: the run, its overrides, and per band the gap at
+    the last checkpoint (x 1e4, * where its 95% CI lies above 0) and the first step whose CI did."""
+    rows = []
+    for path in sorted(folder.glob("**/probe.json")):
+        data = json.loads(path.read_text())
+        history = data.get("history") or []
+        if not history:
+            continue
+        last = history[-1]
+        cells = []
+        for b, row in enumerate(last["bands"]):
+            first = next((h["step"] for h in history if h["bands"][b]["gap_ci_low"] > 0), None)
+            mark = "*" if row["gap_ci_low"] > 0 else ""
+            cells.append(f"{1e4 * row['gap']:+.2f}{mark} ({'-' if first is None else first})")
+        rows.append(f"| {path.parent.name} | {' '.join(data.get('overrides', [])) or '(profile)'} | {last['step']} | "
+                    + " | ".join(cells) + " |")
+    if not rows:
+        return f"(no probe.json under {folder})"
+    bands = [row["band"] for row in json.loads(next(folder.glob("**/probe.json")).read_text())["history"][0]["bands"]]
+    head = "| run | overrides | steps | " + " | ".join(f"gap {b} x1e4 (first step CI>0)" for b in bands) + " |"
+    return "\n".join([head, "|" + "---|" * (3 + len(bands))] + rows)

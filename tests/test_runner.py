@@ -68,7 +68,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the grid finished before it could be killed:\n{proc.stdout.read()}"
     before = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
-    assert 2 <= len(before) < 5
+    assert 2 <= len(before) < 7
     # Every record on disk is whole, even right after a kill.
     for path in (out / "records").glob("*.json"):
         json.loads(path.read_text())
@@ -77,7 +77,8 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     log = rerun.communicate()[0]
     assert rerun.returncode == 0, log
     records = _records(out)
-    assert set(records) == {("lv", "reference", 0)} | {("lv", m, n) for m in ("residual_shift", "vcm") for n in (2, 4)}
+    references = {("lv", "reference", 0), ("lv", "reference_other", 0), ("lv", "brainldm", 0)}  # the three Dice rows
+    assert set(records) == references | {("lv", m, n) for m in ("residual_shift", "vcm") for n in (2, 4)}
     assert all(r["status"] == "ok" for r in records.values()), log
     for name, mtime in before.items():  # finished runs were not redone
         assert (out / "records" / name).stat().st_mtime_ns == mtime, f"{name} was redone"
@@ -88,6 +89,12 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert record["cost"]["trainable_parameters"] > 0 and record["cost"]["seconds_per_step"] > 0
     assert any(k.startswith("FID-3D [") for k in record["metrics"]) and "Dice" in record["metrics"]
     assert record["protocol"]["n_generated_volumes"] == 3
+    # the control probe: before training and at every checkpoint (3 steps, checkpoint every step)
+    history = record["control_probe"]["history"]
+    assert [h["step"] for h in history] == [0, 1, 2, 3] and len(history[-1]["bands"]) == 4
+    assert record["metrics"]["control gap t0-249"] == history[-1]["bands"][0]["gap"]
+    assert "not_applicable" in records[("lv", "brainldm", 0)]["control_probe"]
+    assert set(records[("lv", "reference_other", 0)]["metrics"]) == {"Dice"}
 
     # Tables, figures and report are rebuilt from records alone.
     for name in ("table_lv", "table5_cost"):
@@ -100,6 +107,8 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert "no scored runs" not in report
     assert list((out / "figures").glob("montage_lv__vcm__n4*.png"))
     assert (out / "figures" / "metrics_vs_size_lv.png").is_file()
+    assert (out / "figures" / "control_gap_lv.png").is_file() and "figures/control_gap_lv.png" in report
+    assert "real, another subject's condition" in report
     rebuilt = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "tables", "--profile", "smoke",
                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
