@@ -27,7 +27,7 @@ from metrics.cost import device_name
 
 CODE_VERSION = "1"  # bump when a change invalidates finished runs
 
-# Pseudo-methods of the validation table (paper Table 6); not in the method registry.
+# Pseudo-methods: the reference rows of the task tables and of Table 6; not in the method registry.
 REFERENCE = "reference"         # real test volumes against real training volumes
 REFERENCE_OTHER = "reference_other"  # real test volumes against another test subject's condition (Dice)
 BASE_UNCONDITIONED = "brainldm"  # the frozen base model alone

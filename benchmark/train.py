@@ -109,13 +109,11 @@ def probe_table(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def sweep_table(folder: Path) -> str:
-    """One Markdown row per probe.json under ``folder``: the run, its overrides, and per band the gap at
-    the last checkpoint (x 1e4, * where its 95% CI lies above 0) and the first step whose CI did."""
+    """One Markdown row per probe.json under ``folder``: the run, its overrides, per band the gap at the
+    last checkpoint (x 1e4, * where its 95% CI lies above 0) and the first step whose CI did, and how much
+    worse (+) or better (-) the method's own-condition MSE is than the frozen model's."""
     rows = []
     for path in sorted(folder.glob("**/probe.json")):
         data = json.loads(path.read_text())
@@ -128,10 +126,17 @@ def sweep_table(folder: Path) -> str:
             first = next((h["step"] for h in history if h["bands"][b]["gap_ci_low"] > 0), None)
             mark = "*" if row["gap_ci_low"] > 0 else ""
             cells.append(f"{1e4 * row['gap']:+.2f}{mark} ({'-' if first is None else first})")
-        rows.append(f"| {path.parent.name} | {' '.join(data.get('overrides', [])) or '(profile)'} | {last['step']} | "
-                    + " | ".join(cells) + " |")
+        worse = sum(row["mse_own"] - row["mse_frozen"] for row in last["bands"]) / len(last["bands"])
+        name = path.relative_to(folder).parts[0]
+        rows.append(f"| {name} | {' '.join(data.get('overrides', [])) or '(profile)'} | {last['step']} | "
+                    + " | ".join(cells) + f" | {1e4 * worse:+.1f} |")
     if not rows:
         return f"(no probe.json under {folder})"
     bands = [row["band"] for row in json.loads(next(folder.glob("**/probe.json")).read_text())["history"][0]["bands"]]
-    head = "| run | overrides | steps | " + " | ".join(f"gap {b} x1e4 (first step CI>0)" for b in bands) + " |"
-    return "\n".join([head, "|" + "---|" * (3 + len(bands))] + rows)
+    head = ("| run | overrides | steps | " + " | ".join(f"gap {b} x1e4 (first step CI>0)" for b in bands)
+            + " | MSE own - frozen x1e4 (band mean) |")
+    return "\n".join([head, "|" + "---|" * (4 + len(bands))] + rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
