@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: benchmark test test-slow venv clean
+.PHONY: benchmark smoke test test-slow venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -15,7 +15,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The main job: VCM and the fine-tuned LDM at N = 50 on task lv with the shipped cpu base model (the
+# cpu recipe; 16 test subjects and a probe every 100 steps to fit ~20 minutes on 2 cores).
 benchmark: $(STAMP)
+	$(PY) run_benchmark.py --profile cpu --methods vcm,ldm_finetune --sizes 50 --task lv --seeds 0 \
+		--no-validation --override sampling.n_test=16 --override training.checkpoint_every=100 \
+		--out results/benchmark
+
+# Every method at every size on the smoke profile: the machinery in minutes, no control to see.
+smoke: $(STAMP)
 	$(PY) run_benchmark.py --profile smoke --methods all --sizes 10,50,500 --task lv --seeds 0 --out results/smoke
 
 # The fast suite. Tests marked `slow` need a fully pretrained base model (the cpu profile's by

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmark.pretrain import add_retrain_base_flag, overrides_with_retrain_flag
 from benchmark.profiles import ProfileError, available_profiles, load_profile
 
 TASKS = ("lv", "multimodal", "sr4", "sr8")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="redo runs whose records already exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_retrain_base_flag(p)
     return p
 
 
@@ -72,7 +74,7 @@ def _int_list(text: str, what: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        profile = load_profile(args.profile, args.override)
+        profile = load_profile(args.profile, overrides_with_retrain_flag(args))
     except ProfileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from benchmark import shipped
 from benchmark.base_model import BaseLDM
 
 CODE_VERSION = 1  # bump when a change here changes the weights that pretraining produces
@@ -90,21 +91,68 @@ def load_base_model(
     after every training step, for tests and monitoring; an exception it raises stops
     pretraining, and the next call resumes from the last checkpoint.
     """
-    if str(profile.get("base_weights", "") or "").lower() == "brainldm":
+    source = base_source(profile)
+    if source == "brainldm":
         if weights_dir is None:
             raise BaseModelError(
                 f"profile '{profile.get('name', '?')}' uses BrainLDM weights: pass --weights-dir, a folder "
                 f"that holds the bundle's autoencoder and diffusion files ({_where_to_get()})"
             )
         return load_brainldm(profile, weights_dir, device=device)
+    if source == "shipped":
+        found, reason = shipped.find_base_model(base_model_key(profile), str(profile.get("name", "?")))
+        if found is not None:
+            return _load_shipped(profile, found, reason, device, progress)
+        if progress:
+            print(f"base model: {reason}; the suite pretrains its own (or loads it from the cache)",
+                  file=sys.stderr, flush=True)
     out = base_model_dir(profile, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out / "lock"):
         if not (out / "done").is_file():
-            _Pretrainer(profile, cache_dir, device, progress, step_callback).run()
+            if decoder_finetune_steps(profile) > 0:
+                _DecoderFinetuner(profile, cache_dir, device, progress, step_callback).run()
+            else:
+                _Pretrainer(profile, cache_dir, device, progress, step_callback).run()
         elif progress:
             print(f"base model: loaded from {out}", file=sys.stderr, flush=True)
-        return _load_cached(profile, out, device)
+        base = _load_cached(profile, out, device)
+    base.origin = {"source": "pretrained by the suite (cache)", "path": str(out / "model.pt"),
+                   "sha256": file_sha256(out / "model.pt")}
+    return base
+
+
+BASE_SOURCES = ("shipped", "pretrain", "brainldm")
+
+
+def base_source(profile) -> str:
+    """``base_weights`` of the profile: ``shipped`` (default: the networks shipped with the suite in
+    ``benchmark/shipped/`` when they match the profile, else pretrain), ``pretrain`` (the suite
+    pretrains the base model, and trains its judges and extractors, itself; ``--retrain-base``) or
+    ``brainldm`` (the MONAI bundle from ``--weights-dir``)."""
+    value = str(profile.get("base_weights", "shipped") or "shipped").lower()
+    if value not in BASE_SOURCES:
+        raise BaseModelError(f"base_weights '{value}' is not one of {', '.join(BASE_SOURCES)}; "
+                             "set it in the profile or with --override base_weights=shipped")
+    return value
+
+
+def add_retrain_base_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retrain-base", action="store_true",
+                        help="pretrain the base model (and train the judges and extractors) here even when the "
+                             "suite ships them for this profile; same as --override base_weights=pretrain")
+
+
+def overrides_with_retrain_flag(args: argparse.Namespace) -> list[str]:
+    return list(args.override) + (["base_weights=pretrain"] if args.retrain_base else [])
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def autoencoder_key(profile) -> dict[str, Any]:
@@ -126,9 +174,25 @@ def autoencoder_key(profile) -> dict[str, Any]:
 
 def base_model_key(profile) -> dict[str, Any]:
     """Everything that decides the pretrained weights (what the cache hash covers)."""
-    return {**autoencoder_key(profile),
-            "diffusion": profile.diffusion.to_dict(),
-            "scheduler": profile.scheduler.to_dict()}
+    key = {**autoencoder_key(profile),
+           "diffusion": profile.diffusion.to_dict(),
+           "scheduler": profile.scheduler.to_dict()}
+    if decoder_finetune_steps(profile) > 0:
+        key["decoder_finetune"] = profile.decoder_finetune.to_dict()
+    return key
+
+
+def decoder_finetune_steps(profile) -> int:
+    section = profile.get("decoder_finetune")
+    return int(section.get("steps", 0)) if section is not None else 0
+
+
+def without_decoder_finetune(profile):
+    """The profile whose base model the decoder fine-tuning starts from (same latents, same diffusion)."""
+    from benchmark.profiles import Profile
+
+    data = {k: v for k, v in profile.to_dict().items() if k != "decoder_finetune"}
+    return Profile({**data, "base_weights": "pretrain"})
 
 
 def _hash(key: dict) -> str:
@@ -321,7 +385,7 @@ class _Pretrainer:
         warmup = int(cfg.get("warmup_steps", 0))
         every = max(1, int(cfg.get("checkpoint_every", max(1, steps // 10))))
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
-        gen = torch.Generator().manual_seed(self.seed + (1 if stage == "autoencoder" else 2))
+        gen = torch.Generator().manual_seed(self.seed + {"autoencoder": 1, "diffusion": 2}.get(stage, 4))
         # An exponential moving average of the weights (ema_decay > 0) becomes the final model:
         # samples from short runs improve when the last steps' noise is averaged out.
         decay = float(cfg.get("ema_decay", 0.0) or 0.0)
@@ -452,8 +516,77 @@ class _Pretrainer:
         return self._loop("diffusion", base.diffusion, cfg, self.out / "diffusion.ckpt", step_fn)
 
 
-def _load_cached(profile, out: Path, device) -> BaseLDM:
-    path = out / "model.pt"
+class _DecoderFinetuner(_Pretrainer):
+    """Stage 4 (``decoder_finetune.steps`` > 0): the decoder alone is trained further on latents
+    drawn from the frozen encoder, as Stable Diffusion's fine-tuned VAE decoders were. The encoder,
+    the latents, the scale factor and the diffusion model stay exactly those of the profile without
+    this stage (pretrained, or loaded from its cache, first), so reconstructions sharpen without
+    retraining the diffusion model."""
+
+    def run(self) -> None:
+        t_start = time.time()
+        _atomic_write_text(json.dumps(base_model_key(self.profile), indent=2, default=str), self.out / "config.json")
+        start_profile = without_decoder_finetune(self.profile)
+        base = load_base_model(start_profile, self.cache_dir, device=self.device, progress=self.progress,
+                               step_callback=self.callback)
+        start_summary = _read_json(base_model_dir(start_profile, self.cache_dir) / "summary.json")
+        images, _ = load_images(self.profile, self.cache_dir, _pretrain_indices(self.profile),
+                                self.progress, "pretraining data")
+        summary = self._train_decoder(base, images)
+        state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+        _atomic_save({"state_dict": state, "scale_factor": base.scale_factor,
+                      "key": base_model_key(self.profile)}, self.out / "model.pt")
+        full = {**start_summary, "decoder_finetune": summary, "seconds_this_call": round(time.time() - t_start, 1),
+                "started_from": str(base_model_dir(start_profile, self.cache_dir))}
+        _atomic_write_text(json.dumps(full, indent=2), self.out / "summary.json")
+        (self.out / "done").write_text("pretraining finished\n")
+        (self.out / "decoder.ckpt").unlink(missing_ok=True)
+        print(f"base model: decoder fine-tuned in {summary['seconds']:.0f} s ({summary['steps']} steps, "
+              f"L1 {summary.get('final_l1', float('nan')):.4f}); cached in {self.out}", file=sys.stderr, flush=True)
+
+    def _train_decoder(self, base: BaseLDM, images: torch.Tensor) -> dict[str, Any]:
+        cfg = self.profile.decoder_finetune
+        ae = base.autoencoder
+        decoder = torch.nn.ModuleList([ae.post_quant_conv, ae.decoder])
+        base.train()
+        for p in decoder.parameters():
+            p.requires_grad_(True)
+        batch = int(cfg.batch_size)
+        n = images.shape[0]
+
+        def step_fn(step: int, gen: torch.Generator):
+            idx = torch.randint(0, n, (batch,), generator=gen)
+            flip = torch.rand(batch, generator=gen) < 0.5  # left-right (X), as in stage 1
+            x = torch.where(flip.view(-1, 1, 1, 1, 1), images[idx].flip(2), images[idx]).to(self.device)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.no_grad():
+                mu, sigma = ae.encode(x)
+            z = mu + sigma * torch.randn(mu.shape, generator=gen).to(self.device)
+            l1 = F.l1_loss(ae.decode(z).float(), x)
+            return l1, {"l1": l1.detach()}
+
+        ae.to(memory_format=torch.channels_last_3d)  # as stage 1: faster 3D convolutions on CPU
+        try:
+            summary = self._loop("decoder_finetune", decoder, cfg, self.out / "decoder.ckpt", step_fn)
+        finally:
+            ae.to(memory_format=torch.contiguous_format)
+        base.freeze()
+        return summary
+
+
+def _load_shipped(profile, path: Path, what: str, device, progress: bool) -> BaseLDM:
+    shipped.verify(path.parent, path.name)
+    base = _load_cached(profile, path.parent, device, path)
+    base.origin = {"source": "shipped base model", "path": str(path), "sha256": file_sha256(path),
+                   "provenance": str(path.parent / shipped.PROVENANCE)}
+    if progress:
+        print(f"base model: {what} ({path}, sha256 {base.origin['sha256'][:12]}), no pretraining",
+              file=sys.stderr, flush=True)
+    return base
+
+
+def _load_cached(profile, out: Path, device, path: Path | None = None) -> BaseLDM:
+    path = path or out / "model.pt"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         base = BaseLDM.from_profile(profile, scale_factor=float(blob["scale_factor"]))
@@ -577,6 +710,8 @@ def load_brainldm(profile, weights_dir: str | Path, device: str | torch.device =
     base = BaseLDM.from_profile(profile, scale_factor=float(scale))
     load_network_weights(base.autoencoder, ae_path, "autoencoder")
     load_network_weights(base.diffusion, df_path, "diffusion model")
+    base.origin = {"source": "BrainLDM weights", "path": str(df_path), "sha256": file_sha256(df_path),
+                   "autoencoder_path": str(ae_path), "autoencoder_sha256": file_sha256(ae_path)}
     return base.to(device).freeze()
 
 
@@ -631,9 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--weights-dir", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--eval", action="store_true", help="reconstruction quality on the test split")
+    add_retrain_base_flag(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    profile = load_profile(args.profile, args.override)
+    profile = load_profile(args.profile, overrides_with_retrain_flag(args))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     base = load_base_model(profile, args.cache_dir, args.weights_dir, device=device, progress=not args.quiet)

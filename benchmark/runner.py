@@ -210,6 +210,8 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
 
         result["metrics"].update(summary_columns(history[-1]))
     result["cost"]["wall_seconds"] = time.perf_counter() - wall
+    if "base" in vars(ctx):  # the run used the base model: say which one (shipped, pretrained here, BrainLDM)
+        result["base_model"] = getattr(ctx.base, "origin", {})
     return result
 
 

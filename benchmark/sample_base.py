@@ -105,7 +105,7 @@ def population_affine(profile, cache_dir) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     import nibabel as nib
 
-    from benchmark.pretrain import BaseModelError, load_base_model
+    from benchmark.pretrain import BaseModelError, add_retrain_base_flag, load_base_model, overrides_with_retrain_flag
     from benchmark.profiles import ProfileError, load_profile
 
     p = argparse.ArgumentParser(prog="python -m benchmark.sample_base", description=__doc__.split("\n\n")[0])
@@ -120,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
+    add_retrain_base_flag(p)
     args = p.parse_args(argv)
     try:
         scalars = parse_scalars(args.scalars)
-        profile = load_profile(args.profile, args.override)
+        profile = load_profile(args.profile, overrides_with_retrain_flag(args))
     except (ValueError, ProfileError) as err:
         p.error(str(err))
     if args.n < 1:

@@ -44,6 +44,14 @@ class SharedScoring:
         return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:n])
 
     @cached_property
+    def shipped_dirs(self) -> list:
+        """Folders of judges and extractors shipped with the suite (none with ``base_weights: pretrain``)."""
+        from benchmark import shipped
+        from benchmark.pretrain import base_source
+
+        return [] if base_source(self.ctx.profile) == "pretrain" else shipped.metric_dirs()
+
+    @cached_property
     def data_id(self) -> str:
         return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={len(self.train_reference)}"
 
@@ -52,7 +60,7 @@ class SharedScoring:
         images = np.stack([s.image for s in self.train_reference])
         return get_extractors(weights_dir=self.ctx.weights_dir, cache_dir=self.ctx.cache_dir / "extractors",
                               train_volumes=images, data_id=self.data_id, device=self.ctx.device,
-                              config=self.config("in_domain", InDomainConfig))
+                              config=self.config("in_domain", InDomainConfig), shipped_dirs=self.shipped_dirs)
 
     @cached_property
     def lpips(self):
@@ -77,7 +85,7 @@ class Scorer:
         labels = np.stack([s.lv_mask if condition == "lv_mask" else s.semantics for s in subjects])
         return get_judge(self.task.name, images, labels, self.ctx.cache_dir / "judges",
                          data_id=self.shared.data_id, device=self.ctx.device, progress=self.ctx.progress,
-                         config=self.shared.config("judge", JudgeConfig))
+                         config=self.shared.config("judge", JudgeConfig), shipped_dirs=self.shared.shipped_dirs)
 
     def score(self, volumes: np.ndarray, subjects, conditions_task, real_reference=None) -> tuple[dict, dict]:
         """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions."""

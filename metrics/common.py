@@ -126,6 +126,17 @@ def sha256_file(path: str | Path, prefix: int = 12) -> str:
     return h.hexdigest()[:prefix]
 
 
+def trained_weights_path(name: str, cache_dir: str | Path, shipped_dirs: Sequence[str | Path] = ()) -> Path:
+    """Where the weights file ``name`` of a network the suite trains itself is read from: the first
+    read-only folder in ``shipped_dirs`` (weights shipped with the suite) whose ``metrics/`` holds
+    it, else ``cache_dir/metrics/`` (trained here, on first use)."""
+    for folder in shipped_dirs:
+        candidate = Path(folder) / "metrics" / name
+        if candidate.is_file():
+            return candidate
+    return Path(cache_dir) / "metrics" / name
+
+
 def sha256_bytes(data: bytes, prefix: int = 12) -> str:
     return hashlib.sha256(data).hexdigest()[:prefix]
 

@@ -61,6 +61,7 @@ from .common import (
     extract_slices,
     sha256_bytes,
     sha256_file,
+    trained_weights_path,
     warn_once,
 )
 
@@ -635,6 +636,7 @@ def train_in_domain(
     data_id: str | None = None,
     config: InDomainConfig | None = None,
     device: torch.device | str | None = None,
+    shipped_dirs: Sequence[str | Path] = (),
 ) -> FeatureExtractor:
     """The in-domain extractor ``kind`` ('2d' or '3d'), trained on ``train_volumes`` (N, 1, X, Y, Z) in
     [0, 1] and cached under ``cache_dir/metrics/`` by a hash of (kind, data shape, ``data_id`` or the
@@ -651,7 +653,7 @@ def train_in_domain(
     did = data_id if data_id is not None else "sha:" + array_digest(vols)
     key = in_domain_cache_key(kind, tuple(vols.shape), did, cfg)
     name = f"in-domain-{kind}"
-    path = Path(cache_dir) / "metrics" / f"{name}-{key}.pt"
+    path = trained_weights_path(f"{name}-{key}.pt", cache_dir, shipped_dirs)  # shipped, else the cache
     channels = cfg.channels_2d if kind == "2d" else cfg.channels_3d
     spatial = 2 if kind == "2d" else 3
     if path.exists():
@@ -709,6 +711,7 @@ def get_extractors(
     hub_dir: str | Path | None = None,
     config: InDomainConfig | None = None,
     device: torch.device | str | None = None,
+    shipped_dirs: Sequence[str | Path] = (),
 ) -> dict[str, FeatureExtractor]:
     """``{"2d": extractor, "3d": extractor}``.
 
@@ -739,6 +742,7 @@ def get_extractors(
                 f"training volumes instead. Its columns are labelled [in-domain-{kind}] and are not comparable "
                 f"with [{pname}] numbers.",
             )
-            ext = train_in_domain(kind, train_volumes, cache_dir, data_id=data_id, config=config, device=device)
+            ext = train_in_domain(kind, train_volumes, cache_dir, data_id=data_id, config=config, device=device,
+                                  shipped_dirs=shipped_dirs)
         out[kind] = ext
     return out

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes, sha256_file
+from .common import (MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes,
+                     sha256_file, trained_weights_path)
 from .dice import condition_to_labels, dice_score, num_classes_for_task
 
 JUDGE_VERSION = 1
@@ -173,9 +174,11 @@ def train_judge(
     config: JudgeConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    shipped_dirs: Sequence[str | Path] = (),
 ) -> Judge:
-    """Train (or load from the cache) a judge on real ``images`` (N, 1, X, Y, Z) in [0, 1] with integer
-    ``labels`` (N, 1, X, Y, Z) in 0..num_classes-1."""
+    """Train (or load from ``shipped_dirs`` or the cache, see :func:`metrics.common.trained_weights_path`)
+    a judge on real ``images`` (N, 1, X, Y, Z) in [0, 1] with integer ``labels`` (N, 1, X, Y, Z) in
+    0..num_classes-1."""
     cfg = config or JudgeConfig()
     imgs = as_volumes(images, "judge training images")
     labs = as_label_maps(labels, "judge training labels")
@@ -185,7 +188,7 @@ def train_judge(
         raise MetricError(f"judge labels lie in {int(labs.min())}..{int(labs.max())}, outside 0..{num_classes - 1}")
     did = data_id if data_id is not None else "sha:" + array_digest(imgs) + array_digest(labs)
     key = judge_cache_key(num_classes, tuple(imgs.shape), did, cfg)
-    path = Path(cache_dir) / "metrics" / f"judge-{num_classes}cls-{key}.pt"
+    path = trained_weights_path(f"judge-{num_classes}cls-{key}.pt", cache_dir, shipped_dirs)
     if path.exists():
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -219,9 +222,11 @@ def get_judge(
     config: JudgeConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    shipped_dirs: Sequence[str | Path] = (),
 ) -> Judge:
     """A judge for ``task`` ('lv': 2 classes from the LV mask; 'multimodal': 5 classes from the semantic
     map, given as labels (N, 1, ...) or one-hot over 1-4 (N, 4, ...))."""
     k = num_classes_for_task(task)
     labels = condition_to_labels(conditions, task)
-    return train_judge(images, labels, k, cache_dir, data_id=data_id, config=config, device=device, progress=progress)
+    return train_judge(images, labels, k, cache_dir, data_id=data_id, config=config, device=device, progress=progress,
+                       shipped_dirs=shipped_dirs)
