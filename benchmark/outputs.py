@@ -28,6 +28,16 @@ def _extractors(results_dir: Path) -> list[str]:
     return list(seen)
 
 
+def _base_models(results_dir: Path) -> list[str]:
+    """Which base model the runs used (shipped, pretrained here, BrainLDM), one line each."""
+    seen = {}
+    for rec in iter_records(results_dir):
+        origin = rec.get("base_model") or {}
+        if origin:
+            seen[f"{origin.get('source')}: `{origin.get('path')}` (sha256 {str(origin.get('sha256'))[:16]}…)"] = None
+    return list(seen)
+
+
 def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) -> Path:
     results_dir = Path(results_dir)
     frame = records_frame(results_dir)
@@ -38,6 +48,7 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         ok = int((frame.status == "ok").sum())
         lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed. "
                      f"Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+    lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     lines += ["", "## Feature extractors and protocol", ""]
     extractors = _extractors(results_dir)
     lines += [f"- {e}" for e in extractors] or ["- (no scored runs yet)"]

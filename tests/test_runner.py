@@ -95,6 +95,9 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert record["metrics"]["control gap t0-249"] == history[-1]["bands"][0]["gap"]
     assert "not_applicable" in records[("lv", "brainldm", 0)]["control_probe"]
     assert set(records[("lv", "reference_other", 0)]["metrics"]) == {"Dice"}
+    # the tiny profile matches no shipped base model: the record says it was pretrained here, and which file
+    assert record["base_model"]["source"] == "pretrained by the suite (cache)"
+    assert len(record["base_model"]["sha256"]) == 64 and record["base_model"]["path"].startswith(str(cache))
 
     # Tables, figures and report are rebuilt from records alone.
     for name in ("table_lv", "table5_cost"):
@@ -109,6 +112,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert (out / "figures" / "metrics_vs_size_lv.png").is_file()
     assert (out / "figures" / "control_gap_lv.png").is_file() and "figures/control_gap_lv.png" in report
     assert "real, another subject's condition" in report
+    assert "Base model: pretrained by the suite (cache)" in report
     rebuilt = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "tables", "--profile", "smoke",
                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
