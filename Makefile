@@ -28,8 +28,8 @@ benchmark: $(STAMP)
 smoke: $(STAMP)
 	$(PY) run_benchmark.py --profile smoke --methods all --sizes 10,50,500 --task lv --seeds 0 --out results/smoke
 
-# The fast suite. Tests marked `slow` need a fully pretrained base model (the cpu profile's by
-# default: ~32 minutes of pretraining on first use, then cached) and run with `make test-slow`.
+# The fast suite. Tests marked `slow` sample the shipped cpu base model (a few minutes on 2 cores)
+# and run with `make test-slow`.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
