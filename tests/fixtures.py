@@ -10,3 +10,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_base_and_subjects(overrides, cache, n_subjects: int = 6):
+    """A smoke-shaped profile with ``overrides``, a seeded randomly initialised frozen base model of
+    its architecture (no pretraining: the tests check mechanics, not quality) and the first
+    ``n_subjects`` synthetic subjects generated into ``cache``."""
+    from benchmark.base_model import BaseLDM
+    from benchmark.profiles import load_profile
+    from datasets.synthetic import SyntheticPopulation
+
+    profile = load_profile("smoke", overrides)
+    torch.manual_seed(0)
+    base = BaseLDM.from_profile(profile).freeze()
+    subjects = SyntheticPopulation(tuple(profile.image_shape), seed=0, cache_dir=cache).subjects(range(n_subjects))
+    return profile, base, subjects

@@ -7,23 +7,18 @@ import pytest
 import torch
 
 from benchmark import engine
-from benchmark.base_model import BaseLDM
 from benchmark.control_probe import ControlProbe, ProbeError, bands_above_zero, derangement, summary_columns
 from benchmark.profiles import load_profile
-from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import get_task
 from methods.base import Method
+from tests.fixtures import random_base_and_subjects
 
 OVERRIDES = ["training.steps=4", "training.batch_size=2", "training.checkpoint_every=2", "sampling.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    profile = load_profile("smoke", OVERRIDES)
-    torch.manual_seed(0)
-    base = BaseLDM.from_profile(profile).freeze()
-    cache = tmp_path_factory.mktemp("cache")
-    subjects = SyntheticPopulation(tuple(profile.image_shape), seed=0, cache_dir=cache).subjects(range(6))
+    profile, base, subjects = random_base_and_subjects(OVERRIDES, tmp_path_factory.mktemp("cache"))
     latents = engine.LatentCache(base, None).get(subjects, progress=False)[:, 0, 0]
     return profile, base, subjects, latents
 

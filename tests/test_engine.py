@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from benchmark import engine
-from benchmark.base_model import BaseLDM
-from benchmark.profiles import load_profile
-from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import get_task
 from methods.registry import get_method, load_plugin
+from tests.fixtures import random_base_and_subjects
 from tests.paths import EXAMPLE_PLUGIN
 
 OVERRIDES = ["training.steps=6", "training.batch_size=2", "training.checkpoint_every=2", "training.warmup_steps=2",
@@ -23,11 +21,8 @@ OVERRIDES = ["training.steps=6", "training.batch_size=2", "training.checkpoint_e
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    profile = load_profile("smoke", OVERRIDES)
-    torch.manual_seed(0)
-    base = BaseLDM.from_profile(profile).freeze()
     cache = tmp_path_factory.mktemp("cache")
-    subjects = SyntheticPopulation(tuple(profile.image_shape), seed=0, cache_dir=cache).subjects(range(6))
+    profile, base, subjects = random_base_and_subjects(OVERRIDES, cache)
     load_plugin(str(EXAMPLE_PLUGIN))
     return profile, base, subjects, cache
 

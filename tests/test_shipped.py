@@ -17,7 +17,7 @@ from benchmark.pretrain import (add_retrain_base_flag, base_model_dir, base_mode
                                 overrides_with_retrain_flag, without_decoder_finetune)
 from benchmark.profiles import load_profile
 from metrics.judge import JudgeConfig, train_judge
-from tests.test_base_model import TINY, Stop, cache, data_cache, states_equal, tiny  # noqa: F401 (fixtures)
+from tests.test_base_model import Stop, cache, data_cache, states_equal, tiny  # noqa: F401 (fixtures)
 
 SHIPPED_PROFILES = ("smoke", "cpu")
 
