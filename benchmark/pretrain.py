@@ -56,6 +56,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from benchmark import shipped
+from metrics.common import sha256_file
 from benchmark.base_model import BaseLDM
 
 CODE_VERSION = 1  # bump when a change here changes the weights that pretraining produces
@@ -148,11 +149,8 @@ def overrides_with_retrain_flag(args: argparse.Namespace) -> list[str]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The full sha256 of a file (``metrics.common.sha256_file`` shortens it by default)."""
+    return sha256_file(path, prefix=64)
 
 
 def autoencoder_key(profile) -> dict[str, Any]:
@@ -577,7 +575,8 @@ class _DecoderFinetuner(_Pretrainer):
 def _load_shipped(profile, path: Path, what: str, device, progress: bool) -> BaseLDM:
     shipped.verify(path.parent, path.name)
     base = _load_cached(profile, path.parent, device, path)
-    base.origin = {"source": "shipped base model", "path": str(path), "sha256": file_sha256(path),
+    base.origin = {"source": "shipped base model", "path": str(path),
+                   "sha256": shipped.provenance(path.parent)["files"][path.name]["sha256"],  # verified above
                    "provenance": str(path.parent / shipped.PROVENANCE)}
     if progress:
         print(f"base model: {what} ({path}, sha256 {base.origin['sha256'][:12]}), no pretraining",
