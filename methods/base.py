@@ -15,7 +15,7 @@ from torch import nn
 
 
 class FrozenLDM(Protocol):
-    """The interface of the frozen base model (implemented in ``benchmark.base_model``)."""
+    """The interface of the frozen base model (implemented in ``benchmark.base.model``)."""
 
     image_shape: tuple[int, int, int]          # (X, Y, Z) of image volumes
     latent_shape: tuple[int, int, int, int]    # (C, x, y, z) of latents
@@ -142,7 +142,7 @@ class DirectMethod(Method):
     ``fit`` trains whatever the method trains (nothing for an optimisation-at-test-time or
     interpolation method), checkpointing in ``run_dir`` and resuming from it when training is
     long; it also records what ``generate`` needs to know about the task (e.g. the SR factor).
-    ``settings`` is the suite's method-training section (``benchmark.engine.TrainSettings``:
+    ``settings`` is the suite's method-training section (``benchmark.engine.training.TrainSettings``:
     steps, batch_size, lr, checkpoint_every, ...); a direct method takes its own sizes from
     ``self.config`` (``profile.methods.<name>``) and may use ``settings.checkpoint_every``.
     ``fit`` returns a dict for the run record, with any of: ``steps``, ``losses`` (per step),

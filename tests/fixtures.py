@@ -16,7 +16,7 @@ def random_base_and_subjects(overrides, cache, n_subjects: int = 6):
     """A smoke-shaped profile with ``overrides``, a seeded randomly initialised frozen base model of
     its architecture (no pretraining: the tests check mechanics, not quality) and the first
     ``n_subjects`` synthetic subjects generated into ``cache``."""
-    from benchmark.base_model import BaseLDM
+    from benchmark.base.model import BaseLDM
     from benchmark.profiles import load_profile
     from datasets.synthetic import SyntheticPopulation
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.base_model import BaseLDM
-from benchmark.pretrain import (BaseModelError, autoencoder_dir, base_model_dir, base_model_hash,
-                                load_base_model, load_brainldm, load_network_weights)
+from benchmark.base.model import BaseLDM
+from benchmark.base.brainldm import load_brainldm, load_network_weights
+from benchmark.base.cache import BaseModelError, autoencoder_dir, base_model_dir, base_model_hash, load_base_model
 from benchmark.profiles import load_profile
 from tests.paths import ROOT
 
@@ -203,7 +203,7 @@ def save_bundle(model: BaseLDM, folder: Path, ae_name: str, df_name: str, old: b
 
 def test_paper_profile_matches_the_bundle_architecture():
     profile = load_profile("paper")
-    from benchmark.base_model import autoencoder_config, diffusion_config
+    from benchmark.base.model import autoencoder_config, diffusion_config
 
     ae, df = autoencoder_config(profile), diffusion_config(profile)
     assert ae["channels"] == (64, 128, 128, 128) and ae["num_res_blocks"] == 2 and ae["latent_channels"] == 3
@@ -265,12 +265,10 @@ def test_brainldm_missing_weights_dir_or_files(tmp_path, cache):
         load_brainldm(profile, tmp_path / "half")
 
     # the sampling command says the same, as a one-line error, not a traceback
-    from benchmark.sample_base import main
+    from benchmark.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--profile", "paper", "--n", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
-              "--weights-dir", str(tmp_path / "half"), "--quiet"])
-    assert exit_info.value.code == 2
+    assert main(["sample", "--profile", "paper", "--n", "1", "--out", str(tmp_path / "s"), "--cache-dir", str(cache),
+                 "--weights-dir", str(tmp_path / "half"), "--quiet"]) == 2
 
 
 def test_brainldm_mismatched_files_name_the_file(tmp_path):
@@ -351,7 +349,7 @@ def test_dark_region_measure_tracks_ventricles_in_real_data(pretrained_model):
 
 @pytest.mark.slow  # needs a fully pretrained base model: `make test-slow`
 def test_samples_in_range_and_not_constant(pretrained_model):
-    from benchmark.sample_base import sample_volumes
+    from benchmark.base.sampling import sample_volumes
 
     profile, _, base = pretrained_model
     volumes = sample_volumes(base, [0.5, 0.5, 0.5, 0.5], 4, int(profile.sampling.ddim_steps), seed=0)
@@ -366,7 +364,7 @@ def test_samples_in_range_and_not_constant(pretrained_model):
 
 @pytest.mark.slow  # needs a fully pretrained base model: `make test-slow`
 def test_ventricular_volume_scalar_enlarges_the_dark_central_region(pretrained_model):
-    from benchmark.sample_base import sample_volumes
+    from benchmark.base.sampling import sample_volumes
 
     profile, _, base = pretrained_model
     steps = int(profile.sampling.ddim_steps)
@@ -382,20 +380,19 @@ def test_ventricular_volume_scalar_enlarges_the_dark_central_region(pretrained_m
 def test_sample_base_cli_writes_nifti_and_montage(pretrained_model, tmp_path):
     import nibabel as nib
 
-    from benchmark.sample_base import main
+    from benchmark.cli import main
 
     profile, cache, _ = pretrained_model
     out = tmp_path / "samples"
-    assert main(["--profile", profile.name, "--n", "2", "--out", str(out), "--cache-dir", str(cache),
+    assert main(["sample", "--profile", profile.name, "--n", "2", "--out", str(out), "--cache-dir", str(cache),
                  "--scalars", "0.2,0.5,0.9,0.5", "--seed", "3", "--quiet"]) == 0
     files = sorted(out.glob("sample_*.nii.gz"))
     assert [f.name for f in files] == ["sample_000.nii.gz", "sample_001.nii.gz"]
     img = nib.load(files[0])
     assert img.shape == tuple(profile.image_shape)
-    from benchmark.sample_base import population_affine
+    from benchmark.base.sampling import population_affine
 
     np.testing.assert_allclose(img.affine, population_affine(profile, cache))
     assert np.isfinite(np.asarray(img.dataobj)).all()
     assert (out / "montage.png").stat().st_size > 1000
-    with pytest.raises(SystemExit):
-        main(["--profile", "smoke", "--n", "2", "--out", str(out), "--scalars", "0.5,2"])
+    assert main(["sample", "--profile", "smoke", "--n", "2", "--out", str(out), "--scalars", "0.5,2"]) == 2

@@ -1,15 +1,15 @@
-"""The per-method training-step benchmark (benchmark.bench_methods) runs and writes its report."""
+"""The per-method training-step benchmark (benchmark.cli.bench) runs and writes its report."""
 from __future__ import annotations
 
 import json
 
-from benchmark.bench_methods import main
+from benchmark.cli import main
 
 TINY = ["data.train_pool=8", "data.test_set=2", "training.batch_size=2"]
 
 
 def _args(tmp_path, *extra):
-    return ["--profile", "smoke", "--random-base", "--steps", "1", "--size", "4",
+    return ["bench", "--profile", "smoke", "--random-base", "--steps", "1", "--size", "4",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
             *sum((["--override", o] for o in TINY), []), *extra]
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import engine
-from benchmark.control_probe import ControlProbe, ProbeError, bands_above_zero, derangement, summary_columns
+from benchmark.engine.latents import LatentCache
+from benchmark.engine.training import TrainSettings, train_method
+from benchmark.engine.probe import ControlProbe, ProbeError, bands_above_zero, derangement, summary_columns
 from benchmark.profiles import load_profile
 from datasets.tasks import get_task
 from methods.base import Method
@@ -19,7 +20,7 @@ OVERRIDES = ["training.steps=4", "training.batch_size=2", "training.checkpoint_e
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     profile, base, subjects = random_base_and_subjects(OVERRIDES, tmp_path_factory.mktemp("cache"))
-    latents = engine.LatentCache(base, None).get(subjects, progress=False)[:, 0, 0]
+    latents = LatentCache(base, None).get(subjects, progress=False)[:, 0, 0]
     return profile, base, subjects, latents
 
 
@@ -94,12 +95,12 @@ def test_probe_history_is_kept_through_an_interrupted_run(setup, tmp_path):
     def train(run_dir, stop_after=None):
         torch.manual_seed(1)
         method = get_method("residual_shift", "lv")(base, task.modalities, {"width": 4})
-        settings = engine.TrainSettings.from_profile(profile, 4)
-        return engine.train_method(method, base, subjects[:4], task, settings, engine.LatentCache(base, None),
+        settings = TrainSettings.from_profile(profile, 4)
+        return train_method(method, base, subjects[:4], task, settings, LatentCache(base, None),
                                    run_dir, seed=0, progress=False, stop_after=stop_after, probe=probe)
 
     whole = train(tmp_path / "whole").extra["control_probe"]
-    from benchmark.train import probe_table
+    from benchmark.cli.train import probe_table
 
     assert probe_table(whole).splitlines()[2].split()[0] == "0" and len(probe_table(whole).splitlines()) == 5
     assert [h["step"] for h in whole] == [0, 2, 4]
@@ -113,20 +114,20 @@ def test_probe_history_is_kept_through_an_interrupted_run(setup, tmp_path):
 
 
 def test_learning_rate_schedules():
-    authors = engine.TrainSettings(300, 4, 1e-4, 0.0, 7, 100).lr_factor()  # default: the authors'
+    authors = TrainSettings(300, 4, 1e-4, 0.0, 7, 100).lr_factor()  # default: the authors'
     assert authors(0) == pytest.approx(0.1) and authors(10) == pytest.approx(1.0)  # warm-up: 300 // 30 steps
     assert authors(5) == pytest.approx(0.55)
     assert authors(155) == pytest.approx(0.55) and authors(299) == pytest.approx(0.1, abs=1e-4)
-    linear = engine.TrainSettings(300, 4, 1e-4, 0.0, 10, 100, schedule="linear").lr_factor()
+    linear = TrainSettings(300, 4, 1e-4, 0.0, 10, 100, schedule="linear").lr_factor()
     assert linear(0) == pytest.approx(0.1) and linear(9) == 1.0 and linear(300) == 0.0
     with pytest.raises(ValueError, match="training.schedule must be one of authors, linear"):
-        engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, schedule="cosine")
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, schedule="cosine")
 
 
 def test_judged_tasks_get_three_reference_rows_first(tmp_path):
-    from benchmark.figures import control_gap_curves
-    from benchmark.grid import build_specs
-    from benchmark.tables import OTHER_ROW, REFERENCE_ROW, BASE_ROW, records_frame, task_table
+    from benchmark.report.figures import control_gap_curves
+    from benchmark.run.grid import build_specs
+    from benchmark.report.tables import OTHER_ROW, REFERENCE_ROW, BASE_ROW, records_frame, task_table
 
     profile = load_profile("smoke")
     specs = build_specs(["lv", "multimodal", "sr4"], "vcm", [10], [0], profile, validation=False)

@@ -111,7 +111,7 @@ def test_labels_and_age_trends(cohort):
 def test_ventricle_masks_say_more_than_the_scalars(cohort, cache, shape):
     """Issue 13: masks of different subjects overlap little (pairwise Dice <= 0.25 over 48 subjects;
     0.229 over the whole cpu test split of 104), while the ventricles still grow with age (r >= 0.5)."""
-    from benchmark.data import pairwise_lv_dice
+    from benchmark.cli.data import pairwise_lv_dice
 
     subjects = cohort[:48] if shape == SHAPE else SyntheticPopulation(shape, seed=0, cache_dir=cache).subjects(range(48))
     mean, _, pairs = pairwise_lv_dice(subjects)
@@ -370,20 +370,20 @@ def test_manifest_without_skull_column_derives_it(exported, tmp_path):
 
 # --- CLI --------------------------------------------------------------------------------------------
 def test_cli_summary_and_export(cohort, cache, tmp_path, capsys):
-    from benchmark.data import main
+    from benchmark.cli import main
 
-    assert main(["summary", "--profile", "smoke", "--n", "8", "--cache-dir", str(cache), "--out", str(tmp_path)]) == 0
+    assert main(["data", "summary", "--profile", "smoke", "--n", "8", "--cache-dir", str(cache), "--out", str(tmp_path)]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("8 subjects at (32, 48, 32)") and "LV masks of different subjects overlap" in line
     table = _rows(tmp_path / "summary.csv")
     assert len(table) == 8 and {"sex", "age", "ventricular_volume", "brain_volume", "split"} <= set(table[0])
     assert (tmp_path / "population.png").stat().st_size > 10_000
     out = tmp_path / "nifti"
-    assert main(["export", "--profile", "smoke", "--out", str(out), "--n", "2", "--cache-dir", str(cache)]) == 0
+    assert main(["data", "export", "--profile", "smoke", "--out", str(out), "--n", "2", "--cache-dir", str(cache)]) == 0
     back = load_manifest(out / "manifest.csv", SHAPE)
     assert [s.id for s in back] == [cohort[0].id, cohort[1].id]  # the test split starts at index 0
     _same(back[1], cohort[1])
-    assert main(["summary", "--profile", "nosuch", "--cache-dir", str(cache)]) == 2
+    assert main(["data", "summary", "--profile", "nosuch", "--cache-dir", str(cache)]) == 2
 
 
 def test_data_workers_come_from_the_environment_or_default_to_two(monkeypatch, tmp_path):

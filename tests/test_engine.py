@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import engine
+from benchmark.engine.latents import ConditionStore, FLIP_AXIS, LatentCache, condition_batch, scalar_batch
+from benchmark.engine.sampling import sample_unconditioned
+from benchmark.engine.training import TrainSettings, TrainingDiverged, backward_in_micro_batches, train_method
 from datasets.tasks import get_task
 from methods.registry import get_method, load_plugin
 from tests.fixtures import random_base_and_subjects
@@ -32,9 +34,9 @@ def _train(setup, run_dir, stop_after=None, task="lv"):
     t = get_task(task)
     torch.manual_seed(1)
     method = get_method("residual_shift", task)(base, t.modalities, {"width": 4})
-    latents = engine.LatentCache(base, cache / "latents.pt")
-    settings = engine.TrainSettings.from_profile(profile, len(subjects[:4]))
-    result = engine.train_method(method, base, subjects[:4], t, settings, latents, run_dir, seed=0,
+    latents = LatentCache(base, cache / "latents.pt")
+    settings = TrainSettings.from_profile(profile, len(subjects[:4]))
+    result = train_method(method, base, subjects[:4], t, settings, latents, run_dir, seed=0,
                                  progress=False, stop_after=stop_after)
     return method, result
 
@@ -63,7 +65,7 @@ def test_training_changes_only_the_method(setup, tmp_path):
 def test_sampling_is_seeded_per_subject(setup):
     profile, base, subjects, _ = setup
     task = get_task("lv")
-    run = lambda subs, seed: engine.sample_unconditioned(base, subs, task, 3, 2, seed, progress=False)
+    run = lambda subs, seed: sample_unconditioned(base, subs, task, 3, 2, seed, progress=False)
     first = run(subjects[:3], 0)
     again = run(subjects[:3], 0)
     np.testing.assert_array_equal(first, again)
@@ -79,21 +81,21 @@ def test_nan_loss_stops_with_a_clear_error(setup, tmp_path):
     t = get_task("lv")
     method = get_method("residual_shift", "lv")(base, t.modalities, {"width": 4})
     method.training_loss = lambda *a, **k: method.net[0].weight.sum() * float("nan")
-    settings = engine.TrainSettings.from_profile(profile, 4)
-    with pytest.raises(engine.TrainingDiverged, match="loss became nan at step 1"):
-        engine.train_method(method, base, subjects[:4], t, settings, engine.LatentCache(base, None),
+    settings = TrainSettings.from_profile(profile, 4)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        train_method(method, base, subjects[:4], t, settings, LatentCache(base, None),
                             tmp_path / "nan", seed=0, progress=False)
 
 
 def test_latents_are_cached_for_plain_and_mirrored_views(setup, tmp_path):
     _, base, subjects, _ = setup
-    cache = engine.LatentCache(base, tmp_path / "l.pt")
+    cache = LatentCache(base, tmp_path / "l.pt")
     got = cache.get(subjects[:2], progress=False)
     assert got.shape == (2, 2, 2, *base.latent_shape)
-    reloaded = engine.LatentCache(base, tmp_path / "l.pt")
+    reloaded = LatentCache(base, tmp_path / "l.pt")
     assert set(reloaded.entries) == {s.id for s in subjects[:2]}
     with torch.no_grad():
-        mu, _ = base.encode(torch.from_numpy(subjects[0].image[None]).flip(engine.FLIP_AXIS))
+        mu, _ = base.encode(torch.from_numpy(subjects[0].image[None]).flip(FLIP_AXIS))
     torch.testing.assert_close(got[0, 1, 0], mu[0])
 
 
@@ -101,7 +103,7 @@ def test_latents_are_cached_for_plain_and_mirrored_views(setup, tmp_path):
 def test_condition_store_gives_each_subjects_conditions_mirrored_and_dropped(setup, task_name):
     _, _, subjects, _ = setup
     task = get_task(task_name)
-    store = engine.ConditionStore(task, subjects)
+    store = ConditionStore(task, subjects)
     for name, stored in store.tensors.items():  # binary maps lossless as uint8, images as float32
         binary = name == "semantics"
         assert stored.dtype == (torch.uint8 if binary else torch.float32), name
@@ -111,7 +113,7 @@ def test_condition_store_gives_each_subjects_conditions_mirrored_and_dropped(set
     batch = store.batch(indices, present, flip)
     for name in task.modalities:
         expected = [task.conditions(subjects[i])[name] for i in indices]
-        expected[0] = np.flip(expected[0], axis=engine.FLIP_AXIS - 1)  # (C, X, Y, Z): X is axis 1
+        expected[0] = np.flip(expected[0], axis=FLIP_AXIS - 1)  # (C, X, Y, Z): X is axis 1
         expected[1] = np.zeros_like(expected[1])
         assert batch.tensors[name].dtype == torch.float32
         np.testing.assert_array_equal(batch.tensors[name].numpy(), np.stack(expected))
@@ -127,8 +129,8 @@ def test_micro_batches_accumulate_to_the_whole_batch_gradient(setup):
     z_t = torch.randn((n, *base.latent_shape))
     noise = torch.randn_like(z_t)
     t = torch.randint(0, 1000, (n,))
-    conditions = engine.condition_batch(task, subjects[:n])
-    scalars = engine.scalar_batch(subjects[:n])
+    conditions = condition_batch(task, subjects[:n])
+    scalars = scalar_batch(subjects[:n])
 
     def loss_of(part):
         return method.training_loss(z_t[part], t[part], conditions.select(part), scalars[part], noise[part])
@@ -136,7 +138,7 @@ def test_micro_batches_accumulate_to_the_whole_batch_gradient(setup):
     results = {}
     for micro in (n, 3, 1):  # whole batch; unequal micro-batches (3 + 1); one example each
         method.zero_grad(set_to_none=True)
-        value = engine.backward_in_micro_batches(loss_of, n, micro)
+        value = backward_in_micro_batches(loss_of, n, micro)
         results[micro] = value, [p.grad.clone() for p in method.trainable_parameters()]
     whole_value, whole_grads = results[n]
     for micro in (3, 1):
@@ -148,7 +150,7 @@ def test_micro_batches_accumulate_to_the_whole_batch_gradient(setup):
 
 def test_training_settings_reject_impossible_micro_batches_and_precisions():
     with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
-        engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=0)
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=0)
     with pytest.raises(ValueError, match="mixed_precision must be 'fp32' or 'bf16'"):
-        engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16")
-    assert engine.TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16).micro_batch_size == 4
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16")
+    assert TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16).micro_batch_size == 4

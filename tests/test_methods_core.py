@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.base_model import BaseLDM
+from benchmark.base.model import BaseLDM
 from benchmark.profiles import load_profile
 from methods.base import Conditions
 from methods.registry import MethodError, get_method

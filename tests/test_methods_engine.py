@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import engine
-from benchmark.base_model import BaseLDM
+from benchmark.engine.latents import LatentCache, stable_seed
+from benchmark.engine.sampling import sample_method
+from benchmark.engine.training import TrainSettings, train_method
+from benchmark.base.model import BaseLDM
 from benchmark.profiles import load_profile
 from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import get_task
@@ -26,15 +28,15 @@ def setup(tmp_path_factory):
             p.normal_(0, 0.02)
     cache = tmp_path_factory.mktemp("cache")
     subjects = SyntheticPopulation(tuple(PROFILE.image_shape), seed=0, cache_dir=cache).subjects(range(4))
-    return base, subjects, engine.LatentCache(base, None)
+    return base, subjects, LatentCache(base, None)
 
 
 def _run(name, task, setup, run_dir, stop_after=None):
     base, subjects, latents = setup
-    torch.manual_seed(engine.stable_seed(0, "init", name))
+    torch.manual_seed(stable_seed(0, "init", name))
     method = get_method(name, task.name)(base, task.modalities, PROFILE.methods[name])
-    settings = engine.TrainSettings.from_profile(PROFILE, 3)
-    result = engine.train_method(method, base, subjects[:3], task, settings, latents, run_dir, 0,
+    settings = TrainSettings.from_profile(PROFILE, 3)
+    result = train_method(method, base, subjects[:3], task, settings, latents, run_dir, 0,
                                  progress=False, stop_after=stop_after)
     return method, result
 
@@ -48,8 +50,8 @@ def test_method_resumes_and_samples_deterministically(name, setup, tmp_path):
     resumed_method, resumed = _run(name, task, setup, tmp_path / "cut")
     assert resumed.resumed_from == 2
     np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-5, atol=1e-7)
-    first = engine.sample_method(resumed_method, base, subjects[3:], task, 2, 1, seed=0, progress=False)
-    second = engine.sample_method(resumed_method, base, subjects[3:], task, 2, 1, seed=0, progress=False)
+    first = sample_method(resumed_method, base, subjects[3:], task, 2, 1, seed=0, progress=False)
+    second = sample_method(resumed_method, base, subjects[3:], task, 2, 1, seed=0, progress=False)
     np.testing.assert_array_equal(first, second)
     assert np.isfinite(first).all()
 

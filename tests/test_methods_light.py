@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.base_model import BaseLDM
+from benchmark.base.model import BaseLDM
 from benchmark.profiles import load_profile
 from methods._light_blocks import add_to_level_outputs, pixel_unshuffle_3d, unet_layout
 from methods.base import Conditions

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from benchmark.records import iter_records
+from benchmark.run.records import iter_records
 from tests.paths import EXAMPLE_PLUGIN, ROOT
 
 TINY = [
@@ -151,7 +151,7 @@ def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
 def test_task_table_shows_the_unconditioned_base_as_the_floor_and_leaves_out_sphere_runs():
     import pandas as pd
 
-    from benchmark.tables import BASE_ROW, REFERENCE_ROW, task_table
+    from benchmark.report.tables import BASE_ROW, REFERENCE_ROW, task_table
 
     runs = [("vcm", 50, 0.31), ("vcm", 50, 0.29), ("brainldm", 0, 0.24), ("reference", 0, 0.9), ("vcm+sphere", 50, 0.1),
             ("controlnet", 50, None)]

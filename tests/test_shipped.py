@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import shipped
-from benchmark.pretrain import (add_retrain_base_flag, base_model_dir, base_model_key, load_base_model,
-                                overrides_with_retrain_flag, without_decoder_finetune)
+from benchmark.base import shipped
+from benchmark.base.cache import (add_retrain_base_flag, base_model_dir, base_model_key, load_base_model,
+                                  overrides_with_retrain_flag, without_decoder_finetune)
 from benchmark.profiles import load_profile
 from metrics.judge import JudgeConfig, train_judge
 from tests.test_base_model import Stop, cache, data_cache, states_equal, tiny  # noqa: F401 (fixtures)

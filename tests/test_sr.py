@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark.base_model import BaseLDM
-from benchmark.engine import condition_batch, scalar_batch
+from benchmark.base.model import BaseLDM
+from benchmark.engine.latents import condition_batch, scalar_batch
 from benchmark.profiles import load_profile
-from benchmark.tables import sr_table
+from benchmark.report.tables import sr_table
 from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import degrade_axial, get_task
 from methods._sr import kept_slices
@@ -236,7 +236,7 @@ SR_TINY = [
 
 @pytest.mark.slow
 def test_sr4_grid_runs_through_the_runner_and_writes_the_sr_table(tmp_path):
-    from benchmark.records import iter_records
+    from benchmark.run.records import iter_records
     from tests.test_runner import run_cli
 
     out = tmp_path / "grid"

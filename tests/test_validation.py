@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from benchmark.validation import sphere_like, sphere_task
+from benchmark.run.sphere_masks import sphere_like, sphere_task
 from datasets.tasks import get_task
 
 

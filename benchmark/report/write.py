@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmark.figures import write_figures
-from benchmark.records import iter_records
-from benchmark.tables import build_tables, records_frame
+from benchmark.report.figures import write_figures
+from benchmark.run.records import iter_records
+from benchmark.report.tables import build_tables, records_frame
 
 
 def _extractors(results_dir: Path) -> list[str]:

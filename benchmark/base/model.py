@@ -2,7 +2,7 @@
 DiffusionModelUNet conditioned on four scalars), built from a profile.
 
 ``BaseLDM`` implements ``methods.base.FrozenLDM``. Pretraining, caching and BrainLDM loading
-live in ``benchmark.pretrain``.
+live in ``benchmark.base.pretrain``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Train one method on one training-set size, follow its control probe, and sample the test subjects.
 
-    python -m benchmark.train --task lv --method vcm --size 50 --profile smoke
-    python -m benchmark.train --task lv --method vcm --size 50 --profile cpu --no-sampling \
+    python run_benchmark.py train --task lv --method vcm --size 50 --profile smoke
+    python run_benchmark.py train --task lv --method vcm --size 50 --profile cpu --no-sampling \
         --override methods.vcm.l1_weight=0 --out results/sweep/vcm-l1-0      # a recipe sweep point
 
 Writes the checkpoint, the control probe's history (probe.json: the gap per timestep band at every
@@ -17,55 +17,52 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark import engine
-from benchmark.figures import montage
-from benchmark.profiles import ProfileError, load_profile
-from benchmark.runner import RunContext, RunSpec, control_probe, save_real, save_samples, train_or_load
+from benchmark.cli import load_plugins, load_profile_from
+from benchmark.engine.sampling import sample_method
+from benchmark.report.figures import montage
+from benchmark.run.spec import RunContext, RunSpec
+from benchmark.run.runner import control_probe, save_real, save_samples, train_or_load
 from datasets.subject import DataError
 from datasets.tasks import get_task
-from methods.registry import MethodError, load_plugin
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--sweep-table"]:
-        if len(argv) != 2 or not Path(argv[1]).is_dir():
-            print("error: --sweep-table takes one folder holding the --out folders of benchmark.train runs",
-                  file=sys.stderr)
-            return 2
-        print(sweep_table(Path(argv[1])))
-        return 0
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("train", parents=[common], help="one method, one size: probe at every checkpoint, then samples",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="lv")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", help="a registered method (required unless --sweep-table)")
     p.add_argument("--size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default="smoke")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="default results/<profile>-train")
-    p.add_argument("--cache-dir", default=".cache")
-    p.add_argument("--weights-dir", default=None)
-    p.add_argument("--plugin", action="append", default=[])
-    p.add_argument("--device", default=None)
     p.add_argument("--no-sampling", action="store_true", help="train and probe only (a fast recipe check)")
-    args = p.parse_args(argv)
-    try:
-        profile = load_profile(args.profile, args.override)
-        for module in args.plugin:
-            load_plugin(module)
-        task = get_task(args.task)
-        from methods.registry import get_method
+    p.add_argument("--sweep-table", metavar="FOLDER", default=None,
+                   help="print one Markdown row per probe.json under FOLDER (the --out folders of train runs)")
+    p.set_defaults(func=run)
 
-        get_method(args.method, task.name)
-        if not 1 <= args.size <= profile.data.train_pool:
-            raise DataError(f"--size {args.size} must be between 1 and the training pool of "
-                            f"{profile.data.train_pool} subjects")
-    except (ProfileError, MethodError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+
+def run(args) -> int:
+    if args.sweep_table is not None:
+        if not Path(args.sweep_table).is_dir():
+            print(f"error: --sweep-table {args.sweep_table} is not a folder; give the folder that holds the "
+                  "--out folders of train runs", file=sys.stderr)
+            return 2
+        print(sweep_table(Path(args.sweep_table)))
+        return 0
+    if not args.method:
+        print("error: train needs --method NAME (a registered method; see README)", file=sys.stderr)
         return 2
+    profile = load_profile_from(args)
+    load_plugins(args)
+    task = get_task(args.task)
+    from methods.registry import get_method
+
+    get_method(args.method, task.name)
+    if not 1 <= args.size <= profile.data.train_pool:
+        raise DataError(f"--size {args.size} must be between 1 and the training pool of "
+                        f"{profile.data.train_pool} subjects")
     out = Path(args.out or f"results/{profile.name}-train")
-    ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device)
+    ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device,
+                     progress=not args.quiet)
     spec = RunSpec(task.name, args.method, args.size, args.seed)
     started = time.perf_counter()
     probe = control_probe(task, ctx, args.seed)
@@ -84,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     test = ctx.test_subjects()
     s = profile.sampling
-    generated = engine.sample_method(method, ctx.base, test, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
+    generated = sample_method(method, ctx.base, test, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
     save_samples(run_dir, test, generated, task)
     save_real(out, test)
     figure = montage(run_dir / "samples.npz", out / "runs" / "real_test.npz", spec.name, run_dir / "montage.png")
@@ -137,6 +134,3 @@ def sweep_table(folder: Path) -> str:
             + " | MSE own - frozen x1e4 (band mean) |")
     return "\n".join([head, "|" + "---|" * (4 + len(bands))] + rows)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

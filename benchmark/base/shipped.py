@@ -5,27 +5,25 @@ Each folder holds the profile's pretrained base model (``base_model.pt``), the D
 in-domain feature extractors (``metrics/``, under the file names their caches use) and a
 ``provenance.json`` that says how they were made (command, commit, steps, wall time, device,
 quality) and the sha256 of every file. The suite uses a shipped network only when what produced it
-matches the profile exactly (the base model: :func:`benchmark.pretrain.base_model_key`, covering
+matches the profile exactly (the base model: :func:`benchmark.base.cache.base_model_key`, covering
 architecture, training settings and data version; a judge or extractor: the hash in its file name)
 and its file matches its sha256; otherwise it trains its own, as before, and says why.
 
-``python -m benchmark.shipped --profile cpu`` writes the folder from the networks the suite has
+``python run_benchmark.py ship --profile cpu`` writes the folder from the networks the suite has
 pretrained (or loads them from the cache) for that profile; see README "Shipped base models".
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "shipped"
 PROVENANCE = "provenance.json"
 BASE_MODEL_FILE = "base_model.pt"
 
@@ -45,7 +43,7 @@ def provenance(folder: Path) -> dict[str, Any]:
 
 def verify(folder: Path, relative: str | None = None) -> None:
     """Check the sha256 of one shipped file (``relative``) or of every file in ``folder``."""
-    from benchmark.pretrain import file_sha256
+    from benchmark.base.cache import file_sha256
 
     files = provenance(folder)["files"]
     for name in [relative] if relative is not None else sorted(files):
@@ -124,8 +122,8 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
     ``out_root/<profile>/`` and write their provenance."""
     import torch
 
-    from benchmark.pretrain import base_model_dir, base_model_key, file_sha256
-    from benchmark.runner import RunContext
+    from benchmark.base.cache import base_model_dir, base_model_key, file_sha256
+    from benchmark.run.spec import RunContext
     from datasets.tasks import get_task
 
     name = str(profile.get("name", "profile"))
@@ -136,7 +134,7 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
     cached = base_model_dir(profile, cache_dir)
     if not (cached / "done").is_file():
         raise ShippedError(f"the {name} base model is not pretrained in {cached}: run "
-                           f"`python -m benchmark.pretrain --profile {name} --retrain-base` first")
+                           f"`python run_benchmark.py pretrain --profile {name} --retrain-base` first")
     shutil.copyfile(cached / "model.pt", out / BASE_MODEL_FILE)
     summary = json.loads((cached / "summary.json").read_text())
 
@@ -179,32 +177,3 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
     }
     (out / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from benchmark.profiles import load_profile
-
-    p = argparse.ArgumentParser(prog="python -m benchmark.shipped",
-                                description="Write benchmark/shipped/<profile>/ from the networks pretrained "
-                                            "for a profile, with their provenance.")
-    p.add_argument("--profile", required=True)
-    p.add_argument("--cache-dir", default=os.environ.get("SCB_CACHE_DIR", ".cache"))
-    p.add_argument("--quality", required=True, help="JSON file of the base model's measured quality")
-    p.add_argument("--command", default="", help="the command that pretrained the base model")
-    p.add_argument("--notes", default="")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out-root", default=str(SHIPPED_ROOT))
-    args = p.parse_args(argv)
-    quality_path = Path(args.quality)
-    if not quality_path.is_file():
-        raise SystemExit(f"--quality {quality_path} does not exist: write the measured quality as JSON first")
-    profile = load_profile(args.profile)
-    out = ship(profile, Path(args.cache_dir), Path(args.out_root), json.loads(quality_path.read_text()),
-               device=args.device, command=args.command, notes=args.notes)
-    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"shipped {args.profile} to {out} ({total / 1e6:.1f} MB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Unconditional samples of the base model at given scalars: NIfTI volumes and a slice montage.
 
-    python -m benchmark.sample_base --profile smoke --n 8 --out DIR [--cache-dir DIR]
+    python run_benchmark.py sample --profile smoke --n 8 --out DIR [--cache-dir DIR]
         [--scalars 0.5,0.5,0.5,0.5] [--seed 0] [--override key=value ...]
 
 Pretrains the profile's base model first if the cache holds none (or loads BrainLDM for the
@@ -10,9 +10,6 @@ noise and writes ``sample_000.nii.gz`` ... with the population's affine, and ``m
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -100,54 +97,3 @@ def population_affine(profile, cache_dir) -> np.ndarray:
         return np.asarray(pop.affine, dtype=np.float64)
     first = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed).test[0]
     return np.asarray(pop.subjects([first])[0].affine, dtype=np.float64)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import nibabel as nib
-
-    from benchmark.pretrain import BaseModelError, add_retrain_base_flag, load_base_model, overrides_with_retrain_flag
-    from benchmark.profiles import ProfileError, load_profile
-
-    p = argparse.ArgumentParser(prog="python -m benchmark.sample_base", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default="smoke")
-    p.add_argument("--n", type=int, default=8, help="number of samples")
-    p.add_argument("--out", required=True, help="folder for the NIfTI files and montage.png")
-    p.add_argument("--cache-dir", default=os.environ.get("SCB_CACHE_DIR", ".cache"))
-    p.add_argument("--weights-dir", default=None, help="BrainLDM bundle files (paper profile)")
-    p.add_argument("--scalars", default="0.5,0.5,0.5,0.5", help=f"{', '.join(SCALAR_NAMES)}, each in [0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the profile's sampling.ddim_steps)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
-    add_retrain_base_flag(p)
-    args = p.parse_args(argv)
-    try:
-        scalars = parse_scalars(args.scalars)
-        profile = load_profile(args.profile, overrides_with_retrain_flag(args))
-    except (ValueError, ProfileError) as err:
-        p.error(str(err))
-    if args.n < 1:
-        p.error("--n must be at least 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    try:
-        base = load_base_model(profile, args.cache_dir, args.weights_dir, device=device, progress=not args.quiet)
-    except BaseModelError as err:
-        p.exit(2, f"error: {err}\n")
-    steps = args.steps or int(profile.sampling.ddim_steps)
-    volumes = sample_volumes(base, scalars, args.n, steps, seed=args.seed,
-                             batch_size=int(profile.sampling.batch_size), device=device, progress=not args.quiet)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    affine = population_affine(profile, args.cache_dir)
-    for i, vol in enumerate(volumes):
-        nib.save(nib.Nifti1Image(vol[0].astype(np.float32), affine), out / f"sample_{i:03d}.nii.gz")
-    label = ", ".join(f"{n} {v:g}" for n, v in zip(SCALAR_NAMES, scalars))
-    montage = save_montage(volumes, out / "montage.png", [f"seed {args.seed} #{i}" for i in range(args.n)])
-    print(f"{args.n} samples at ({label}), {steps} DDIM steps: {out}/sample_*.nii.gz and {montage}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

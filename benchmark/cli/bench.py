@@ -1,8 +1,8 @@
 """Seconds per training step of every method, and its ratio to the frozen model's forward alone.
 
-    python -m benchmark.bench_methods --profile cpu --task lv --size 50
+    python run_benchmark.py bench --profile cpu --task lv --size 50
 
-For each method the engine's own training step (``engine.train_method``: batch assembly,
+For each method the engine's own training step (``train_method``: batch assembly,
 conditions, the method's loss, backward, AdamW) runs 3 warm-up + ``--steps`` times on the
 size-``--size`` training subjects; the median of the measured steps is reported. Right before each
 method, the frozen base UNet's forward alone (no gradients, the same batch size) is timed the same
@@ -20,23 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmark import engine
-from benchmark.profiles import ProfileError, load_profile
-from benchmark.runner import RunContext
-from datasets.subject import DataError
+from benchmark.engine.latents import LatentCache, stable_seed
+from benchmark.engine.training import TrainSettings, train_method
+from benchmark.cli import load_plugins, load_profile_from
+from benchmark.run.spec import RunContext
 from datasets.tasks import get_task
-from methods.registry import MethodError, get_method, load_plugin, resolve_methods
+from methods.registry import MethodError, get_method, resolve_methods
 
-WARMUP = 3  # the first steps (allocation, caches) are not typical; engine.train_method discards 3 too
 from metrics.cost import StepTimer, count_parameters, device_name
+
+WARMUP = 3  # the first steps (allocation, caches) are not typical; train_method discards 3 too
 
 
 @torch.no_grad()
@@ -54,16 +53,16 @@ def time_frozen_forward(base, batch_size: int, warmup: int, steps: int, device: 
 
 def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: int) -> dict:
     cls = get_method(name, task.name)
-    torch.manual_seed(engine.stable_seed(seed, "init", name))
+    torch.manual_seed(stable_seed(seed, "init", name))
     method = cls(ctx.base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
     subjects = ctx.data.train_subjects(size)
-    settings = engine.TrainSettings.from_profile(ctx.profile, len(subjects))
+    settings = TrainSettings.from_profile(ctx.profile, len(subjects))
     settings.steps = WARMUP + steps
     settings.warmup_steps = min(settings.warmup_steps, WARMUP)
     settings.checkpoint_every = 10**9  # only the final checkpoint, in a throw-away folder
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as run_dir:
         wall = time.perf_counter()
-        result = engine.train_method(method, ctx.base, subjects, task, settings, ctx.latents, Path(run_dir),
+        result = train_method(method, ctx.base, subjects, task, settings, ctx.latents, Path(run_dir),
                                      seed, ctx.device, progress=False)
     return {"trainable_parameters": count_parameters(method)["trainable"],
             "seconds_per_step": result.seconds_per_step,
@@ -88,10 +87,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="cpu")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("bench", parents=[common], help="seconds per training step of every method",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="lv")
     p.add_argument("--methods", default="all")
     p.add_argument("--size", type=int, default=50)
@@ -99,32 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-base", action="store_true",
                    help="time a randomly initialised base model of the profile's architecture (no pretraining)")
-    p.add_argument("--cache-dir", default=os.environ.get("SCB_CACHE_DIR", ".cache"))
-    p.add_argument("--weights-dir", default=None)
-    p.add_argument("--plugin", action="append", default=[])
-    p.add_argument("--device", default=None)
     p.add_argument("--out", default="results/bench")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
-    try:
-        profile = load_profile(args.profile, args.override)
-        for module in args.plugin:
-            load_plugin(module)
-        task = get_task(args.task)
-        names = resolve_methods(args.methods, task.name)
-        ctx = RunContext(profile, Path(args.out), Path(args.cache_dir), args.weights_dir, device=args.device,
-                         progress=False)
-        ctx.data.splits.training_subset(args.size)  # fails early, with the pool size, if too large
-        if args.random_base:
-            from benchmark.base_model import BaseLDM
+    p.set_defaults(func=run)
 
-            torch.manual_seed(args.seed)
-            ctx.base = BaseLDM.from_profile(profile).freeze().to(ctx.device)
-            ctx.latents = engine.LatentCache(ctx.base, None, device=ctx.device)
-    except (ProfileError, MethodError, DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def run(args) -> int:
+    if args.steps < 1:
+        raise MethodError(f"--steps must be at least 1, got {args.steps}")
+    profile = load_profile_from(args)
+    load_plugins(args)
+    task = get_task(args.task)
+    names = resolve_methods(args.methods, task.name)
+    ctx = RunContext(profile, Path(args.out), Path(args.cache_dir), args.weights_dir, device=args.device,
+                     progress=False)
+    ctx.data.splits.training_subset(args.size)  # fails early, with the pool size, if too large
+    if args.random_base:
+        from benchmark.base.model import BaseLDM
+
+        torch.manual_seed(args.seed)
+        ctx.base = BaseLDM.from_profile(profile).freeze().to(ctx.device)
+        ctx.latents = LatentCache(ctx.base, None, device=ctx.device)
 
     rows = []
     batch = int(profile.training.batch_size)
@@ -132,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               "steps": args.steps, "warmup": WARMUP, "device": device_name(ctx.device),
               "torch_threads": torch.get_num_threads(),
               "base": "randomly initialised (timing only)" if args.random_base else "pretrained",
-              "command": "python -m benchmark.bench_methods " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": args.command_line,
               "methods": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +147,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {stem}.json and {stem}.md")
     return 1 if any("error" in r for r in rows) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -46,8 +46,8 @@ class SharedScoring:
     @cached_property
     def shipped_dirs(self) -> list:
         """Folders of judges and extractors shipped with the suite (none with ``base_weights: pretrain``)."""
-        from benchmark import shipped
-        from benchmark.pretrain import base_source
+        from benchmark.base import shipped
+        from benchmark.base.cache import base_source
 
         return [] if base_source(self.ctx.profile) == "pretrain" else shipped.metric_dirs()
 

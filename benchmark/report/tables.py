@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.records import iter_records
+from benchmark.run.records import iter_records
 
-PAPER_REFERENCE = Path(__file__).resolve().parent.parent / "results" / "paper_reference"
+PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "results" / "paper_reference"
 REFERENCE_ROW = "reference (real vs real)"  # real volumes against their own conditions: the Dice ceiling
 OTHER_ROW = "real, another subject's condition"  # a perfect generator that ignores its condition
 BASE_ROW = "base model, unconditioned"  # no spatial control: the Dice its anatomical prior alone reaches

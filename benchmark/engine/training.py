@@ -1,22 +1,16 @@
-"""Training and sampling engine: everything a method does not do itself.
+"""Method training: everything a method does not do itself.
 
-Training: latents of the training volumes (and of their left-right mirrors) are encoded once
-and cached; every step draws a fresh latent sample z = mu + sigma * e, a uniform random DDPM
-timestep and noise, applies the task's modality drop, and asks the method for its loss.
-AdamW with the VCM authors' schedule (warm-up, cosine to lr/10) or linear warm-up and annealing; the minibatch's gradient may be accumulated over
-micro-batches, under bf16 autocast on CUDA (``training.micro_batch_size``, ``mixed_precision``).
-The training conditions are built once per run (:class:`ConditionStore`). Checkpoints are written
-atomically as training goes and an interrupted run resumes from the last one with the same numbers.
+Every step draws a fresh latent sample z = mu + sigma * e, a uniform random DDPM timestep and
+noise, applies the task's modality drop, and asks the method for its loss. AdamW with the VCM
+authors' schedule (warm-up, cosine to lr/10) or linear warm-up and annealing; the minibatch's
+gradient may be accumulated over micro-batches, under bf16 autocast on CUDA
+(``training.micro_batch_size``, ``mixed_precision``). Checkpoints are written atomically as
+training goes and an interrupted run resumes from the last one with the same numbers."""
 
-Sampling: DDIM, batched; the initial noise of a test subject is a function of (seed, subject
-id) only, so every method starts from the same noise for the same subject.
-"""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,138 +22,17 @@ from tqdm.auto import tqdm
 
 from datasets.subject import Subject
 from datasets.tasks import Task
-from methods.base import Conditions, FrozenLDM, Method
+from methods.base import FrozenLDM, Method
 from metrics.cost import PeakMemory, StepTimer
+
+from benchmark.engine.latents import ConditionStore, LatentCache, _atomic_torch_save, scalar_batch, stable_seed
 
 # Learning-rate schedules of method training (training.schedule): "authors" = the VCM authors'
 # warm-up of 1/30 of the run from lr/10 to lr, then cosine to lr/10; "linear" = training.warmup_steps
 # of linear warm-up from 0, then linear to 0.
 SCHEDULES = ("authors", "linear")
-FLIP_AXIS = 2  # X (left-right) of a (B, C, X, Y, Z) batch: the "axial flip" of VCM B.2
-
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (e.g. run seed and subject id), the same on every machine."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# ---- latents ---------------------------------------------------------------------------
-
-
-class LatentCache:
-    """Posterior (mu, sigma) of each subject's image and of its mirror, encoded once.
-
-    Stored in one file per base model, keyed by subject id, so nested training sets
-    (10 ⊂ 50 ⊂ 500) share their encodings.
-    """
-
-    def __init__(self, base: FrozenLDM, path: Path | None, batch_size: int = 8, device: str = "cpu"):
-        self.base = base
-        self.path = Path(path) if path else None
-        self.batch_size = batch_size
-        self.device = device
-        self.entries: dict[str, torch.Tensor] = {}
-        if self.path and self.path.is_file():
-            self.entries = torch.load(self.path, map_location="cpu")
-
-    @torch.no_grad()
-    def get(self, subjects: Sequence[Subject], progress: bool = True) -> torch.Tensor:
-        """(N, 2 [plain, mirrored], 2 [mu, sigma], C, x, y, z) for the subjects, in order."""
-        missing = [s for s in subjects if s.id not in self.entries]
-        for start in tqdm(range(0, len(missing), self.batch_size), desc="encoding latents",
-                          disable=not progress or not missing, leave=False):
-            chunk = missing[start : start + self.batch_size]
-            images = torch.from_numpy(np.stack([s.image for s in chunk])).to(self.device)
-            encoded = []
-            for view in (images, images.flip(FLIP_AXIS)):
-                mu, sigma = self.base.encode(view)
-                encoded.append(torch.stack([mu, sigma], dim=1))
-            stacked = torch.stack(encoded, dim=1).cpu()
-            for subject, entry in zip(chunk, stacked):
-                self.entries[subject.id] = entry.clone()
-        if missing and self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(self.entries, self.path)
-        return torch.stack([self.entries[s.id] for s in subjects])
-
-
-# ---- batches of conditions -------------------------------------------------------------
-
-
-class ConditionStore:
-    """The conditions of a fixed list of subjects, built once and indexed at every training step.
-
-    Building conditions at image resolution every step (a float copy of each mask, an axial
-    degradation, a stack, a copy to the GPU) costs more than a small method's whole step on a GPU.
-    Each modality is built once and kept as uint8 when it is exactly binary (masks, one-hot maps:
-    lossless) or float32 otherwise, on the CUDA device when it fits in a quarter of the device's free
-    memory, else in host memory.
-    """
-
-    def __init__(self, task: Task, subjects: Sequence[Subject], device: str = "cpu"):
-        self.task = task
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name in task.modalities:
-            stacked = None
-            for i, subject in enumerate(subjects):
-                array = task.conditions(subject)[name]
-                if stacked is None:
-                    stacked = np.empty((len(subjects), *array.shape), dtype=np.float32)
-                stacked[i] = array
-            if stacked is None:
-                raise ValueError(f"task '{task.name}': no subjects to build conditions from")
-            if ((stacked == 0) | (stacked == 1)).all():
-                stacked = stacked.astype(np.uint8)
-            self.tensors[name] = torch.from_numpy(stacked)
-        target = torch.device(device)
-        if target.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(target)
-            if sum(t.nbytes for t in self.tensors.values()) <= free // 4:
-                self.tensors = {name: t.to(target) for name, t in self.tensors.items()}
-
-    def batch(self, indices: Sequence[int] | np.ndarray, present: dict[str, np.ndarray] | None = None,
-              flip: np.ndarray | None = None, device: str = "cpu") -> Conditions:
-        """Conditions of the subjects at ``indices`` (float32); mirrored where ``flip``, zeroed where dropped."""
-        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        n = len(index)
-        if present is None:
-            present = {name: np.ones(n, dtype=np.float32) for name in self.task.modalities}
-        mirrored = torch.from_numpy(np.asarray(flip, dtype=bool)).to(device) if flip is not None and flip.any() else None
-        tensors, flags = {}, {}
-        for name, stored in self.tensors.items():
-            batch = stored[index.to(stored.device)].to(device).float()
-            if mirrored is not None:
-                batch[mirrored] = batch[mirrored].flip(FLIP_AXIS)
-            keep = torch.from_numpy(np.asarray(present[name], dtype=np.float32)).to(device)
-            tensors[name] = batch * keep.view(-1, 1, 1, 1, 1)
-            flags[name] = keep
-        return Conditions(tensors, flags)
-
-
-def condition_batch(
-    task: Task,
-    subjects: Sequence[Subject],
-    present: dict[str, np.ndarray] | None = None,
-    flip: np.ndarray | None = None,
-    device: str = "cpu",
-) -> Conditions:
-    """Conditions of the subjects at image resolution; dropped modalities are zeroed."""
-    return ConditionStore(task, subjects).batch(np.arange(len(subjects)), present, flip, device)
-
-
-def scalar_batch(subjects: Sequence[Subject], device: str = "cpu") -> torch.Tensor:
-    return torch.from_numpy(np.stack([s.scalars for s in subjects]).astype(np.float32)).to(device)
 
 
 # ---- training --------------------------------------------------------------------------
@@ -291,7 +164,7 @@ def train_method(
     """Train ``method`` on ``subjects``; resumes from ``run_dir/checkpoint.pt`` if present.
 
     ``stop_after`` ends the call after that many steps without a final checkpoint, as a kill
-    would; used to test resumption. ``probe`` (a :class:`benchmark.control_probe.ControlProbe`)
+    would; used to test resumption. ``probe`` (a :class:`benchmark.engine.probe.ControlProbe`)
     is measured before the first step and at every checkpoint; its history is kept in the
     checkpoint and returned in ``TrainResult.extra["control_probe"]``.
     """
@@ -408,61 +281,3 @@ def train_method(
         resumed_from=start_step,
         extra={"control_probe": probe_history} if probe is not None else {},
     )
-
-
-# ---- sampling --------------------------------------------------------------------------
-
-
-def initial_noise(subject_id: str, seed: int, latent_shape: Sequence[int]) -> torch.Tensor:
-    """The starting noise of a test subject: the same for every method."""
-    generator = torch.Generator().manual_seed(stable_seed(seed, "sample", subject_id))
-    return torch.randn(tuple(latent_shape), generator=generator)
-
-
-@torch.no_grad()
-def sample(
-    predict_noise: Callable[[torch.Tensor, torch.Tensor, Conditions, torch.Tensor], torch.Tensor],
-    base: FrozenLDM,
-    subjects: Sequence[Subject],
-    task: Task,
-    num_steps: int,
-    batch_size: int,
-    seed: int,
-    device: str = "cpu",
-    progress: bool = True,
-    desc: str = "sample",
-) -> np.ndarray:
-    """DDIM-sample one volume per subject, conditioned on its conditions and scalars.
-
-    ``predict_noise(z_t, t, conditions, scalars)`` is a method's (or the base model's)
-    noise prediction. Returns (N, 1, X, Y, Z) float32 in [0, 1].
-    """
-    out = []
-    batches = range(0, len(subjects), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        chunk = subjects[start : start + batch_size]
-        z = torch.stack([initial_noise(s.id, seed, base.latent_shape) for s in chunk]).to(device)
-        conditions = condition_batch(task, chunk, device=device)
-        scalars = scalar_batch(chunk, device)
-        scheduler = base.inference_scheduler(num_steps)
-        for t in scheduler.timesteps:
-            t_batch = torch.full((len(chunk),), int(t), dtype=torch.long, device=device)
-            eps = predict_noise(z, t_batch, conditions, scalars)
-            z, _ = scheduler.step(eps, int(t), z)
-        out.append(base.decode(z).clamp(0, 1).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1, *base.image_shape), np.float32)
-
-
-def sample_method(method: Method, base: FrozenLDM, subjects: Sequence[Subject], task: Task,
-                  num_steps: int, batch_size: int, seed: int, device: str = "cpu",
-                  progress: bool = True) -> np.ndarray:
-    method.eval()
-    return sample(method.predict_noise, base, subjects, task, num_steps, batch_size, seed,
-                  device, progress, desc=f"sample {method.name}")
-
-
-def sample_unconditioned(base: FrozenLDM, subjects: Sequence[Subject], task: Task, num_steps: int,
-                         batch_size: int, seed: int, device: str = "cpu", progress: bool = True) -> np.ndarray:
-    """The frozen base model alone, at each subject's scalars (paper Table 6, first row)."""
-    return sample(lambda z, t, _c, s: base.unet(z, t, s), base, subjects, task, num_steps,
-                  batch_size, seed, device, progress, desc="sample base")

@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmark.records import iter_records  # noqa: E402
-from benchmark.tables import metric_columns  # noqa: E402
+from benchmark.run.records import iter_records  # noqa: E402
+from benchmark.report.tables import metric_columns  # noqa: E402
 
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
 

@@ -1,7 +1,7 @@
 """Look at and export the data of a profile.
 
-    python -m benchmark.data summary --profile smoke [--cache-dir DIR] [--out DIR] [--n 600]
-    python -m benchmark.data export --profile smoke --out DIR [--n 8] [--split test]
+    python run_benchmark.py data summary --profile smoke [--cache-dir DIR] [--out DIR] [--n 600]
+    python run_benchmark.py data export --profile smoke --out DIR [--n 8] [--split test]
 
 ``summary`` generates (or reads from the cache) the synthetic population of the profile's splits, or
 its first ``--n`` subjects, prints a one-line summary, and writes ``summary.csv`` (per-subject scalars,
@@ -12,14 +12,13 @@ subjects with the lateral-ventricle mask outlined). ``export`` writes NIfTI file
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from benchmark.profiles import ProfileError, load_profile
+from benchmark.cli import load_profile_from
 from datasets.manifest import export_subjects
 from datasets.splits import make_splits
 from datasets.subject import SCALAR_NAMES, DataError, Subject
@@ -28,8 +27,13 @@ from datasets.synthetic import AGE_RANGE, SyntheticPopulation, unscale
 SPLIT_NAMES = {"test": "test", "train": "train_pool", "pretrain": "pretrain"}
 
 
+def _check_n(args) -> None:
+    if args.n is not None and args.n < 1:
+        raise DataError(f"--n must be at least 1, got {args.n}")
+
+
 def _population(args):
-    profile = load_profile(args.profile, args.set or [])
+    profile = load_profile_from(args)
     d = profile.data
     splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed)
     pop = SyntheticPopulation(tuple(profile.image_shape), seed=d.seed, cache_dir=args.cache_dir, progress=True)
@@ -84,6 +88,7 @@ def pairwise_lv_dice(subjects: Sequence[Subject]) -> tuple[float, float, int]:
 
 
 def cmd_summary(args) -> int:
+    _check_n(args)
     import pandas as pd
 
     profile, splits, pop = _population(args)
@@ -125,6 +130,7 @@ def cmd_summary(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _check_n(args)
     profile, splits, pop = _population(args)
     pool = splits.test if args.split == "test" else tuple(sorted(getattr(splits, SPLIT_NAMES[args.split])))
     if not pool:
@@ -138,36 +144,16 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--profile", default="smoke", help="profile name (benchmark/profiles/*.yaml)")
-    common.add_argument("--cache-dir", default=".cache", help="cache folder (default .cache)")
-    common.add_argument("--set", action="append", metavar="KEY=VALUE", help="profile override, e.g. data.seed=1")
-    s = sub.add_parser("summary", parents=[common], help="generate the population, write summary.csv and a PNG")
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("data", help="summary | export of the profile's synthetic population",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    inner = p.add_subparsers(dest="data_command", required=True, metavar="summary|export")
+    s = inner.add_parser("summary", parents=[common], help="generate the population, write summary.csv and a PNG")
     s.add_argument("--out", default=None, help="output folder (default results/<profile>/data)")
     s.add_argument("--n", type=int, default=None, help="only the first N subject indices (default: all splits)")
     s.set_defaults(func=cmd_summary)
-    e = sub.add_parser("export", parents=[common], help="write subjects as NIfTI plus manifest.csv")
+    e = inner.add_parser("export", parents=[common], help="write subjects as NIfTI plus manifest.csv")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--n", type=int, default=8, help="number of subjects (default 8)")
     e.add_argument("--split", choices=sorted(SPLIT_NAMES), default="test", help="which split (default test)")
     e.set_defaults(func=cmd_export)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "n", None) is not None and args.n < 1:
-        print("error: --n must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except (DataError, ProfileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -76,7 +76,7 @@ class ControlProbe:
     def __init__(self, base: FrozenLDM, task: Task, subjects: Sequence[Subject], latents: torch.Tensor,
                  seed: int = 0, bands: int = DEFAULT_BANDS, draws: int = DEFAULT_DRAWS, batch_size: int = 8,
                  device: str = "cpu"):
-        from benchmark.engine import ConditionStore, scalar_batch
+        from benchmark.engine.latents import ConditionStore, scalar_batch
 
         if bands < 1 or draws < 1:
             raise ProbeError(f"the control probe needs at least one band and one draw, got {bands} and {draws}")

@@ -1,17 +1,6 @@
-"""The frozen base model: pretrained here and cached, or loaded from BrainLDM weights.
-
-``load_base_model(profile, cache_dir)`` returns a frozen :class:`~benchmark.base_model.BaseLDM`.
-
-* Profiles with ``base_weights: brainldm`` (``paper``) load the MONAI model-zoo bundle
-  ``brain_image_synthesis_latent_diffusion_model`` from ``--weights-dir`` (see :func:`load_brainldm`).
-* Every other profile pretrains BrainLDM's architecture, scaled down by the profile, on the
-  *pretraining pool* of the synthetic population only (never the benchmark pool or the test set),
-  and caches the result under ``<cache_dir>/base/<hash>/``. The hash covers the image shape, the
-  data seed, the exact pretraining indices and the data generator's version, the ``autoencoder``,
-  ``diffusion`` and ``scheduler`` sections and :data:`CODE_VERSION`; change any of them and the
-  model is trained afresh. The autoencoder and the pretraining latents are cached on their own
-  (``<cache_dir>/base/autoencoder-<hash>/``, hash without the diffusion and scheduler sections), so
-  a change of diffusion settings retrains the diffusion model only.
+"""Pretraining the base model (BrainLDM's architecture, scaled down by the profile) on the
+*pretraining pool* of the synthetic population only (never the benchmark pool or the test set).
+Where the result is cached and when it is reused: :mod:`benchmark.base.cache`.
 
 Pretraining, in three stages, each checkpointed (atomically: temporary file + ``os.replace``) so
 that an interrupted run resumes where it stopped and ends with the same numbers as an
@@ -34,201 +23,28 @@ clipping at norm 1, and one seeded ``torch.Generator`` (``data.seed``) for every
 the same command gives the same weights on the same machine. A ``done`` marker makes a second call
 load instantly.
 
-``python -m benchmark.pretrain --profile cpu [--eval]`` pretrains (or loads) and, with ``--eval``,
+``python run_benchmark.py pretrain --profile cpu [--eval]`` pretrains (or loads) and, with ``--eval``,
 reports the autoencoder's reconstruction quality on the test split.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from benchmark import shipped
-from metrics.common import sha256_file
-from benchmark.base_model import BaseLDM
-
-CODE_VERSION = 1  # bump when a change here changes the weights that pretraining produces
-BUNDLE_NAME = "brain_image_synthesis_latent_diffusion_model"
-BUNDLE_URL = "https://github.com/Project-MONAI/model-zoo/tree/dev/models/" + BUNDLE_NAME
-# The bundle's files: new zoo releases use models/autoencoder.pt and models/model.pt.
-AUTOENCODER_FILES = ("autoencoder.pth", "autoencoder.pt")
-DIFFUSION_FILES = ("diffusion_model.pth", "diffusion_model.pt", "model.pt", "model.pth")
-
-StepCallback = Callable[[str, int], None]
-
-
-class BaseModelError(ValueError):
-    """The base model cannot be pretrained or loaded as configured."""
-
-
-# ---------------------------------------------------------------------------------------------
-# entry point
-# ---------------------------------------------------------------------------------------------
-def load_base_model(
-    profile,
-    cache_dir: str | Path,
-    weights_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    step_callback: StepCallback | None = None,
-) -> BaseLDM:
-    """The frozen base model of ``profile`` on ``device``.
-
-    BrainLDM weights from ``weights_dir`` for ``base_weights: brainldm``; otherwise the cached
-    pretrained model, pretraining it first if the cache holds none for this configuration.
-    ``step_callback(stage, steps_done)`` (stage ``"autoencoder"`` or ``"diffusion"``) is called
-    after every training step, for tests and monitoring; an exception it raises stops
-    pretraining, and the next call resumes from the last checkpoint.
-    """
-    source = base_source(profile)
-    if source == "brainldm":
-        if weights_dir is None:
-            raise BaseModelError(
-                f"profile '{profile.get('name', '?')}' uses BrainLDM weights: pass --weights-dir, a folder "
-                f"that holds the bundle's autoencoder and diffusion files ({_where_to_get()})"
-            )
-        return load_brainldm(profile, weights_dir, device=device)
-    if source == "shipped":
-        found, reason = shipped.find_base_model(base_model_key(profile), str(profile.get("name", "?")))
-        if found is not None:
-            return _load_shipped(profile, found, reason, device, progress)
-        if progress:
-            print(f"base model: {reason}; the suite pretrains its own (or loads it from the cache)",
-                  file=sys.stderr, flush=True)
-    out = base_model_dir(profile, cache_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _lock(out / "lock"):
-        if not (out / "done").is_file():
-            if decoder_finetune_steps(profile) > 0:
-                _DecoderFinetuner(profile, cache_dir, device, progress, step_callback).run()
-            else:
-                _Pretrainer(profile, cache_dir, device, progress, step_callback).run()
-        elif progress:
-            print(f"base model: loaded from {out}", file=sys.stderr, flush=True)
-        base = _load_cached(profile, out, device)
-    base.origin = {"source": "pretrained by the suite (cache)", "path": str(out / "model.pt"),
-                   "sha256": file_sha256(out / "model.pt")}
-    return base
-
-
-BASE_SOURCES = ("shipped", "pretrain", "brainldm")
-
-
-def base_source(profile) -> str:
-    """``base_weights`` of the profile: ``shipped`` (default: the networks shipped with the suite in
-    ``benchmark/shipped/`` when they match the profile, else pretrain), ``pretrain`` (the suite
-    pretrains the base model, and trains its judges and extractors, itself; ``--retrain-base``) or
-    ``brainldm`` (the MONAI bundle from ``--weights-dir``)."""
-    value = str(profile.get("base_weights", "shipped") or "shipped").lower()
-    if value not in BASE_SOURCES:
-        raise BaseModelError(f"base_weights '{value}' is not one of {', '.join(BASE_SOURCES)}; "
-                             "set it in the profile or with --override base_weights=shipped")
-    return value
-
-
-def add_retrain_base_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--retrain-base", action="store_true",
-                        help="pretrain the base model (and train the judges and extractors) here even when the "
-                             "suite ships them for this profile; same as --override base_weights=pretrain")
-
-
-def overrides_with_retrain_flag(args: argparse.Namespace) -> list[str]:
-    return list(args.override) + (["base_weights=pretrain"] if args.retrain_base else [])
-
-
-def file_sha256(path: Path) -> str:
-    """The full sha256 of a file (``metrics.common.sha256_file`` shortens it by default)."""
-    return sha256_file(path, prefix=64)
-
-
-def autoencoder_key(profile) -> dict[str, Any]:
-    """Everything that decides the pretrained autoencoder and its latents."""
-    d = profile.data
-    indices = _pretrain_indices(profile)
-    return {
-        "code_version": CODE_VERSION,
-        "image_shape": list(profile.image_shape),
-        "data": {
-            "seed": d.seed,
-            "pretrain_pool": d.pretrain_pool,
-            "pretrain_indices_sha": hashlib.sha256(json.dumps(list(indices)).encode()).hexdigest()[:16],
-            "generator": _data_version(),
-        },
-        "autoencoder": profile.autoencoder.to_dict(),
-    }
-
-
-def base_model_key(profile) -> dict[str, Any]:
-    """Everything that decides the pretrained weights (what the cache hash covers)."""
-    key = {**autoencoder_key(profile),
-           "diffusion": profile.diffusion.to_dict(),
-           "scheduler": profile.scheduler.to_dict()}
-    if decoder_finetune_steps(profile) > 0:
-        key["decoder_finetune"] = profile.decoder_finetune.to_dict()
-    return key
-
-
-def decoder_finetune_steps(profile) -> int:
-    section = profile.get("decoder_finetune")
-    return int(section.get("steps", 0)) if section is not None else 0
-
-
-def without_decoder_finetune(profile):
-    """The profile whose base model the decoder fine-tuning starts from (same latents, same diffusion)."""
-    from benchmark.profiles import Profile
-
-    data = {k: v for k, v in profile.to_dict().items() if k != "decoder_finetune"}
-    return Profile({**data, "base_weights": "pretrain"})
-
-
-def _hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def base_model_hash(profile) -> str:
-    return _hash(base_model_key(profile))
-
-
-def base_model_dir(profile, cache_dir: str | Path) -> Path:
-    """``<cache_dir>/base/<hash>/``: the pretrained model (``model.pt``, ``done``) and its diffusion checkpoints."""
-    return Path(cache_dir) / "base" / base_model_hash(profile)
-
-
-def autoencoder_dir(profile, cache_dir: str | Path) -> Path:
-    """``<cache_dir>/base/autoencoder-<hash>/``: the autoencoder and the latents of the pretraining
-    pool, shared by every diffusion configuration on top of the same autoencoder."""
-    return Path(cache_dir) / "base" / f"autoencoder-{_hash(autoencoder_key(profile))}"
-
-
-# ---------------------------------------------------------------------------------------------
-# pretraining
-# ---------------------------------------------------------------------------------------------
-def _pretrain_indices(profile) -> tuple[int, ...]:
-    from datasets.splits import make_splits
-
-    d = profile.data
-    return tuple(int(i) for i in make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed).pretrain)
-
-
-def _data_version() -> str | None:
-    import datasets.synthetic as synthetic
-
-    for name in ("GENERATOR_VERSION", "VERSION", "__version__"):
-        if hasattr(synthetic, name):
-            return str(getattr(synthetic, name))
-    return None
+from benchmark.base.model import BaseLDM
+from benchmark.base.cache import (BaseModelError, StepCallback, _lock, _pretrain_indices, _read_json, autoencoder_dir,
+                                    base_model_dir, base_model_key, load_base_model,
+                                    without_decoder_finetune)
 
 
 def load_images(profile, cache_dir, indices: Sequence[int], progress: bool = True, desc: str = "data"):
@@ -272,30 +88,10 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so two processes never pretrain the same model at once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma) || N(0, 1)), summed over latent elements, averaged over the batch."""
     kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1.0)
     return kl.flatten(1).sum(1).mean()
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class _Pretrainer:
@@ -572,148 +368,6 @@ class _DecoderFinetuner(_Pretrainer):
         return summary
 
 
-def _load_shipped(profile, path: Path, what: str, device, progress: bool) -> BaseLDM:
-    shipped.verify(path.parent, path.name)
-    base = _load_cached(profile, path.parent, device, path)
-    base.origin = {"source": "shipped base model", "path": str(path),
-                   "sha256": shipped.provenance(path.parent)["files"][path.name]["sha256"],  # verified above
-                   "provenance": str(path.parent / shipped.PROVENANCE)}
-    if progress:
-        print(f"base model: {what} ({path}, sha256 {base.origin['sha256'][:12]}), no pretraining",
-              file=sys.stderr, flush=True)
-    return base
-
-
-def _load_cached(profile, out: Path, device, path: Path | None = None) -> BaseLDM:
-    path = path or out / "model.pt"
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        base = BaseLDM.from_profile(profile, scale_factor=float(blob["scale_factor"]))
-        base.load_state_dict(blob["state_dict"])
-    except Exception as err:  # a damaged cache: say which folder to delete
-        raise BaseModelError(
-            f"the cached base model {path} cannot be loaded ({type(err).__name__}: {err}); "
-            f"delete the folder {out} and run again to pretrain it afresh"
-        ) from err
-    return base.to(device).freeze()
-
-
-# ---------------------------------------------------------------------------------------------
-# BrainLDM weights (paper profile)
-# ---------------------------------------------------------------------------------------------
-def _where_to_get() -> str:
-    return (f"the MONAI model-zoo bundle '{BUNDLE_NAME}', e.g. `python -m monai.bundle download "
-            f"{BUNDLE_NAME} --bundle_dir DIR`, whose models/ folder holds autoencoder.pt and model.pt; "
-            f"{BUNDLE_URL}")
-
-
-def brainldm_search_dirs(weights_dir: str | Path) -> list[Path]:
-    """Folders searched for the bundle's files, in order."""
-    root = Path(weights_dir)
-    return [root / "brainldm", root / BUNDLE_NAME / "models", root / BUNDLE_NAME, root / "models", root]
-
-
-def find_brainldm_files(weights_dir: str | Path) -> tuple[Path, Path]:
-    """(autoencoder file, diffusion file) of the BrainLDM bundle under ``weights_dir``."""
-    root = Path(weights_dir)
-    if not root.is_dir():
-        raise BaseModelError(
-            f"weights folder {root} does not exist; create it and put BrainLDM's autoencoder.pth and "
-            f"diffusion_model.pth into {root / 'brainldm'} (they come from {_where_to_get()})"
-        )
-    dirs = [d for d in brainldm_search_dirs(root) if d.is_dir()]
-    for folder in dirs:
-        ae = next((folder / f for f in AUTOENCODER_FILES if (folder / f).is_file()), None)
-        df = next((folder / f for f in DIFFUSION_FILES if (folder / f).is_file()), None)
-        if ae is not None and df is not None:
-            return ae, df
-    found_ae = [d / f for d in dirs for f in AUTOENCODER_FILES if (d / f).is_file()]
-    found_df = [d / f for d in dirs for f in DIFFUSION_FILES if (d / f).is_file()]
-    missing = []
-    if not found_ae:
-        missing.append(f"the autoencoder ({' or '.join(AUTOENCODER_FILES)})")
-    if not found_df:
-        missing.append(f"the diffusion model ({' or '.join(DIFFUSION_FILES)})")
-    what = " and ".join(missing) if missing else "the autoencoder and the diffusion model in the same folder"
-    searched = ", ".join(str(d) for d in brainldm_search_dirs(root))
-    raise BaseModelError(
-        f"BrainLDM weights incomplete in {root}: missing {what}. Put autoencoder.pth and diffusion_model.pth "
-        f"(or the bundle's autoencoder.pt and model.pt) together into {root / 'brainldm'}; searched {searched}. "
-        f"They come from {_where_to_get()}"
-    )
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BaseModelError(
-            f"cannot read {path} as a PyTorch state dict ({type(err).__name__}: {err}); "
-            f"replace it with the file from {_where_to_get()}"
-        ) from err
-    if isinstance(blob, dict):
-        for key in ("state_dict", "model"):
-            if key in blob and isinstance(blob[key], dict):
-                blob = blob[key]
-                break
-    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise BaseModelError(f"{path} does not hold a state dict of tensors; replace it with the file from {_where_to_get()}")
-    return dict(blob)
-
-
-def load_network_weights(net: torch.nn.Module, path: Path, what: str) -> str:
-    """Load ``path`` into ``net``: directly when its keys are the current MONAI names, else through
-    MONAI's ``load_old_state_dict`` (MONAI Generative's names, as in the bundle). Every parameter
-    of ``net`` must come from the file, and every tensor of the file must be used.
-    Returns ``"new"`` or ``"old"`` (the key style found)."""
-    state = _read_state_dict(path)
-    expected = net.state_dict()
-    hint = (f"{path} does not match BrainLDM's {what} (the paper profile's architecture); make sure it is the "
-            f"{what} file of {_where_to_get()}")
-    if set(state) == set(expected):
-        bad = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
-               for k, v in expected.items() if state[k].shape != v.shape]
-        if bad:
-            raise BaseModelError(f"{hint}; tensors of the wrong shape: {', '.join(bad[:5])}"
-                                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-        net.load_state_dict(state)
-        return "new"
-    if len(state) != len(expected):
-        missing = sorted(set(expected) - set(state))[:3]
-        raise BaseModelError(
-            f"{hint}; it has {len(state)} tensors where the {what} has {len(expected)}"
-            + (f" (e.g. no {', '.join(missing)})" if missing and len(state) < len(expected) else "")
-        )
-    remaining = dict(state)
-    try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
-            net.load_old_state_dict(remaining)  # pops what it uses from `remaining`
-    except (KeyError, RuntimeError) as err:
-        raise BaseModelError(f"{hint}; the old-style names could not be converted ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:300]})") from None
-    if remaining:
-        raise BaseModelError(f"{hint}; unused tensors: {', '.join(sorted(remaining)[:5])}")
-    return "old"
-
-
-def load_brainldm(profile, weights_dir: str | Path, device: str | torch.device = "cpu") -> BaseLDM:
-    """BrainLDM from the MONAI bundle's files in ``weights_dir`` (frozen, on ``device``).
-
-    Architecture from the profile (``paper``: the bundle's), scale factor from
-    ``diffusion.scale_factor`` (BrainLDM: 0.8962649106979370)."""
-    ae_path, df_path = find_brainldm_files(weights_dir)
-    scale = profile.diffusion.get("scale_factor")
-    if scale is None:
-        raise BaseModelError(f"profile '{profile.get('name', '?')}' loads BrainLDM but sets no diffusion.scale_factor "
-                             "(BrainLDM's is 0.8962649106979370)")
-    base = BaseLDM.from_profile(profile, scale_factor=float(scale))
-    load_network_weights(base.autoencoder, ae_path, "autoencoder")
-    load_network_weights(base.diffusion, df_path, "diffusion model")
-    base.origin = {"source": "BrainLDM weights", "path": str(df_path), "sha256": file_sha256(df_path),
-                   "autoencoder_path": str(ae_path), "autoencoder_sha256": file_sha256(ae_path)}
-    return base.to(device).freeze()
-
-
 # ---------------------------------------------------------------------------------------------
 # reconstruction quality
 # ---------------------------------------------------------------------------------------------
@@ -749,41 +403,3 @@ def reconstruction_quality(base: BaseLDM, images: torch.Tensor, batch_size: int 
     return {"l1": float(torch.cat(l1).mean()), "psnr": float(psnr.aggregate()),
             "ssim": float(ssim.aggregate()), ms_key: float(msssim.aggregate()), "n": int(images.shape[0])}
 
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    from benchmark.profiles import load_profile
-
-    p = argparse.ArgumentParser(prog="python -m benchmark.pretrain",
-                                description="Pretrain (or load) the base LDM of a profile; optionally "
-                                            "measure its autoencoder's reconstruction on the test split.")
-    p.add_argument("--profile", default="smoke")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--cache-dir", default=os.environ.get("SCB_CACHE_DIR", ".cache"))
-    p.add_argument("--weights-dir", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--eval", action="store_true", help="reconstruction quality on the test split")
-    add_retrain_base_flag(p)
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    profile = load_profile(args.profile, overrides_with_retrain_flag(args))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.time()
-    base = load_base_model(profile, args.cache_dir, args.weights_dir, device=device, progress=not args.quiet)
-    print(f"base model ready in {time.time() - t0:.1f} s: {base.num_parameters()}, scale factor {base.scale_factor:.4f}")
-    if args.eval:
-        from datasets.splits import make_splits
-
-        d = profile.data
-        test = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed).test
-        images, _ = load_images(profile, args.cache_dir, test, not args.quiet, "test data")
-        quality = reconstruction_quality(base, images, device=device)
-        print("autoencoder reconstruction on the test split: "
-              + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in quality.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Which runs a command asks for."""
 from __future__ import annotations
 
-from benchmark.runner import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX, RunSpec
+from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX, RunSpec
 from datasets.tasks import get_task
 from methods.registry import resolve_methods
 

@@ -1,0 +1,110 @@
+"""The suite's one command line: ``python run_benchmark.py COMMAND [flags]`` (or ``python -m benchmark``).
+
+    run       train, sample and score a grid, then write tables, figures and REPORT.md (the default)
+    tables    rebuild tables, figures and the report from the records of a results folder
+    status    list the runs of a results folder: done, failed, interrupted (last checkpoint)
+    train     one method, one size: the control probe at every checkpoint, then samples
+    pretrain  pretrain (or load) the profile's base model; --eval measures its autoencoder
+    ship      write benchmark/shipped/<profile>/ from the networks pretrained for a profile
+    data      summary | export of the profile's synthetic population
+    sample    unconditional samples of the base model at given scalars
+    bench     seconds per training step of every method
+
+Every command takes the common flags (``--profile``, ``--override``, ``--cache-dir``, ``--weights-dir``,
+``--device``, ``--plugin``, ``--retrain-base``, ``--quiet``) with the same meaning and defaults.
+Each command lives in its own module here and registers itself with ``register(subparsers, common)``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+DEFAULT_PROFILE = "cpu"
+
+
+def common_flags() -> argparse.ArgumentParser:
+    """The flags every command shares (an argparse parent parser)."""
+    from benchmark.base.cache import add_retrain_base_flag
+    from benchmark.profiles import available_profiles
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("common flags")
+    g.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"sizes and budgets: {', '.join(available_profiles())} (default {DEFAULT_PROFILE})")
+    g.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one profile setting, e.g. training.steps=20 (repeatable)")
+    g.add_argument("--cache-dir", default=os.environ.get("SCB_CACHE_DIR", ".cache"),
+                   help="where data, base models, latents, judges and extractors are cached "
+                        "(default $SCB_CACHE_DIR or .cache)")
+    g.add_argument("--weights-dir", default=None,
+                   help="folder with pretrained weights: BrainLDM (paper profile), RadImageNet, MedicalNet, "
+                        "AlexNet for LPIPS (see README)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--plugin", action="append", default=[],
+                   help="import a module (dotted name or .py path) whose @register'ed methods then run like built-ins")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_retrain_base_flag(g)
+    return p
+
+
+def load_profile_from(args: argparse.Namespace):
+    """The profile the common flags ask for (``--retrain-base`` becomes ``base_weights=pretrain``)."""
+    from benchmark.base.cache import overrides_with_retrain_flag
+    from benchmark.profiles import load_profile
+
+    return load_profile(args.profile, overrides_with_retrain_flag(args))
+
+
+def load_plugins(args: argparse.Namespace) -> None:
+    from methods.registry import load_plugin
+
+    for module in args.plugin:
+        load_plugin(module)
+
+
+def device_from(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by what the user asked for: printed as one line, exit status 2."""
+    from benchmark.base.cache import BaseModelError
+    from benchmark.base.shipped import ShippedError
+    from benchmark.profiles import ProfileError
+    from benchmark.run.grid import GridError
+    from datasets.subject import DataError
+    from methods.registry import MethodError
+
+    return ProfileError, MethodError, DataError, BaseModelError, GridError, ShippedError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmark.cli import bench, data, pretrain, run, sample, train
+
+    parser = argparse.ArgumentParser(
+        prog="run_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every spatial-control method on nested training sets, sample the test subjects, "
+                    "score them and write the VCM paper's tables from the suite's own runs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = common_flags()
+    for module in (run, train, pretrain, data, sample, bench):
+        module.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "run")  # `run_benchmark.py --methods vcm` means `run_benchmark.py run --methods vcm`
+    args = build_parser().parse_args(argv)
+    args.command_line = "python run_benchmark.py " + " ".join(argv)  # recorded by commands that write reports
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,74 @@
+"""Sampling: DDIM, batched; the initial noise of a test subject is a function of (seed, subject
+id) only, so every method starts from the same noise for the same subject."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from datasets.subject import Subject
+from datasets.tasks import Task
+from methods.base import Conditions, FrozenLDM, Method
+
+from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
+
+
+# ---- sampling --------------------------------------------------------------------------
+
+
+def initial_noise(subject_id: str, seed: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """The starting noise of a test subject: the same for every method."""
+    generator = torch.Generator().manual_seed(stable_seed(seed, "sample", subject_id))
+    return torch.randn(tuple(latent_shape), generator=generator)
+
+
+@torch.no_grad()
+def sample(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, Conditions, torch.Tensor], torch.Tensor],
+    base: FrozenLDM,
+    subjects: Sequence[Subject],
+    task: Task,
+    num_steps: int,
+    batch_size: int,
+    seed: int,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "sample",
+) -> np.ndarray:
+    """DDIM-sample one volume per subject, conditioned on its conditions and scalars.
+
+    ``predict_noise(z_t, t, conditions, scalars)`` is a method's (or the base model's)
+    noise prediction. Returns (N, 1, X, Y, Z) float32 in [0, 1].
+    """
+    out = []
+    batches = range(0, len(subjects), batch_size)
+    for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        chunk = subjects[start : start + batch_size]
+        z = torch.stack([initial_noise(s.id, seed, base.latent_shape) for s in chunk]).to(device)
+        conditions = condition_batch(task, chunk, device=device)
+        scalars = scalar_batch(chunk, device)
+        scheduler = base.inference_scheduler(num_steps)
+        for t in scheduler.timesteps:
+            t_batch = torch.full((len(chunk),), int(t), dtype=torch.long, device=device)
+            eps = predict_noise(z, t_batch, conditions, scalars)
+            z, _ = scheduler.step(eps, int(t), z)
+        out.append(base.decode(z).clamp(0, 1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, *base.image_shape), np.float32)
+
+
+def sample_method(method: Method, base: FrozenLDM, subjects: Sequence[Subject], task: Task,
+                  num_steps: int, batch_size: int, seed: int, device: str = "cpu",
+                  progress: bool = True) -> np.ndarray:
+    method.eval()
+    return sample(method.predict_noise, base, subjects, task, num_steps, batch_size, seed,
+                  device, progress, desc=f"sample {method.name}")
+
+
+def sample_unconditioned(base: FrozenLDM, subjects: Sequence[Subject], task: Task, num_steps: int,
+                         batch_size: int, seed: int, device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """The frozen base model alone, at each subject's scalars (paper Table 6, first row)."""
+    return sample(lambda z, t, _c, s: base.unet(z, t, s), base, subjects, task, num_steps,
+                  batch_size, seed, device, progress, desc="sample base")
