@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   python run_benchmark.py --plugin my_method.py --methods my_method
   python run_benchmark.py tables --out results/cpu              # rebuild tables from records
   python run_benchmark.py status --out results/cpu              # which runs are done, failed, interrupted
+  python run_benchmark.py compare results/a results/b           # the same records, apart from timings?
 """
 
 
@@ -47,6 +48,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("status", parents=[common], help="list the runs of a results folder")
     s.add_argument("--out", default=None, help="results folder (default results/<profile>)")
     s.set_defaults(func=status)
+
+    c = sub.add_parser("compare", help="are two results folders the same, run for run (apart from timings)?",
+                       description="Compare the records of two results folders field by field, apart from timings, "
+                                   "memory, dates and the folders files were read from.")
+    c.add_argument("first")
+    c.add_argument("second")
+    c.add_argument("--tolerance", type=float, default=0.0, help="relative tolerance for numbers (default 0: equal)")
+    c.set_defaults(func=compare)
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -113,3 +122,17 @@ def status(args) -> int:
         return 2
     print("\n".join(status_lines(folder_status(out))))
     return 0
+
+
+def compare(args) -> int:
+    from benchmark.report.compare import compare_folders
+
+    for folder in (args.first, args.second):
+        if not (Path(folder) / "records").is_dir():
+            print(f"error: {folder} holds no records/ folder; give two results folders", file=sys.stderr)
+            return 2
+    both, diffs = compare_folders(Path(args.first), Path(args.second), args.tolerance)
+    print("\n".join(diffs[:200]) + ("\n" if diffs else "")
+          + f"{len(both)} records in both folders; {len(diffs)} differences"
+          + (" (first 200 shown)" if len(diffs) > 200 else ""))
+    return 1 if diffs else 0
