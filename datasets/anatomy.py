@@ -21,14 +21,15 @@ cached on disk, keyed by the generator version and the shape.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from core.files import atomic_write_bytes
 
 # Bump when anything here or in the subject generator changes what a subject looks like:
 # it is part of every cache key.
@@ -133,17 +134,11 @@ def _read(path: Path, shape) -> Reference | None:
 
 
 def _write(path: Path, ref: Reference) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so that a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, fields=ref.fields, origin=ref.origin, spacing=ref.spacing, affine=ref.affine,
-                 voxel_mm=ref.voxel_mm, brain_centre=ref.brain_centre, class_means=ref.class_means)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # Written atomically, so that a concurrent reader never sees half a file; uncompressed (np.savez).
+    buffer = io.BytesIO()
+    np.savez(buffer, fields=ref.fields, origin=ref.origin, spacing=ref.spacing, affine=ref.affine,
+             voxel_mm=ref.voxel_mm, brain_centre=ref.brain_centre, class_means=ref.class_means)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

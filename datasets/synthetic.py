@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from core.files import atomic_npz
 
 # GENERATOR_VERSION is re-exported: other parts key their own caches on it.
 from .anatomy import (BRAIN_CHANNELS, FIELD_CHANNELS, FOV_CENTRE_MM, FOV_MM, GENERATOR_VERSION,
@@ -300,16 +301,9 @@ def _write_block(path: Path, indices: Sequence[int], generator: _Generator, seed
         images.append(np.round(img * _QUANT).astype(np.uint16))
         labels.append(lab)
         scalars.append(sc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, indices=np.asarray(indices, dtype=np.int64), image=np.stack(images),
-                            semantics=np.stack(labels), scalars=np.stack(scalars))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # atomic: a concurrent reader sees the old file or the whole new one
+    atomic_npz(path, indices=np.asarray(indices, dtype=np.int64), image=np.stack(images),
+               semantics=np.stack(labels), scalars=np.stack(scalars))
 
 
 def _worker_block(args) -> int:

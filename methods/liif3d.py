@@ -45,8 +45,6 @@ every voxel of the full grid is queried, ``query_chunk`` at a time.
 from __future__ import annotations
 
 import math
-import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,8 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from core.loop import LoopSettings, TrainingLoop
 from methods._blocks import config_value
 from methods._sr import kept_slices, low_res_condition, module_device, sr_factor
 from methods.base import Conditions, DirectMethod, FrozenLDM
@@ -99,12 +97,6 @@ def _mlp(in_dim: int, hidden: Sequence[int], out_dim: int = 1) -> nn.Sequential:
         last = int(width)
     layers.append(nn.Linear(last, out_dim))
     return nn.Sequential(*layers)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def resample_slices(volume: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -212,7 +204,7 @@ class LIIF3D(DirectMethod):
         n_queries = int(get("queries"))
         s_min, s_max = float(get("scale_min", 1.0)), float(get("scale_max", 4.0))
         milestones = [int(round(f * steps)) for f in get("lr_milestones", [0.2, 0.4, 0.6, 0.8])]
-        every = int(getattr(settings, "checkpoint_every", 0) or 0) or max(steps, 1)
+        every = int(getattr(settings, "checkpoint_every", 0) or 0) or None  # None: at the end only
         if not train_subjects:
             raise MethodError("liif3d needs at least one training volume")
         if len(patch) != 3 or min(patch) < 1 or not 1.0 <= s_min <= s_max:
@@ -225,25 +217,9 @@ class LIIF3D(DirectMethod):
         px, py = min(patch[0], X), min(patch[1], Y)
 
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
         rng = np.random.default_rng([int(seed), 0x11F3D])
-        losses: list[float] = []
-        start = 0
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = run_dir / "checkpoint.pt"
-        if ckpt.is_file():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            self.load_state_dict(state["method"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            rng.bit_generator.state = state["numpy_rng"]
-            losses, start = list(state["losses"]), int(state["step"])
-
-        def save(step: int) -> None:
-            _atomic_save({"method": self.state_dict(), "optimizer": optimizer.state_dict(),
-                          "schedule": schedule.state_dict(), "numpy_rng": rng.bit_generator.state,
-                          "losses": losses, "step": step}, ckpt)
 
         def make_batch():
             s = float(rng.uniform(s_min, s_max))
@@ -267,34 +243,22 @@ class LIIF3D(DirectMethod):
             return (torch.stack(lows).unsqueeze(1).to(device), s, torch.stack(coords).to(device),
                     torch.stack(targets).to(device))
 
-        self.train()
-        times: list[float] = []
-        wall = time.perf_counter()
-        bar = tqdm(range(start, steps), desc="train liif3d", disable=not progress, initial=start,
-                   total=steps, leave=False)
-        for step in bar:
-            t0 = time.perf_counter()
+        def step_fn(step: int) -> tuple[torch.Tensor, dict]:
             low, s, coords, target = make_batch()
             pred = self.query(self.features(low), s, coords)
-            loss = F.l1_loss(pred, (target - 0.5) / 0.5)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise MethodError(f"liif3d diverged: the loss became {value} at step {step + 1}; "
-                                  "lower methods.liif3d.lr in the profile")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(value)
-            times.append(time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if (step + 1) % every == 0 or step + 1 == steps:
-                save(step + 1)
-        bar.close()
-        measured = times[min(3, max(len(times) - 1, 0) // 2):]
-        return {"steps": steps, "losses": losses, "batch_size": batch, "resumed_from": start,
-                "seconds_per_step": float(statistics.median(measured)) if measured else None,
-                "wall_seconds": time.perf_counter() - wall}
+            return F.l1_loss(pred, (target - 0.5) / 0.5), {}
+
+        loop = TrainingLoop(
+            self, optimizer, step_fn,
+            LoopSettings(steps, checkpoint_every=every, checkpoint_at_end=True, desc="train liif3d", progress=progress),
+            checkpoint_path=run_dir / "checkpoint.pt",
+            schedule=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5), rngs=[rng],
+            on_diverged=lambda n, v: MethodError(f"liif3d diverged: the loss became {v} at step {n}; "
+                                                 "lower methods.liif3d.lr in the profile"))
+        wall = time.perf_counter()
+        r = loop.run()
+        return {"steps": steps, "losses": r.losses, "batch_size": batch, "resumed_from": r.resumed_from,
+                "seconds_per_step": r.seconds_per_step, "wall_seconds": time.perf_counter() - wall}
 
     # ---- inference ---------------------------------------------------------------------------
     @torch.no_grad()

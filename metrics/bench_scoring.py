@@ -41,15 +41,14 @@ from scipy import ndimage as ndi
 
 from .common import sha256_bytes
 from .cost import device_name
+from .extractor_nets import RadImageNetResNet50, medicalnet_resnet10
 from .extractors import (
     MEDICALNET_PREPROCESSING,
     RADIMAGENET_PREPROCESSING,
     FeatureExtractor,
-    RadImageNetResNet50,
     _medicalnet_features,
     _radimagenet_features,
     get_extractors,
-    medicalnet_resnet10,
 )
 from .judge import JudgeConfig, get_judge
 from .lpips_metric import LPIPSModel, build_lpips_with_trunk, load_lpips

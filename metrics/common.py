@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from core.files import sha256_file  # noqa: F401  (re-exported: the first 12 hex digits name weights files)
+
 
 class MetricError(ValueError):
     """Inputs a metric cannot score (wrong shape, wrong range, too few volumes)."""
@@ -116,14 +118,6 @@ def extract_slices(volumes: torch.Tensor, orientation: str, indices: Sequence[in
     sl = sl.movedim(axis, 1)  # (N, k, 1, H, W)
     n, k = sl.shape[0], sl.shape[1]
     return sl.reshape(n * k, 1, sl.shape[-2], sl.shape[-1])
-
-
-def sha256_file(path: str | Path, prefix: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:prefix]
 
 
 def trained_weights_path(name: str, cache_dir: str | Path, shipped_dirs: Sequence[str | Path] = ()) -> Path:

@@ -35,265 +35,23 @@ falls back silently.
 
 Every extractor has a ``name`` and a ``weights_hash`` (first 12 hex digits of the sha256 of the
 weights file), which go into column headers and the scoring protocol.
+
+This module holds the :class:`FeatureExtractor` interface, the preprocessing and the fallback policy
+(:func:`get_extractors`); the networks are in :mod:`metrics.extractor_nets`, the weight files
+(:data:`WEIGHT_FILES`, ``HUB_FILES``, loading) in :mod:`metrics.extractor_weights`, the training and
+cache of the in-domain extractors in :mod:`metrics.in_domain`.
 """
 from __future__ import annotations
 
-import json
-import os
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .common import (
-    ORIENTATIONS,
-    MetricError,
-    WeightsError,
-    array_digest,
-    as_volumes,
-    central_slice_indices,
-    default_device,
-    extract_slices,
-    sha256_bytes,
-    sha256_file,
-    trained_weights_path,
-    warn_once,
-)
-
-# --------------------------------------------------------------------------------------------
-# Architectures of the pretrained networks (written to match the upstream state dicts)
-# --------------------------------------------------------------------------------------------
-
-
-class _KerasBottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=True)
-        self.bn1 = nn.BatchNorm2d(planes, eps=1.001e-5, momentum=0.99)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=True)
-        self.bn2 = nn.BatchNorm2d(planes, eps=1.001e-5, momentum=0.99)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=True)
-        self.bn3 = nn.BatchNorm2d(planes * 4, eps=1.001e-5, momentum=0.99)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + identity)
-
-
-class RadImageNetResNet50(nn.Module):
-    """RadImageNet ResNet-50 without top, Keras layout (state-dict compatible with
-    ``RadImageNet-ResNet50_notop.pth``). Output: the last feature map (B, 2048, h, w)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=True)
-        self.bn1 = nn.BatchNorm2d(64, eps=1.001e-5, momentum=0.01)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.layer1 = self._make_layer(64, 3)
-        self.layer2 = self._make_layer(128, 4, stride=2)
-        self.layer3 = self._make_layer(256, 6, stride=2)
-        self.layer4 = self._make_layer(512, 3, stride=2)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * 4:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=True),
-                nn.BatchNorm2d(planes * 4, eps=1.001e-5, momentum=0.99),
-            )
-        layers = [_KerasBottleneck(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * 4
-        layers += [_KerasBottleneck(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def _conv3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
-
-
-class _MedBasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
-        super().__init__()
-        self.conv1 = _conv3(inplanes, planes, stride, dilation)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3(planes, planes, 1, dilation)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        residual = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + residual)
-
-
-class _MedBottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, downsample=None, dilation=1):
-        super().__init__()
-        self.conv1 = nn.Conv3d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = _conv3(planes, planes, stride, dilation)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        residual = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + residual)
-
-
-class MedicalNetResNet(nn.Module):
-    """MedicalNet 3D ResNet trunk (Chen et al. 2019), state-dict compatible with the "23 datasets"
-    checkpoints. Output: the last feature map (B, 512 * expansion, x/8, y/8, z/8)."""
-
-    def __init__(self, block: type, layers: Sequence[int]) -> None:
-        super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv3d(1, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm3d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool3d(3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], dilation=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], dilation=4)
-
-    def _make_layer(self, block, planes, blocks, stride=1, dilation=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv3d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm3d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride=stride, downsample=downsample, dilation=dilation)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def medicalnet_resnet10() -> MedicalNetResNet:
-    return MedicalNetResNet(_MedBasicBlock, [1, 1, 1, 1])
-
-
-def medicalnet_resnet50() -> MedicalNetResNet:
-    return MedicalNetResNet(_MedBottleneck, [3, 4, 6, 3])
-
-
-# --------------------------------------------------------------------------------------------
-# In-domain extractors: small convolutional autoencoders trained on real training volumes
-# --------------------------------------------------------------------------------------------
-
-
-class _AutoEncoder(nn.Module):
-    """Plain convolutional autoencoder (no normalisation layers, so features of one input never
-    depend on the rest of the batch). Encoder: a 3x3 convolution then three stride-2 4x4
-    convolutions; decoder mirrors it. Features: global averages of the last two encoder stages."""
-
-    def __init__(self, spatial_dims: int, channels: Sequence[int]):
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        convt = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
-        c = list(channels)
-        if len(c) != 4:
-            raise MetricError(f"in-domain autoencoder needs 4 channel widths, got {c}")
-        self.spatial_dims = spatial_dims
-        act = lambda: nn.LeakyReLU(0.2)  # noqa: E731
-        self.enc = nn.ModuleList(
-            [
-                nn.Sequential(conv(1, c[0], 3, padding=1), act()),
-                nn.Sequential(conv(c[0], c[1], 4, stride=2, padding=1), act()),
-                nn.Sequential(conv(c[1], c[2], 4, stride=2, padding=1), act()),
-                nn.Sequential(conv(c[2], c[3], 4, stride=2, padding=1), act()),
-            ]
-        )
-        self.dec = nn.Sequential(
-            convt(c[3], c[2], 4, stride=2, padding=1), act(),
-            convt(c[2], c[1], 4, stride=2, padding=1), act(),
-            convt(c[1], c[0], 4, stride=2, padding=1), act(),
-            conv(c[0], 1, 3, padding=1),
-        )
-        self.feature_dim = c[2] + c[3]
-        # per-feature standardisation measured on the training data after training
-        self.register_buffer("feat_mean", torch.zeros(self.feature_dim))
-        self.register_buffer("feat_std", torch.ones(self.feature_dim))
-
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for stage in self.enc:
-            x = stage(x)
-            outs.append(x)
-        return outs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dec(self.encode(x)[-1])
-
-    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
-        outs = self.encode(x)
-        dims = tuple(range(2, x.ndim))
-        return torch.cat([outs[2].mean(dims), outs[3].mean(dims)], dim=1)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.raw_features(x) - self.feat_mean) / self.feat_std
-
-    @torch.no_grad()
-    def set_standardisation(self, pools: Sequence[torch.Tensor], batch: int = 64) -> None:
-        """Per-feature mean and std over all training samples in ``pools`` (std floored at 1e-3 of its
-        mean over features, so that dead features are not blown up)."""
-        feats = torch.cat([self.raw_features(p[i : i + batch]) for p in pools for i in range(0, p.shape[0], batch)])
-        mean, std = feats.mean(0), feats.std(0)
-        floor = 1e-3 * float(std.mean()) + 1e-12
-        self.feat_mean.copy_(mean)
-        self.feat_std.copy_(std.clamp_min(floor))
-
-
-@dataclass(frozen=True)
-class InDomainConfig:
-    """How the in-domain extractors are trained (part of their cache key)."""
-
-    channels_2d: tuple[int, int, int, int] = (16, 32, 64, 64)
-    channels_3d: tuple[int, int, int, int] = (8, 16, 32, 64)
-    steps_2d: int = 300
-    steps_3d: int = 150
-    batch_2d: int = 32
-    batch_3d: int = 4
-    lr: float = 2e-3
-    slice_central_fraction: float = 0.8  # 2D training slices come from this central part of each axis
-    seed: int = 0
-
-
-IN_DOMAIN_VERSION = 2
+from .common import MetricError, array_digest, as_volumes, default_device, sha256_file, warn_once
+from .extractor_weights import WEIGHT_FILES, build_pretrained_net, find_weights
+from .in_domain import InDomainConfig, in_domain_network
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,128 +166,10 @@ IN_DOMAIN_PREPROCESSING = (
     "feature with the mean and std over the training {what}s"
 )
 
+
 # --------------------------------------------------------------------------------------------
-# Weight files: names, locations, loading
+# The extractors: pretrained (weights: metrics.extractor_weights), in-domain (metrics.in_domain)
 # --------------------------------------------------------------------------------------------
-
-#: canonical file name in ``weights_dir`` and accepted upstream aliases
-WEIGHT_FILES: dict[str, tuple[str, ...]] = {
-    "radimagenet": ("radimagenet_resnet50.pt", "RadImageNet-ResNet50_notop.pth"),
-    "medicalnet-resnet10": (
-        "medicalnet_resnet10_23datasets.pt",
-        "resnet_10_23dataset.pth",
-        "medicalnet_resnet_10_23dataset.pth",
-    ),
-    "medicalnet-resnet50": (
-        "medicalnet_resnet50_23datasets.pt",
-        "resnet_50_23dataset.pth",
-        "medicalnet_resnet50_23datasets.pth",
-    ),
-}
-
-#: where the torch.hub entry points cache the same checkpoints, relative to ``torch.hub.get_dir()``
-HUB_FILES: dict[str, tuple[str, ...]] = {
-    # Warvito/radimagenet-models: <hub>/checkpoints/; Project-MONAI/perceptual-models: <hub>/ and <hub>/monai_checkpoints/
-    "radimagenet": (
-        "checkpoints/RadImageNet-ResNet50_notop.pth",
-        "RadImageNet-ResNet50_notop.pth",
-        "monai_checkpoints/RadImageNet-ResNet50_notop.pth",
-    ),
-    # warvito/MedicalNet-models: <hub>/medicalnet/; Project-MONAI/perceptual-models: <hub>/monai_checkpoints/
-    "medicalnet-resnet10": (
-        "medicalnet/resnet_10_23dataset.pth",
-        "monai_checkpoints/medicalnet_resnet_10_23dataset.pth",
-    ),
-    "medicalnet-resnet50": (
-        "medicalnet/resnet_50_23dataset.pth",
-        "monai_checkpoints/medicalnet_resnet50_23datasets.pth",
-    ),
-}
-
-_WHAT_TO_PUT = {
-    "radimagenet": (
-        "the RadImageNet ResNet-50 (no top) state dict as torch.save'd by Warvito/radimagenet-models "
-        "('RadImageNet-ResNet50_notop.pth'), saved as 'radimagenet_resnet50.pt'"
-    ),
-    "medicalnet-resnet10": (
-        "the MedicalNet ResNet-10 '23 datasets' checkpoint ('resnet_10_23dataset.pth' from "
-        "warvito/MedicalNet-models, a dict {'state_dict': {...}}), saved as 'medicalnet_resnet10_23datasets.pt'"
-    ),
-    "medicalnet-resnet50": (
-        "the MedicalNet ResNet-50 '23 datasets' checkpoint ('resnet_50_23dataset.pth' from "
-        "warvito/MedicalNet-models, a dict {'state_dict': {...}}), saved as 'medicalnet_resnet50_23datasets.pt'"
-    ),
-}
-
-_BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "radimagenet": RadImageNetResNet50,
-    "medicalnet-resnet10": medicalnet_resnet10,
-    "medicalnet-resnet50": medicalnet_resnet50,
-}
-
-
-def find_weights(name: str, weights_dir: str | Path | None = None, hub_dir: str | Path | None = None) -> Path | None:
-    """The first existing weights file for extractor ``name``: ``weights_dir`` first (canonical
-    name, then upstream aliases), then the torch.hub cache. ``None`` when there is none."""
-    if name not in WEIGHT_FILES:
-        raise MetricError(f"unknown extractor '{name}'; known: {', '.join(WEIGHT_FILES)}")
-    if weights_dir is not None:
-        for fname in WEIGHT_FILES[name]:
-            p = Path(weights_dir) / fname
-            if p.exists():
-                return p
-    hub = Path(hub_dir) if hub_dir is not None else Path(torch.hub.get_dir())
-    for rel in HUB_FILES[name]:
-        p = hub / rel
-        if p.exists():
-            return p
-    return None
-
-
-def _read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
-    what = _WHAT_TO_PUT[name]
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise WeightsError(
-            f"weights file {path} for extractor '{name}' could not be read as a PyTorch state-dict file "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); put there {what}, "
-            "or remove the file to score with the in-domain extractor instead"
-        ) from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(
-            f"weights file {path} for extractor '{name}' holds a {type(obj).__name__}, not a state dict of "
-            f"tensors; put there {what}"
-        )
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
-def build_pretrained_net(name: str, path: str | Path) -> nn.Module:
-    """Build the architecture of ``name`` and load the state dict at ``path`` (strictly)."""
-    path = Path(path)
-    sd = _read_state_dict(path, name)
-    net = _BUILDERS[name]()
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    bad_shape = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if bad_shape:
-            k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} tensors of the wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)})")
-        raise WeightsError(
-            f"weights file {path} does not match the {name} architecture: {'; '.join(parts)}; "
-            f"put there {_WHAT_TO_PUT[name]}"
-        )
-    net.load_state_dict(sd, strict=True)
-    return net
 
 
 def load_pretrained(
@@ -556,79 +196,6 @@ def load_pretrained(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# In-domain training and cache
-# --------------------------------------------------------------------------------------------
-
-
-def _pad_to_multiple(x: torch.Tensor, m: int = 8) -> torch.Tensor:
-    pads = []
-    for s in reversed(x.shape[2:]):
-        pads += [0, (-s) % m]
-    return F.pad(x, pads) if any(pads) else x
-
-
-def in_domain_cache_key(kind: str, train_shape: Sequence[int], data_id: str, config: InDomainConfig) -> str:
-    payload = json.dumps(
-        {"kind": kind, "shape": list(train_shape), "data": data_id, "config": asdict(config), "v": IN_DOMAIN_VERSION},
-        sort_keys=True,
-    )
-    return sha256_bytes(payload.encode(), 16)
-
-
-def _train_ae(kind: str, vols: torch.Tensor, cfg: InDomainConfig, device: torch.device) -> tuple[_AutoEncoder, list[float]]:
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    n = vols.shape[0]
-    if kind == "2d":
-        net = _AutoEncoder(2, cfg.channels_2d).to(device)
-        steps, bs = cfg.steps_2d, cfg.batch_2d
-        orients = list(ORIENTATIONS)
-        ranges = {
-            o: central_slice_indices(vols.shape[2 + ax], vols.shape[2 + ax], cfg.slice_central_fraction)
-            for o, ax in ORIENTATIONS.items()
-        }
-
-        def batch(step: int) -> tuple[torch.Tensor, bool]:
-            # orientations in turn; random volumes and random slices of the central part of the axis
-            o = orients[step % len(orients)]
-            vi = torch.randint(0, n, (bs,), generator=g).tolist()
-            si = torch.randint(0, len(ranges[o]), (bs,), generator=g).tolist()
-            ax = ORIENTATIONS[o]
-            xb = torch.stack([vols[v].select(1 + ax, ranges[o][s]) for v, s in zip(vi, si)])
-            return xb, o != "sagittal"  # axial (X, Y) and coronal (X, Z) slices have X first
-
-        # standardisation: every central slice of each orientation of up to 32 training volumes
-        sub = vols[torch.randperm(n, generator=g)[:32]]
-        std_pools = [extract_slices(sub, o, ranges[o]) for o in orients]
-    else:
-        net = _AutoEncoder(3, cfg.channels_3d).to(device)
-        steps, bs = cfg.steps_3d, cfg.batch_3d
-
-        def batch(step: int) -> tuple[torch.Tensor, bool]:
-            return vols[torch.randint(0, n, (min(bs, n),), generator=g)], True
-
-        std_pools = [vols[torch.randperm(n, generator=g)[:64]]]
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-    losses = []
-    net.train()
-    for step in range(steps):
-        xb, flippable = batch(step)
-        if flippable and float(torch.rand((), generator=g)) < 0.5:  # left-right flip (flips X)
-            xb = xb.flip(2)
-        xb = _pad_to_multiple(xb).to(device)
-        loss = F.mse_loss(net(xb), xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    net.eval()
-    net.set_standardisation([p.to(device) for p in std_pools], batch=64 if kind == "2d" else 4)
-    return net.cpu(), losses
-
-
 def train_in_domain(
     kind: str,
     train_volumes: Any,
@@ -651,42 +218,12 @@ def train_in_domain(
     if vols.shape[0] < 2:
         raise MetricError("in-domain extractors need at least 2 real training volumes to train on")
     did = data_id if data_id is not None else "sha:" + array_digest(vols)
-    key = in_domain_cache_key(kind, tuple(vols.shape), did, cfg)
-    name = f"in-domain-{kind}"
-    path = trained_weights_path(f"{name}-{key}.pt", cache_dir, shipped_dirs)  # shipped, else the cache
-    channels = cfg.channels_2d if kind == "2d" else cfg.channels_3d
-    spatial = 2 if kind == "2d" else 3
-    if path.exists():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            net = _AutoEncoder(spatial, channels)
-            net.load_state_dict(ckpt["state_dict"], strict=True)
-        except Exception as e:  # noqa: BLE001
-            raise WeightsError(
-                f"cached in-domain extractor {path} could not be loaded ({type(e).__name__}); delete the file "
-                "and the suite will retrain it"
-            ) from e
-    else:
-        dev = torch.device(device) if device is not None else default_device()
-        t0 = time.perf_counter()
-        net, losses = _train_ae(kind, vols, cfg, dev)
-        meta = {
-            "kind": kind,
-            "data_id": did,
-            "train_shape": list(vols.shape),
-            "config": asdict(cfg),
-            "final_loss": float(np.mean(losses[-10:])),
-            "train_seconds": time.perf_counter() - t0,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, tmp)
-        os.replace(tmp, path)
+    net, path = in_domain_network(kind, vols, cache_dir, did, cfg, device, shipped_dirs)
     what = "slice" if kind == "2d" else "volume"
     return FeatureExtractor(
-        name,
+        f"in-domain-{kind}",
         net,
-        spatial,
+        2 if kind == "2d" else 3,
         sha256_file(path),
         str(path),
         False,

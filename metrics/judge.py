@@ -15,7 +15,6 @@ a hash of (num_classes, data shape, data id or content hash, config).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from core.files import atomic_torch_save, read_state_dict
+from core.loop import LoopSettings, TrainingLoop
 
 from .common import (MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes,
                      sha256_file, trained_weights_path)
@@ -130,12 +132,12 @@ def _train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Ju
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.15)
-    net.train()
-    losses = []
     n = x_all.shape[0]
     order = torch.randperm(n, generator=g)
     pos = 0
-    for step in range(cfg.steps):
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
+        nonlocal order, pos
         if pos + cfg.batch_size > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos : pos + min(cfg.batch_size, n)]
@@ -147,14 +149,15 @@ def _train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Ju
         gain = 1 + (torch.rand(x.shape[0], 1, 1, 1, 1, generator=g) * 2 - 1) * cfg.gain_jitter
         off = (torch.rand(x.shape[0], 1, 1, 1, 1, generator=g) * 2 - 1) * cfg.offset_jitter
         x = (x * gain + off).clamp(0, 1)
-        loss = loss_fn(net(x.to(device)), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress and (step + 1) % 50 == 0:
-            print(f"judge step {step + 1}/{cfg.steps} loss {np.mean(losses[-50:]):.4f}", flush=True)
+        return loss_fn(net(x.to(device)), y.to(device)), {}
+
+    def report(done: int, loss: float, logs: dict) -> None:
+        if done % 50 == 0:
+            print(f"judge step {done}/{cfg.steps} loss {np.mean(loop.losses[-50:]):.4f}", flush=True)
+
+    loop = TrainingLoop(net, opt, step_fn, LoopSettings(cfg.steps, check_finite=False, progress=False),
+                        schedule=sched, rngs=[g], on_step=report if progress else None)
+    losses = loop.run().losses
     net.eval()
     return net.cpu(), losses
 
@@ -190,15 +193,14 @@ def train_judge(
     key = judge_cache_key(num_classes, tuple(imgs.shape), did, cfg)
     path = trained_weights_path(f"judge-{num_classes}cls-{key}.pt", cache_dir, shipped_dirs)
     if path.exists():
+        todo = "delete the file and the suite will retrain it"
+        state = read_state_dict(path, "a trained judge", todo=todo, keys=("state_dict",), error=WeightsError)
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
             net = _build(num_classes, cfg)
-            net.load_state_dict(ckpt["state_dict"], strict=True)
-            meta = json.loads(ckpt["meta"])
+            net.load_state_dict(state, strict=True)
+            meta = json.loads(torch.load(path, map_location="cpu", weights_only=True)["meta"])
         except Exception as e:  # noqa: BLE001
-            raise WeightsError(
-                f"cached judge {path} could not be loaded ({type(e).__name__}); delete the file and the suite will retrain it"
-            ) from e
+            raise WeightsError(f"cached judge {path} could not be loaded ({type(e).__name__}); {todo}") from e
     else:
         dev = torch.device(device) if device is not None else default_device()
         t0 = time.perf_counter()
@@ -206,10 +208,7 @@ def train_judge(
         meta = {"data_id": did, "train_shape": list(imgs.shape), "config": asdict(cfg),
                 "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
                 "device": str(dev)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, path)
     return Judge(net, num_classes, cfg, sha256_file(path), str(path), meta, device)
 
 

@@ -148,6 +148,105 @@ def test_resume_after_interruption_matches_uninterrupted_run(cache, tmp_path, da
     assert states_equal(resumed, reference), "a resumed run must end with the same weights as an uninterrupted one"
 
 
+def _old_pretraining_loop(stage, module, cfg, ckpt_path, step_fn, seed, callback):
+    """``_Pretrainer._loop`` before it moved onto core.loop (commit 74fe83c), verbatim but for the
+    progress bar: it writes the checkpoints of the old format, ``{step, model, optimizer, generator,
+    seconds, running, ema}``."""
+    import math
+    import time
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def lr_at(step, total, base_lr, warmup):
+        if warmup > 0 and step < warmup:
+            return base_lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    steps, lr, warmup = int(cfg.steps), float(cfg.lr), int(cfg.get("warmup_steps", 0))
+    every = max(1, int(cfg.get("checkpoint_every", max(1, steps // 10))))
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
+    gen = torch.Generator().manual_seed(seed + {"autoencoder": 1, "diffusion": 2}.get(stage, 4))
+    decay = float(cfg.get("ema_decay", 0.0) or 0.0)
+    ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
+    running, t0 = None, time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss, logs = step_fn(step, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(module)
+        logs = {k: float(v) for k, v in logs.items()}
+        running = logs if running is None else {k: 0.98 * running[k] + 0.02 * logs[k] for k in logs}
+        done = step + 1
+        if done % every == 0 and done < steps:
+            torch.save({"step": done, "model": module.state_dict(), "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(), "seconds": time.time() - t0,
+                        "running": running, "ema": ema.state_dict() if ema is not None else None}, ckpt_path)
+        callback(stage, done)
+    if ema is not None:
+        module.load_state_dict(ema.module.state_dict())
+    return running
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_a_checkpoint_of_the_old_pretraining_loop_resumes_bit_for_bit(tmp_path, decay):
+    """A pretraining run interrupted under the loop before core.loop (its checkpoint format) is
+    resumed by today's loop and ends with the weights and logs of an uninterrupted run, bit for bit."""
+    from benchmark.base.pretrain import _Pretrainer, upgrade_old_checkpoint
+
+    cfg = load_profile("smoke", ["diffusion.steps=7", "diffusion.lr=0.05", "diffusion.warmup_steps=2",
+                                 "diffusion.checkpoint_every=2", f"diffusion.ema_decay={decay}"]).diffusion
+    x = torch.linspace(-1, 1, 64).reshape(16, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def step_fn_of(net):
+        def step_fn(step, gen):
+            idx = torch.randint(0, 16, (5,), generator=gen)
+            loss = torch.nn.functional.mse_loss(net(x[idx]) + 0.01 * torch.randn(5, 1, generator=gen), y[idx])
+            return loss, {"mse": loss.detach()}
+        return step_fn
+
+    def pretrainer(callback=None):
+        p = _Pretrainer.__new__(_Pretrainer)  # only what _loop reads
+        p.seed, p.progress, p.callback, p.device = 5, False, callback, torch.device("cpu")
+        return p
+
+    whole = model()
+    summary = pretrainer()._loop("diffusion", whole, cfg, tmp_path / "whole.ckpt", step_fn_of(whole))
+    old_whole = model()
+    old_running = _old_pretraining_loop("diffusion", old_whole, cfg, tmp_path / "old.ckpt", step_fn_of(old_whole),
+                                        5, lambda stage, step: None)
+    assert states_equal(whole, old_whole)  # the port itself changes no number
+    assert summary["final_mse"] == round(old_running["mse"], 6)
+
+    def stop_at_5(stage, step):
+        if step == 5:
+            raise Stop
+    cut = model()
+    with pytest.raises(Stop):  # killed at step 5: the old checkpoint holds step 4
+        _old_pretraining_loop("diffusion", cut, cfg, tmp_path / "cut.ckpt", step_fn_of(cut), 5, stop_at_5)
+    assert set(torch.load(tmp_path / "cut.ckpt", weights_only=False)) == {
+        "step", "model", "optimizer", "generator", "seconds", "running", "ema"}
+
+    calls, cb = recorder()
+    resumed = model()
+    resumed_summary = pretrainer(cb)._loop("diffusion", resumed, cfg, tmp_path / "cut.ckpt", step_fn_of(resumed))
+    assert calls == [("diffusion", 5), ("diffusion", 6), ("diffusion", 7)]
+    assert states_equal(resumed, whole), "a run resumed from an old checkpoint must end as an uninterrupted one"
+    assert resumed_summary["final_mse"] == summary["final_mse"]
+    assert torch.load(tmp_path / "cut.ckpt", weights_only=False)["format"] == "core.loop/1"  # upgraded in place
+    assert not upgrade_old_checkpoint(tmp_path / "cut.ckpt")  # a checkpoint of today's format is left alone
+
+
 def test_ema_weights_become_the_final_diffusion_model(cache):
     plain = load_base_model(tiny(), cache, progress=False)
     averaged = load_base_model(tiny("diffusion.ema_decay=0.9"), cache, progress=False)

@@ -15,15 +15,13 @@ from scipy import ndimage as ndi
 
 import metrics.common as common
 from metrics.common import WeightsError, sha256_file
+from metrics.extractor_nets import RadImageNetResNet50, medicalnet_resnet10, medicalnet_resnet50
 from metrics.extractors import (
     InDomainConfig,
-    RadImageNetResNet50,
     find_weights,
     get_extractors,
     load_pretrained,
     medicalnet_intensity_normalisation,
-    medicalnet_resnet10,
-    medicalnet_resnet50,
     train_in_domain,
 )
 from metrics.fid import clear_feature_cache, fid_2d, fid_3d

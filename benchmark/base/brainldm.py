@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from benchmark.base.model import BaseLDM
-from benchmark.base.cache import BaseModelError, file_sha256
+from benchmark.base.cache import BaseModelError
+from core.files import read_state_dict, sha256_file
 
 
 BUNDLE_NAME = "brain_image_synthesis_latent_diffusion_model"
@@ -77,31 +78,13 @@ def find_brainldm_files(weights_dir: str | Path) -> tuple[Path, Path]:
 
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BaseModelError(
-            f"cannot read {path} as a PyTorch state dict ({type(err).__name__}: {err}); "
-            f"replace it with the file from {_where_to_get()}"
-        ) from err
-    if isinstance(blob, dict):
-        for key in ("state_dict", "model"):
-            if key in blob and isinstance(blob[key], dict):
-                blob = blob[key]
-                break
-    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise BaseModelError(f"{path} does not hold a state dict of tensors; replace it with the file from {_where_to_get()}")
-    return dict(blob)
-
-
-
 def load_network_weights(net: torch.nn.Module, path: Path, what: str) -> str:
     """Load ``path`` into ``net``: directly when its keys are the current MONAI names, else through
     MONAI's ``load_old_state_dict`` (MONAI Generative's names, as in the bundle). Every parameter
     of ``net`` must come from the file, and every tensor of the file must be used.
     Returns ``"new"`` or ``"old"`` (the key style found)."""
-    state = _read_state_dict(path)
+    state = read_state_dict(path, f"BrainLDM's {what}", error=BaseModelError,
+                            todo=f"replace it with the file from {_where_to_get()}")
     expected = net.state_dict()
     hint = (f"{path} does not match BrainLDM's {what} (the paper profile's architecture); make sure it is the "
             f"{what} file of {_where_to_get()}")
@@ -145,6 +128,6 @@ def load_brainldm(profile, weights_dir: str | Path, device: str | torch.device =
     base = BaseLDM.from_profile(profile, scale_factor=float(scale))
     load_network_weights(base.autoencoder, ae_path, "autoencoder")
     load_network_weights(base.diffusion, df_path, "diffusion model")
-    base.origin = {"source": "BrainLDM weights", "path": str(df_path), "sha256": file_sha256(df_path),
-                   "autoencoder_path": str(ae_path), "autoencoder_sha256": file_sha256(ae_path)}
+    base.origin = {"source": "BrainLDM weights", "path": str(df_path), "sha256": sha256_file(df_path, prefix=64),
+                   "autoencoder_path": str(ae_path), "autoencoder_sha256": sha256_file(ae_path, prefix=64)}
     return base.to(device).freeze()

@@ -8,18 +8,17 @@ everything that decides the weights (:func:`base_model_key`)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from benchmark.base import shipped
 from benchmark.base.model import BaseLDM
-from metrics.common import sha256_file
+from core.files import file_lock, sha256_file
 
 
 CODE_VERSION = 1  # bump when a change here changes the weights that pretraining produces
@@ -73,7 +72,7 @@ def load_base_model(
                   file=sys.stderr, flush=True)
     out = base_model_dir(profile, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _lock(out / "lock"):
+    with file_lock(out / "lock"):  # two processes never pretrain the same model at once
         if not (out / "done").is_file():
             from benchmark.base.pretrain import _DecoderFinetuner, _Pretrainer
 
@@ -85,7 +84,7 @@ def load_base_model(
             print(f"base model: loaded from {out}", file=sys.stderr, flush=True)
         base = _load_cached(profile, out, device)
     base.origin = {"source": "pretrained by the suite (cache)", "path": str(out / "model.pt"),
-                   "sha256": file_sha256(out / "model.pt")}
+                   "sha256": sha256_file(out / "model.pt", prefix=64)}
     return base
 
 
@@ -116,12 +115,6 @@ def add_retrain_base_flag(parser: argparse.ArgumentParser) -> None:
 
 def overrides_with_retrain_flag(args: argparse.Namespace) -> list[str]:
     return list(args.override) + (["base_weights=pretrain"] if args.retrain_base else [])
-
-
-
-def file_sha256(path: Path) -> str:
-    """The full sha256 of a file (``metrics.common.sha256_file`` shortens it by default)."""
-    return sha256_file(path, prefix=64)
 
 
 
@@ -210,23 +203,6 @@ def _data_version() -> str | None:
         if hasattr(synthetic, name):
             return str(getattr(synthetic, name))
     return None
-
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so two processes never pretrain the same model at once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 

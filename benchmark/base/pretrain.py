@@ -2,9 +2,9 @@
 *pretraining pool* of the synthetic population only (never the benchmark pool or the test set).
 Where the result is cached and when it is reused: :mod:`benchmark.base.cache`.
 
-Pretraining, in three stages, each checkpointed (atomically: temporary file + ``os.replace``) so
-that an interrupted run resumes where it stopped and ends with the same numbers as an
-uninterrupted one (model, optimizer and random-generator states are saved):
+Pretraining, in three stages, each trained by the suite's resumable loop (:mod:`core.loop`, atomic
+checkpoints) so that an interrupted run resumes where it stopped and ends with the same numbers as an
+uninterrupted one (model, optimizer, EMA and random-generator states are saved):
 
 1. **Autoencoder** (``AutoencoderKL``): L1 reconstruction + ``kl_weight`` x KL divergence, on
    whole volumes, or on random crops when ``autoencoder.crop`` is set (the network is fully
@@ -28,9 +28,6 @@ reports the autoencoder's reconstruction quality on the test split.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,13 +35,21 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from benchmark.base.model import BaseLDM
-from benchmark.base.cache import (BaseModelError, StepCallback, _lock, _pretrain_indices, _read_json, autoencoder_dir,
+from benchmark.base.cache import (BaseModelError, StepCallback, _pretrain_indices, _read_json, autoencoder_dir,
                                     base_model_dir, base_model_key, load_base_model,
                                     without_decoder_finetune)
+from core import loop
+from core.files import atomic_json, atomic_torch_save, atomic_write_text, file_lock
+
+# What decides the pretrained weights besides the profile. Changing any of these changes the results
+# (and orphans cached base models: the cache key does not cover them).
+GRAD_CLIP = 1.0  # max norm of the gradient at every pretraining step
+LR_FLOOR = 0.01  # the cosine decay of the learning rate ends at this fraction of it
+LOG_WEIGHT = 0.02  # a step's weight in the running averages of the logs (the summaries' final_* values)
+SEED_OFFSETS = {"autoencoder": 1, "diffusion": 2, "latents": 3, "decoder_finetune": 4}  # data.seed + offset seeds a stage
 
 
 def load_images(profile, cache_dir, indices: Sequence[int], progress: bool = True, desc: str = "data"):
@@ -68,24 +73,28 @@ def load_images(profile, cache_dir, indices: Sequence[int], progress: bool = Tru
     return images, scalars
 
 
-def _lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up to ``base_lr``, then cosine decay to 1% of it."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+_OLD_CHECKPOINT_KEYS = {"step", "model", "optimizer", "generator", "seconds", "running", "ema"}
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def upgrade_old_checkpoint(path: Path) -> bool:
+    """Rewrite, in place, a checkpoint of the pretraining loop that preceded :mod:`core.loop` (a dict
+    of exactly ``_OLD_CHECKPOINT_KEYS``, no ``"format"``) in core.loop's format, so that a run
+    interrupted under the old code resumes with the same weights, optimiser, generator, EMA, step and
+    running logs. The old file kept no loss history: the resumed run's ``losses`` start at its step.
+    Returns whether it rewrote the file; any other file is left to core.loop to accept or refuse."""
+    if not path.is_file():
+        return False
+    try:  # CPU: the generator's state must be a CPU tensor, whatever device saved it
+        old = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - core.loop names the unreadable file
+        return False
+    if not isinstance(old, dict) or set(old) != _OLD_CHECKPOINT_KEYS:
+        return False
+    atomic_torch_save({"format": loop.FORMAT, "step": int(old["step"]), "seconds": float(old["seconds"]),
+                       "model": old["model"], "optimizer": old["optimizer"], "schedule": None,
+                       "rngs": [old["generator"]], "global_rngs": None, "ema": old["ema"], "losses": [],
+                       "running": dict(old["running"] or {}), "extra": {}}, path)
+    return True
 
 
 def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -109,7 +118,7 @@ class _Pretrainer:
     # -- orchestration ----------------------------------------------------------------------
     def run(self) -> None:
         t_start = time.time()
-        _atomic_write_text(json.dumps(base_model_key(self.profile), indent=2, default=str), self.out / "config.json")
+        atomic_json(self.out / "config.json", base_model_key(self.profile), indent=2, default=str)
         if not _pretrain_indices(self.profile):
             raise BaseModelError(
                 f"profile '{self.profile.get('name', '?')}' has data.pretrain_pool = 0: there is nothing to "
@@ -118,20 +127,20 @@ class _Pretrainer:
             )
         torch.manual_seed(self.seed)  # initial weights
         base = BaseLDM.from_profile(self.profile).to(self.device)
-        with _lock(self.ae_dir / "lock"):
+        with file_lock(self.ae_dir / "lock"):
             latents = self._autoencoder_and_latents(base)
         base.scale_factor = float(latents["scale_factor"])
         diffusion_summary = self._train_diffusion(base, latents)
 
         state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-        _atomic_save({"state_dict": state, "scale_factor": base.scale_factor,
+        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
                       "key": base_model_key(self.profile)}, self.out / "model.pt")
         summary = {**_read_json(self.ae_dir / "summary.json"), "diffusion": diffusion_summary,
                    "seconds_this_call": round(time.time() - t_start, 1),
                    "parameters": base.num_parameters(), "scale_factor": base.scale_factor,
                    "autoencoder_dir": str(self.ae_dir)}
-        _atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
-        (self.out / "done").write_text("pretraining finished\n")
+        atomic_json(self.out / "summary.json", summary, indent=2)
+        atomic_write_text(self.out / "done", "pretraining finished\n")
         (self.out / "diffusion.ckpt").unlink(missing_ok=True)
         ae = summary.get("autoencoder", {})
         print(
@@ -159,77 +168,42 @@ class _Pretrainer:
             base.autoencoder.load_state_dict(torch.load(ae_path, map_location=self.device, weights_only=True))
         else:
             summary["autoencoder"] = self._train_autoencoder(base, images)
-            _atomic_save(base.autoencoder.state_dict(), ae_path)
+            atomic_torch_save(base.autoencoder.state_dict(), ae_path)
             (self.ae_dir / "autoencoder.ckpt").unlink(missing_ok=True)
-        _atomic_write_text(json.dumps(summary, indent=2), self.ae_dir / "summary.json")
+        atomic_json(self.ae_dir / "summary.json", summary, indent=2)
         latents = self._encode_pool(base, images, scalars)
         summary["latent_std"] = 1.0 / float(latents["scale_factor"])
-        _atomic_write_text(json.dumps(summary, indent=2), self.ae_dir / "summary.json")
-        _atomic_save(latents, latents_path)
+        atomic_json(self.ae_dir / "summary.json", summary, indent=2)
+        atomic_torch_save(latents, latents_path)
         return latents
 
-    # -- a resumable training loop ------------------------------------------------------------
+    # -- one stage: core.loop's resumable training loop -----------------------------------------------
     def _loop(self, stage: str, module: torch.nn.Module, cfg, ckpt_path: Path, step_fn) -> dict[str, Any]:
         """Train ``module`` for ``cfg.steps`` steps of ``step_fn(step, gen) -> (loss, logs)``,
-        resuming from ``ckpt_path`` if it exists. Returns a summary."""
+        resuming from ``ckpt_path`` if it exists (also one of the loop before core.loop). Returns a summary."""
         steps = int(cfg.steps)
         if steps <= 0:
             raise BaseModelError(f"{stage}.steps must be positive to pretrain the base model, got {steps}")
         lr = float(cfg.lr)
-        warmup = int(cfg.get("warmup_steps", 0))
         every = max(1, int(cfg.get("checkpoint_every", max(1, steps // 10))))
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=float(cfg.get("weight_decay", 0.0)))
-        gen = torch.Generator().manual_seed(self.seed + {"autoencoder": 1, "diffusion": 2}.get(stage, 4))
+        gen = torch.Generator().manual_seed(self.seed + SEED_OFFSETS[stage])
         # An exponential moving average of the weights (ema_decay > 0) becomes the final model:
         # samples from short runs improve when the last steps' noise is averaged out.
         decay = float(cfg.get("ema_decay", 0.0) or 0.0)
         if not 0.0 <= decay < 1.0:
             raise BaseModelError(f"{stage}.ema_decay must lie in [0, 1) (0: no averaging), got {decay}")
-        ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
-        start, seconds, running = 0, 0.0, None
-        if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, map_location=self.device, weights_only=False)
-            module.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            gen.set_state(ckpt["generator"])
-            start, seconds, running = ckpt["step"], ckpt["seconds"], ckpt["running"]
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-        module.train()
-        t0 = time.time() - seconds
-        bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not self.progress, leave=False)
-        try:
-            for step in range(start, steps):
-                for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, steps, lr, warmup)
-                loss, logs = step_fn(step, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-                opt.step()
-                if ema is not None:
-                    ema.update_parameters(module)
-                logs = {k: float(v) for k, v in logs.items()}
-                running = logs if running is None else {k: 0.98 * running[k] + 0.02 * logs[k] for k in logs}
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
-                done = step + 1
-                if done % every == 0 and done < steps:
-                    _atomic_save({"step": done, "model": module.state_dict(), "optimizer": opt.state_dict(),
-                                  "generator": gen.get_state(), "seconds": time.time() - t0,
-                                  "running": running, "ema": ema.state_dict() if ema is not None else None},
-                                 ckpt_path)
-                if self.callback is not None:
-                    self.callback(stage, done)
-        finally:
-            bar.close()
-        if ema is not None:
-            module.load_state_dict(ema.module.state_dict())
+        settings = loop.LoopSettings(steps, checkpoint_every=every, checkpoint_at_end=False, grad_clip=GRAD_CLIP,
+                                     ema_decay=decay, log_weight=LOG_WEIGHT, check_finite=False, desc=stage,
+                                     progress=self.progress)
+        upgrade_old_checkpoint(ckpt_path)
+        r = loop.TrainingLoop(module, opt, lambda step: step_fn(step, gen), settings, checkpoint_path=ckpt_path,
+                              lr_at=loop.warmup_cosine_lr(lr, steps, int(cfg.get("warmup_steps", 0)), LR_FLOOR),
+                              rngs=[gen], on_step=(lambda done, loss, logs: self.callback(stage, done))
+                              if self.callback else None).run()
         module.eval()
-        elapsed = time.time() - t0
-        return {"steps": steps, "seconds": round(elapsed, 1), "seconds_per_step": round(elapsed / steps, 3),
-                "ema_decay": decay,
-                **{f"final_{k}": round(v, 6) for k, v in (running or {}).items()}}
+        return {"steps": steps, "seconds": round(r.seconds, 1), "seconds_per_step": round(r.seconds / steps, 3),
+                "ema_decay": decay, **{f"final_{k}": round(v, 6) for k, v in r.running.items()}}
 
     # -- stage 1: autoencoder --------------------------------------------------------------------
     def _train_autoencoder(self, base: BaseLDM, images: torch.Tensor) -> dict[str, Any]:
@@ -279,7 +253,7 @@ class _Pretrainer:
             mus.append(mu.float().cpu())
             sigmas.append(sigma.float().cpu())
         mu, sigma = torch.cat(mus), torch.cat(sigmas)
-        gen = torch.Generator().manual_seed(self.seed + 3)
+        gen = torch.Generator().manual_seed(self.seed + SEED_OFFSETS["latents"])
         z = mu + sigma * torch.randn(mu.shape, generator=gen)
         return {"mu": mu, "sigma": sigma, "scalars": scalars.clone(),
                 "scale_factor": torch.tensor(1.0 / float(z.std()))}
@@ -319,7 +293,7 @@ class _DecoderFinetuner(_Pretrainer):
 
     def run(self) -> None:
         t_start = time.time()
-        _atomic_write_text(json.dumps(base_model_key(self.profile), indent=2, default=str), self.out / "config.json")
+        atomic_json(self.out / "config.json", base_model_key(self.profile), indent=2, default=str)
         start_profile = without_decoder_finetune(self.profile)
         base = load_base_model(start_profile, self.cache_dir, device=self.device, progress=self.progress,
                                step_callback=self.callback)
@@ -328,12 +302,12 @@ class _DecoderFinetuner(_Pretrainer):
                                 self.progress, "pretraining data")
         summary = self._train_decoder(base, images)
         state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-        _atomic_save({"state_dict": state, "scale_factor": base.scale_factor,
+        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
                       "key": base_model_key(self.profile)}, self.out / "model.pt")
         full = {**start_summary, "decoder_finetune": summary, "seconds_this_call": round(time.time() - t_start, 1),
                 "started_from": str(base_model_dir(start_profile, self.cache_dir))}
-        _atomic_write_text(json.dumps(full, indent=2), self.out / "summary.json")
-        (self.out / "done").write_text("pretraining finished\n")
+        atomic_json(self.out / "summary.json", full, indent=2)
+        atomic_write_text(self.out / "done", "pretraining finished\n")
         (self.out / "decoder.ckpt").unlink(missing_ok=True)
         print(f"base model: decoder fine-tuned in {summary['seconds']:.0f} s ({summary['steps']} steps, "
               f"L1 {summary.get('final_l1', float('nan')):.4f}); cached in {self.out}", file=sys.stderr, flush=True)

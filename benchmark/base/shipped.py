@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.files import sha256_file
+
 SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "shipped"
 PROVENANCE = "provenance.json"
 BASE_MODEL_FILE = "base_model.pt"
@@ -43,7 +45,6 @@ def provenance(folder: Path) -> dict[str, Any]:
 
 def verify(folder: Path, relative: str | None = None) -> None:
     """Check the sha256 of one shipped file (``relative``) or of every file in ``folder``."""
-    from benchmark.base.cache import file_sha256
 
     files = provenance(folder)["files"]
     for name in [relative] if relative is not None else sorted(files):
@@ -51,7 +52,7 @@ def verify(folder: Path, relative: str | None = None) -> None:
         if name not in files or not path.is_file():
             raise ShippedError(f"the shipped file {path} is missing or not listed in {folder / PROVENANCE}; "
                                f"restore it with `git checkout -- {folder}`")
-        if file_sha256(path) != files[name]["sha256"]:
+        if sha256_file(path, prefix=64) != files[name]["sha256"]:
             raise ShippedError(
                 f"the shipped file {path} does not match its sha256 in {folder / PROVENANCE} (a damaged or "
                 f"partial checkout, e.g. a Git LFS pointer): restore it with `git checkout -- {path}`, "
@@ -122,7 +123,7 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
     ``out_root/<profile>/`` and write their provenance."""
     import torch
 
-    from benchmark.base.cache import base_model_dir, base_model_key, file_sha256
+    from benchmark.base.cache import base_model_dir, base_model_key
     from benchmark.run.spec import RunContext
     from datasets.tasks import get_task
 
@@ -154,7 +155,7 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
         shutil.copyfile(source, target)
         metrics.append({"file": f"metrics/{target.name}", "what": what,
                         **{k: meta.get(k) for k in ("train_seconds", "final_loss", "device") if k in meta}})
-    files = {str(p.relative_to(out)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    files = {str(p.relative_to(out)): {"sha256": sha256_file(p, prefix=64), "bytes": p.stat().st_size}
              for p in sorted(out.rglob("*.pt"))}
     blob = torch.load(out / BASE_MODEL_FILE, map_location="cpu", weights_only=True)
     record = {

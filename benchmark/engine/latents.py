@@ -6,7 +6,6 @@ the training conditions are built once per run (:class:`ConditionStore`)."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.files import atomic_torch_save
 from datasets.subject import Subject
 from datasets.tasks import Task
 from methods.base import Conditions, FrozenLDM
@@ -25,12 +25,6 @@ def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (e.g. run seed and subject id), the same on every machine."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ---- latents ---------------------------------------------------------------------------
@@ -68,8 +62,7 @@ class LatentCache:
             for subject, entry in zip(chunk, stacked):
                 self.entries[subject.id] = entry.clone()
         if missing and self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(self.entries, self.path)
+            atomic_torch_save(self.entries, self.path)
         return torch.stack([self.entries[s.id] for s in subjects])
 
 

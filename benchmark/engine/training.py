@@ -18,21 +18,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from core.loop import LoopSettings, TrainingDiverged, TrainingLoop  # TrainingDiverged: the engine's error too
 from datasets.subject import Subject
 from datasets.tasks import Task
 from methods.base import FrozenLDM, Method
-from metrics.cost import PeakMemory, StepTimer
+from metrics.cost import PeakMemory
 
-from benchmark.engine.latents import ConditionStore, LatentCache, _atomic_torch_save, scalar_batch, stable_seed
+from benchmark.engine.latents import ConditionStore, LatentCache, scalar_batch, stable_seed
 
 # Learning-rate schedules of method training (training.schedule): "authors" = the VCM authors'
 # warm-up of 1/30 of the run from lr/10 to lr, then cosine to lr/10; "linear" = training.warmup_steps
 # of linear warm-up from 0, then linear to 0.
 SCHEDULES = ("authors", "linear")
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 # ---- training --------------------------------------------------------------------------
@@ -181,53 +179,16 @@ def train_method(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_factor())
     rng = np.random.default_rng(stable_seed(seed, "batches"))
     noise_gen = torch.Generator().manual_seed(stable_seed(seed, "noise"))
-    losses: list[float] = []
-    probe_history: list[dict] = []
-    start_step = 0
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.bit_generator.state = state["numpy_rng"]
-        noise_gen.set_state(state["torch_rng"])
-        losses = list(state["losses"])
-        probe_history = list(state.get("probe_history", []))
-        start_step = int(state["step"])
+    extra: dict = {"probe_history": []}  # kept in the checkpoint; a resumed run's replaces the list
 
-    def save_checkpoint(step: int) -> None:
-        _atomic_torch_save(
-            {
-                "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "numpy_rng": rng.bit_generator.state,
-                "torch_rng": noise_gen.get_state(),
-                "losses": losses,
-                "probe_history": probe_history,
-                "step": step,
-            },
-            ckpt_path,
-        )
+    def measure_probe(step: int) -> None:
+        history = extra["probe_history"]  # read now: resuming replaces the list
+        if probe is not None and not any(h["step"] == step for h in history):
+            start = time.perf_counter()
+            result = probe.measure(method)
+            history.append({"step": step, **result, "seconds": time.perf_counter() - start})
 
-    base.train_scheduler  # noqa: B018  (fail early if the base model lacks a scheduler)
-    encoded = latents.get(subjects, progress=progress)  # (N, 2, 2, C, x, y, z)
-    scalars_all = scalar_batch(subjects)
-    conditions_all = ConditionStore(task, subjects, device)
-    num_timesteps = base.train_scheduler.num_train_timesteps
-    method.train()
-    # The first steps (allocation, caches) are not typical; short runs keep at least one measured step.
-    timer = StepTimer(warmup=min(3, max(settings.steps - start_step - 1, 0) // 2), device=device)
-    wall_start = time.perf_counter()
-    end_step = settings.steps if stop_after is None else min(settings.steps, start_step + stop_after)
-    bar = tqdm(range(start_step, end_step), desc=f"train {method.name}", disable=not progress,
-               initial=start_step, total=settings.steps, leave=False)
-    use_bf16 = settings.mixed_precision == "bf16" and torch.device(device).type == "cuda"  # CPU stays float32
-
-    def precision():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    def train_step(step: int) -> float:
+    def train_step(step: int) -> tuple[float, dict]:
         batch = rng.choice(len(subjects), size=min(settings.batch_size, len(subjects)),
                            replace=len(subjects) < settings.batch_size)
         flip = rng.random(len(batch)) < 0.5
@@ -240,44 +201,42 @@ def train_method(
         z_t = base.train_scheduler.add_noise(z0, noise, t)
         conditions = conditions_all.batch(batch, present, flip, device)
         scalars, z_t, t, noise = scalars_all[torch.from_numpy(batch)].to(device), z_t.to(device), t.to(device), noise.to(device)
-        optimizer.zero_grad(set_to_none=True)
-        value = backward_in_micro_batches(
+        return backward_in_micro_batches(  # a float: the micro-batches backpropagated themselves
             lambda part: method.training_loss(z_t[part], t[part], conditions.select(part), scalars[part], noise[part]),
-            len(batch), settings.micro_batch_size, precision)
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"method '{method.name}' diverged: the loss became {value} at step {step + 1}; "
-                "lower training.lr in the profile or check the inputs"
-            )
-        optimizer.step()
-        schedule.step()
-        return value
+            len(batch), settings.micro_batch_size, precision), {}
 
-    def measure_probe(step: int) -> None:
-        if probe is not None and not any(h["step"] == step for h in probe_history):
-            start = time.perf_counter()
-            result = probe.measure(method)
-            probe_history.append({"step": step, **result, "seconds": time.perf_counter() - start})
+    loop = TrainingLoop(
+        method, optimizer, train_step,
+        LoopSettings(settings.steps, checkpoint_every=settings.checkpoint_every, checkpoint_at_end=True,
+                     desc=f"train {method.name}", progress=progress),
+        checkpoint_path=ckpt_path, schedule=schedule, rngs=[rng, noise_gen], extra_state=extra,
+        on_checkpoint=measure_probe,  # before the checkpoint, outside the step timing
+        on_diverged=lambda n, v: TrainingDiverged(
+            f"method '{method.name}' diverged: the loss became {v} at step {n}; "
+            "lower training.lr in the profile or check the inputs"))
+    start_step = loop.resume()
 
+    base.train_scheduler  # noqa: B018  (fail early if the base model lacks a scheduler)
+    encoded = latents.get(subjects, progress=progress)  # (N, 2, 2, C, x, y, z)
+    scalars_all = scalar_batch(subjects)
+    conditions_all = ConditionStore(task, subjects, device)
+    num_timesteps = base.train_scheduler.num_train_timesteps
+    use_bf16 = settings.mixed_precision == "bf16" and torch.device(device).type == "cuda"  # CPU stays float32
+
+    def precision():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    wall_start = time.perf_counter()
     if start_step == 0:
         measure_probe(0)  # before training: the gap the initialisation already has
     with PeakMemory(device) as memory:
-        for step in bar:
-            with timer.step():
-                value = train_step(step)
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}")
-            done = step + 1
-            if done % settings.checkpoint_every == 0 or done == settings.steps:
-                measure_probe(done)  # outside the step timer: seconds per step stay the method's own
-                save_checkpoint(done)
-    bar.close()
+        r = loop.run(stop_after)
     return TrainResult(
-        steps=settings.steps,
-        losses=losses,
-        seconds_per_step=timer.seconds_per_step,
+        steps=r.steps,
+        losses=r.losses,
+        seconds_per_step=r.seconds_per_step,
         wall_seconds=time.perf_counter() - wall_start,
         peak_memory=memory.summary(),
-        resumed_from=start_step,
-        extra={"control_probe": probe_history} if probe is not None else {},
+        resumed_from=r.resumed_from,
+        extra={"control_probe": extra["probe_history"]} if probe is not None else {},
     )

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
+
+from core.files import atomic_json
 
 RECORD_VERSION = 1
 
@@ -23,13 +24,7 @@ def library_versions() -> dict[str, str]:
 
 def write_record(path: Path, record: dict) -> None:
     """Atomic: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=2, sort_keys=True, default=_jsonable)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_json(path, record, indent=2, sort_keys=True, default=_jsonable)
 
 
 def _jsonable(value):

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
 from benchmark.engine.sampling import sample_method, sample_unconditioned
 from benchmark.engine.training import TrainSettings, train_method
+from core.files import atomic_npz
 from datasets.tasks import Task, get_task
 from methods.base import DirectMethod, Method
 from methods.registry import get_method
@@ -195,19 +196,12 @@ def stack_images(subjects) -> np.ndarray:
     return np.stack([s.image for s in subjects]).astype(np.float32)
 
 
-def _atomic_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-
-
 def save_samples(run_dir: Path, subjects, generated: np.ndarray, task) -> None:
     """Generated volumes and, for the record, the conditions they were generated from."""
     conditions = {}
     for name in task.modalities:
         conditions[f"condition_{name}"] = np.stack([task.conditions(s)[name] for s in subjects]).astype(np.float16)
-    _atomic_npz(run_dir / "samples.npz", ids=np.array([s.id for s in subjects]),
+    atomic_npz(run_dir / "samples.npz", ids=np.array([s.id for s in subjects]),
                 volumes=generated.astype(np.float16), **conditions)
 
 
@@ -215,5 +209,5 @@ def save_real(out_dir: Path, subjects) -> None:
     """The real test volumes once per results folder, for montages beside the generated ones."""
     path = out_dir / "runs" / "real_test.npz"
     if not path.is_file():
-        _atomic_npz(path, ids=np.array([s.id for s in subjects]), volumes=stack_images(subjects).astype(np.float16),
+        atomic_npz(path, ids=np.array([s.id for s in subjects]), volumes=stack_images(subjects).astype(np.float16),
                     lv_mask=np.stack([s.lv_mask for s in subjects]).astype(np.uint8))
