@@ -1,13 +1,5 @@
-"""Unconditional samples of the base model at given scalars: NIfTI volumes and a slice montage.
-
-    python run_benchmark.py sample --profile smoke --n 8 --out DIR [--cache-dir DIR]
-        [--scalars 0.5,0.5,0.5,0.5] [--seed 0] [--override key=value ...]
-
-Pretrains the profile's base model first if the cache holds none (or loads BrainLDM for the
-``paper`` profile with ``--weights-dir``), then runs DDIM (``sampling.ddim_steps``) from seeded
-noise and writes ``sample_000.nii.gz`` ... with the population's affine, and ``montage.png``
-(axial, coronal and sagittal mid-slices, one row per sample).
-"""
+"""Unconditional DDIM samples of the base model at given scalars, and their slice montage (the
+``sample`` command, :mod:`benchmark.cli.sample`, writes them as NIfTI)."""
 from __future__ import annotations
 
 from pathlib import Path
