@@ -14,7 +14,7 @@ from methods.base import Method
 from methods.registry import register
 
 
-@register("residual_shift", tasks=("lv", "multimodal", "sr4", "sr8"))
+@register("residual_shift")
 class ResidualShift(Method):
     def __init__(self, base, condition_channels, config):
         super().__init__(base, condition_channels, config)

@@ -1,13 +1,13 @@
 """Shared pieces of the super-resolution methods (``trilinear``, ``liif3d``, ``inversesr``).
 
-The ``srK`` tasks keep axial slices 0, K, 2K, ... of the full-resolution volume (the last axis, Z)
-and give the methods that low-resolution volume linearly interpolated back to the full Z grid
-(``datasets.tasks.degrade_axial``). At the kept slices the interpolation weight is zero, so the
-condition holds the kept slices exactly and ``condition[..., ::K]`` *is* the low-resolution volume.
+The super-resolution tasks (``sr4``, ``sr8``: ``sr_factor`` K) keep axial slices 0, K, 2K, ... of
+the full-resolution volume (the last axis, Z) and give the methods that low-resolution volume
+linearly interpolated back to the full Z grid (``datasets.tasks.degrade_axial``). At the kept slices
+the interpolation weight is zero, so the condition holds the kept slices exactly and
+``condition[..., ::K]`` *is* the low-resolution volume.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -15,15 +15,16 @@ import torch
 from methods.registry import MethodError
 
 CONDITION = "low_res"
+SUPER_RESOLUTION = "super_resolution"  # the method family (datasets.tasks.SUPER_RESOLUTION)
 
 
 def sr_factor(task: Any) -> int:
-    """K of an ``srK`` task (a Task or its name)."""
-    name = getattr(task, "name", task)
-    match = re.fullmatch(r"sr(\d+)", str(name))
-    if not match or int(match.group(1)) < 1:
-        raise MethodError(f"super-resolution methods need an 'srK' task (e.g. sr4), got '{name}'")
-    return int(match.group(1))
+    """K of a super-resolution task (its ``sr_factor``, ``datasets.tasks``)."""
+    factor = getattr(task, "sr_factor", None)
+    if factor is None:
+        raise MethodError(f"super-resolution methods need a task with an sr_factor (e.g. sr4), "
+                          f"got '{getattr(task, 'name', task)}'")
+    return int(factor)
 
 
 def low_res_condition(conditions, method: str) -> torch.Tensor:

@@ -1,13 +1,23 @@
-"""What every method sees and implements.
+"""What every method sees and implements: one interface, ``fit`` then ``generate``.
 
-A method steers a frozen, pretrained latent diffusion model (``FrozenLDM``) with spatial
-conditions. It owns only its trainable parts; the base model is held by reference and is
-never registered as a submodule, so ``method.state_dict()`` holds the method alone.
+The runner calls, once per run::
+
+    info = method.fit(train_subjects, task, engine)
+    volumes = method.generate(conditions, scalars, subjects, engine)   # per test batch
+
+Most methods steer a frozen, pretrained latent diffusion model (``FrozenLDM``) with spatial
+conditions (:class:`Method`): they define ``predict_noise`` and inherit ``fit``/``generate``, which
+hand them to the suite's training loop and DDIM sampler (the ``engine``, passed in by the runner:
+methods never import the benchmark). Others make volumes themselves (:class:`DirectMethod`, the
+super-resolution baselines) and define ``fit``/``generate``. A method owns only its trainable parts;
+the base model is held by reference and is never registered as a submodule, so
+``method.state_dict()`` holds the method alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,17 +91,48 @@ class Conditions:
         )
 
 
-class Method(nn.Module):
-    """Base class of a spatial-control method. Subclass it and register it with
-    ``methods.registry.register``.
+class Engine(Protocol):
+    """What the runner passes to ``fit`` and ``generate`` (``benchmark.run.engine.RunEngine``)."""
+
+    settings: Any      # method training (benchmark.engine.training.TrainSettings: steps, batch_size, lr, checkpoint_every, ...)
+    run_dir: Path      # the run's folder: checkpoints, resumed from when present
+    seed: int
+    progress: bool
+    device: str
+
+    def train(self, method: "Method", train_subjects: Sequence[Any], task: Any) -> dict[str, Any]:
+        """The suite's training loop on ``method.training_loss`` (resumable); returns the fit info."""
+
+    def sample(self, predict_noise: Callable[..., torch.Tensor], conditions: Conditions, scalars: torch.Tensor,
+               subjects: Sequence[Any]) -> torch.Tensor:
+        """DDIM-sample one batch from ``predict_noise``, each subject from its fixed initial noise."""
+
+
+class BaseMethod(nn.Module):
+    """What every method is. Subclass :class:`Method` (steering the frozen model) or
+    :class:`DirectMethod` (making volumes itself) and register it with ``methods.registry.register``.
 
     ``condition_channels`` maps each condition modality of the task to its channel count;
     ``config`` is this method's section of the profile (``profile.methods.<name>``), where
-    every width and size lives.
+    every width and size lives. ``family`` is the kind of method (``datasets.tasks``: a task takes
+    some families); ``tasks`` (set by ``register``) narrows it to named tasks, or is None.
+
+    ``fit(train_subjects, task, engine)`` trains whatever the method trains, checkpointing in
+    ``engine.run_dir`` and resuming from it, and returns a dict for the run record with any of:
+    ``steps``, ``losses`` (per step), ``seconds_per_step``, ``batch_size``, ``wall_seconds``,
+    ``peak_memory`` (dict), ``resumed_from``. It also keeps what ``generate`` needs to know about the
+    task (e.g. the super-resolution factor). ``generate(conditions, scalars, subjects, engine)`` gets
+    a test batch's conditions (``Conditions`` at image resolution), scalars (B, 4) and ``Subject``
+    objects and returns (B, 1, X, Y, Z) in [0, 1]; it may leave a summary for the record in
+    ``self.generate_info``. ``uses_base_model`` says whether the method runs the frozen base model
+    (its parameters are then part of the method's cost); when False the runner builds the method
+    with ``base=None`` and never loads the base model for it.
     """
 
     name: ClassVar[str] = ""
-    tasks: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = "generation"
+    tasks: ClassVar[tuple[str, ...] | None] = None
+    uses_base_model: ClassVar[bool] = True
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__()
@@ -99,10 +140,35 @@ class Method(nn.Module):
         self._base_ref = [base]
         self.condition_channels = dict(condition_channels)
         self.config = dict(config)
+        self.generate_info: dict[str, Any] = {}
 
     @property
     def base(self) -> FrozenLDM:
         return self._base_ref[0]
+
+    @classmethod
+    def supports(cls, task: Any) -> bool:
+        """Whether the method takes ``task`` (a ``datasets.tasks.Task``): the task takes its family and,
+        when the method names its tasks, it is one of them."""
+        return task.takes(cls.family) and (cls.tasks is None or task.name in cls.tasks)
+
+    def fit(self, train_subjects: Sequence[Any], task: Any, engine: Engine) -> dict[str, Any]:
+        raise NotImplementedError(f"method '{self.name}' must implement fit")
+
+    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any],
+                 engine: Engine | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"method '{self.name}' must implement generate")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+
+class Method(BaseMethod):
+    """A method that steers the frozen model's sampler: define ``predict_noise`` (and, optionally,
+    ``training_loss`` and ``prepare``); ``fit`` and ``generate`` hand it to the suite's engine."""
 
     def prepare(self, train_subjects: Sequence[Any]) -> None:
         """Optional hook, called once before training with the training subjects."""
@@ -123,56 +189,28 @@ class Method(nn.Module):
         """Default objective: MSE between predicted and true noise."""
         return F.mse_loss(self.predict_noise(z_t, t, conditions, scalars), noise)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def fit(self, train_subjects: Sequence[Any], task: Any, engine: Engine) -> dict[str, Any]:
+        """The suite's training loop on ``training_loss``."""
+        return engine.train(self, train_subjects, task)
 
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any],
+                 engine: Engine | None = None) -> torch.Tensor:
+        """The suite's DDIM sampler on ``predict_noise``."""
+        if engine is None:
+            raise ValueError(f"method '{self.name}' samples through the suite's engine; pass engine=")
+        return engine.sample(self.predict_noise, conditions, scalars, subjects)
 
 
-class DirectMethod(Method):
-    """Base class of a method that produces volumes itself instead of steering the frozen
-    model's sampler (super-resolution baselines such as LIIF-3D, InverseSR, interpolation).
-
-    The runner calls, once per run::
-
-        info = method.fit(train_subjects, task, settings, run_dir, seed, progress)
-        volume_batch = method.generate(conditions, scalars, subjects)   # per test batch
-
-    ``fit`` trains whatever the method trains (nothing for an optimisation-at-test-time or
-    interpolation method), checkpointing in ``run_dir`` and resuming from it when training is
-    long; it also records what ``generate`` needs to know about the task (e.g. the SR factor).
-    ``settings`` is the suite's method-training section (``benchmark.engine.training.TrainSettings``:
-    steps, batch_size, lr, checkpoint_every, ...); a direct method takes its own sizes from
-    ``self.config`` (``profile.methods.<name>``) and may use ``settings.checkpoint_every``.
-    ``fit`` returns a dict for the run record, with any of: ``steps``, ``losses`` (per step),
-    ``seconds_per_step``, ``batch_size``, ``wall_seconds``, ``peak_memory`` (dict), ``resumed_from``.
-
-    ``generate`` gets the test batch's conditions (``Conditions``, at image resolution), its
-    scalars (B, 4) and the ``Subject`` objects, and returns (B, 1, X, Y, Z) in [0, 1]. It sets
-    its own grad mode (an optimisation method needs gradients). It may leave a summary of what it
-    did for the record in ``self.generate_info`` (a dict; the runner stores it).
-
-    ``uses_base_model`` says whether the method runs the frozen base model (its parameters are
-    then part of the method's cost); when it is False the runner builds the method with
-    ``base=None`` and never loads (or pretrains) the base model for it.
+class DirectMethod(BaseMethod):
+    """A method that makes volumes itself instead of steering the frozen model's sampler
+    (super-resolution baselines such as LIIF-3D, InverseSR, interpolation): define ``generate`` and,
+    if it trains, ``fit`` (the default trains nothing). It takes its own sizes from ``self.config``
+    and may use ``engine.settings.checkpoint_every``, ``engine.run_dir``, ``engine.seed`` and
+    ``engine.progress``; a super-resolution method sets ``family = "super_resolution"``.
     """
 
     uses_base_model: ClassVar[bool] = False
 
-    def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
-        super().__init__(base, condition_channels, config)
-        self.generate_info: dict[str, Any] = {}
-
-    def predict_noise(self, z_t, t, conditions, scalars):  # noqa: D102  (not a diffusion controller)
-        raise NotImplementedError(
-            f"method '{self.name}' generates volumes directly (DirectMethod); it has no noise prediction"
-        )
-
-    def fit(self, train_subjects: Sequence[Any], task: Any, settings: Any, run_dir: Any, seed: int,
-            progress: bool = True) -> dict[str, Any]:
+    def fit(self, train_subjects: Sequence[Any], task: Any, engine: Engine) -> dict[str, Any]:
         """Train if the method trains; the default trains nothing."""
         return {}
-
-    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any]) -> torch.Tensor:
-        raise NotImplementedError(f"method '{self.name}' must implement generate")

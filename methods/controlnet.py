@@ -36,7 +36,7 @@ from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
 
-@register("controlnet", tasks=("lv", "multimodal", "sr4", "sr8"))
+@register("controlnet")
 class ControlNet(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)

@@ -30,8 +30,6 @@ from methods._light_blocks import LiteControlNet3D, condition_input, unet_layout
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import register
 
-TASKS = ("lv", "multimodal", "sr4", "sr8")
-
 
 class LiteControlNetMethod(Method):
     """Shared by ControlNet-LITE and ControlNet-MLP; ``kernel_size`` picks the variant."""
@@ -57,6 +55,6 @@ class LiteControlNetMethod(Method):
         return self.base.unet(z_t, t, scalars, down_residuals=down, mid_residual=mid)
 
 
-@register("controlnet_lite", tasks=TASKS)
+@register("controlnet_lite")
 class ControlNetLite(LiteControlNetMethod):
     kernel_size = 3

@@ -12,10 +12,10 @@ Profile keys (``methods.controlnet_mlp``): ``hint_channels`` (paper: 16, 32, 96,
 """
 from __future__ import annotations
 
-from methods.controlnet_lite import TASKS, LiteControlNetMethod
+from methods.controlnet_lite import LiteControlNetMethod
 from methods.registry import register
 
 
-@register("controlnet_mlp", tasks=TASKS)
+@register("controlnet_mlp")
 class ControlNetMLP(LiteControlNetMethod):
     kernel_size = 1

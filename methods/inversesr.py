@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from methods._blocks import config_value
-from methods._sr import kept_slices, low_res_condition, module_device, sr_factor
+from methods._sr import SUPER_RESOLUTION, kept_slices, low_res_condition, module_device, sr_factor
 from methods.base import Conditions, DirectMethod, FrozenLDM
 from methods.registry import MethodError, register
 
@@ -57,8 +57,9 @@ def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
-@register("inversesr", tasks=("sr4", "sr8"))
+@register("inversesr")
 class InverseSR(DirectMethod):
+    family = SUPER_RESOLUTION
     uses_base_model = True
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
@@ -93,9 +94,10 @@ class InverseSR(DirectMethod):
             total += z.sum(0)
         return total / n
 
-    def fit(self, train_subjects, task, settings, run_dir, seed, progress=True) -> dict[str, Any]:
+    def fit(self, train_subjects, task, engine) -> dict[str, Any]:
         """No training: records K and, for ``init: mean_latent``, the mean sampled latent."""
         self.factor = sr_factor(task)
+        seed, progress = engine.seed, engine.progress
         wall = time.perf_counter()
         if self.init == "mean_latent":
             if not train_subjects:
@@ -123,9 +125,10 @@ class InverseSR(DirectMethod):
             loss = loss + weight * gradient_l1(degraded, target)
         return loss
 
-    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any]) -> torch.Tensor:
+    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any],
+                 engine: Any = None) -> torch.Tensor:
         if self.factor is None:
-            raise MethodError("inversesr: call fit(...) with the srK task before generate (it sets the factor K)")
+            raise MethodError("inversesr: call fit(...) with a super-resolution task before generate (it sets the factor K)")
         device = module_device(self, self.base)
         condition = low_res_condition(conditions, self.name).float().to(device)
         per_call = max(1, int(self._get("batch_size", condition.shape[0])))  # memory: the decoder runs with gradients

@@ -30,7 +30,7 @@ def conditions_on_latent_grid(conditions: Conditions, latent_grid, mode: str, li
     return to_latent_grid(conditions.stacked().to(dtype=like.dtype), latent_grid, mode)
 
 
-@register("ldm_finetune", tasks=("lv", "multimodal", "sr4", "sr8"))
+@register("ldm_finetune")
 class LDMFinetune(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)

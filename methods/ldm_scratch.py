@@ -27,7 +27,7 @@ from methods.ldm_finetune import conditions_on_latent_grid
 from methods.registry import register
 
 
-@register("ldm_scratch", tasks=("lv", "multimodal", "sr4", "sr8"))
+@register("ldm_scratch")
 class LDMScratch(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)

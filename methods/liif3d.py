@@ -56,7 +56,7 @@ from torch import nn
 
 from core.loop import LoopSettings, TrainingLoop
 from methods._blocks import config_value
-from methods._sr import kept_slices, low_res_condition, module_device, sr_factor
+from methods._sr import SUPER_RESOLUTION, kept_slices, low_res_condition, module_device, sr_factor
 from methods.base import Conditions, DirectMethod, FrozenLDM
 from methods.registry import MethodError, register
 
@@ -108,8 +108,10 @@ def resample_slices(volume: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     return volume[..., lo] * (1 - w) + volume[..., hi] * w
 
 
-@register("liif3d", tasks=("sr4", "sr8"))
+@register("liif3d")
 class LIIF3D(DirectMethod):
+    family = SUPER_RESOLUTION
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
 
@@ -193,8 +195,9 @@ class LIIF3D(DirectMethod):
         return out
 
     # ---- training ----------------------------------------------------------------------------
-    def fit(self, train_subjects, task, settings, run_dir, seed, progress=True) -> dict[str, Any]:
+    def fit(self, train_subjects, task, engine) -> dict[str, Any]:
         self.factor = sr_factor(task)
+        settings, run_dir, seed, progress = engine.settings, engine.run_dir, engine.seed, engine.progress
 
         def get(key, *default):
             return config_value(self.config, key, "liif3d", *default)
@@ -276,9 +279,10 @@ class LIIF3D(DirectMethod):
             out.append(torch.cat(values, dim=1).reshape(1, X, Y, Z))
         return (torch.stack(out) * 0.5 + 0.5).clamp(0, 1)
 
-    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any]) -> torch.Tensor:
+    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any],
+                 engine: Any = None) -> torch.Tensor:
         if self.factor is None:
-            raise MethodError("liif3d: call fit(...) with the srK task before generate (it sets the factor K)")
+            raise MethodError("liif3d: call fit(...) with a super-resolution task before generate (it sets the factor K)")
         self.eval()
         condition = low_res_condition(conditions, self.name).float().to(module_device(self))
         return self.super_resolve(kept_slices(condition, self.factor), self.factor, condition.shape[2:])

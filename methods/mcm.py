@@ -71,8 +71,6 @@ from methods._light_blocks import condition_input
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
-TASKS = ("lv", "multimodal", "sr4", "sr8")
-
 
 class MCMNet(nn.Module):
     """MCM's modulation network: time-conditioned U-Net + SPADE-style gamma/beta heads."""
@@ -161,11 +159,11 @@ class MCMMethod(Method):
         return F.mse_loss(pred.float(), noise.float()) + l1_penalty(gamma, beta, self.l1_weight, self.l1_mode)
 
 
-@register("mcm", tasks=TASKS)
+@register("mcm")
 class MCM(MCMMethod):
     """MCM at its own size (Table 5: 11.45M)."""
 
 
-@register("mcm_l", tasks=TASKS)
+@register("mcm_l")
 class MCML(MCMMethod):
     """MCM-L: MCM's architecture at VCM's complexity (Table 5's VCM: 45.88M)."""

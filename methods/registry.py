@@ -1,7 +1,9 @@
 """Methods register themselves by name; the runner looks them up here.
 
-    @register("my_method", tasks=("lv", "multimodal"))
+    @register("my_method")                      # every task that takes its family (datasets.tasks)
     class MyMethod(Method): ...
+
+    @register("my_lv_method", tasks=("lv",))    # only the tasks named
 
 A user's own module is imported with ``load_plugin("my_module")`` (``--plugin my_module``).
 """
@@ -12,23 +14,28 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from methods.base import Method
+from methods.base import BaseMethod
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: dict[str, type[BaseMethod]] = {}
 
 
 class MethodError(ValueError):
     """An unknown method, a method asked for a task it does not support, or a broken plugin."""
 
 
-def register(name: str, tasks: tuple[str, ...]) -> Callable[[type[Method]], type[Method]]:
-    def decorate(cls: type[Method]) -> type[Method]:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise MethodError(f"@register('{name}') must decorate a subclass of methods.base.Method")
+def register(name: str, tasks: tuple[str, ...] | None = None) -> Callable[[type[BaseMethod]], type[BaseMethod]]:
+    """Register a method class. It supports every task that takes its ``family``; ``tasks`` (names)
+    narrows that to the tasks named."""
+    def decorate(cls: type[BaseMethod]) -> type[BaseMethod]:
+        if not (isinstance(cls, type) and issubclass(cls, BaseMethod)):
+            raise MethodError(f"@register('{name}') must decorate a subclass of methods.base.Method "
+                              "(or methods.base.DirectMethod)")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise MethodError(f"a method named '{name}' is already registered ({_REGISTRY[name].__module__})")
+        if isinstance(tasks, str):
+            raise MethodError(f"@register('{name}', tasks=...) takes a tuple of task names, got the string '{tasks}'")
         cls.name = name
-        cls.tasks = tuple(tasks)
+        cls.tasks = None if tasks is None else tuple(tasks)
         _REGISTRY[name] = cls
         return cls
 
@@ -44,23 +51,42 @@ def known_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str, task: str | None = None) -> type[Method]:
+def _task(task):
+    from datasets.tasks import get_task  # methods know tasks by their properties, looked up here
+
+    return get_task(task)
+
+
+def supported_tasks(name: str) -> list[str]:
+    """The registered tasks method ``name`` supports."""
+    from datasets.tasks import TASKS
+
+    cls = get_method(name)
+    return [t.name for t in TASKS.values() if cls.supports(t)]
+
+
+def get_method(name: str, task=None) -> type[BaseMethod]:
+    """The class of method ``name``; with ``task`` (a Task or its name), checked to support it."""
     _load_builtins()
     if name not in _REGISTRY:
         raise MethodError(f"unknown method '{name}'; known methods: {', '.join(sorted(_REGISTRY))}")
     cls = _REGISTRY[name]
-    if task is not None and task not in cls.tasks:
-        raise MethodError(
-            f"method '{name}' does not support task '{task}'; it supports: {', '.join(cls.tasks)}"
-        )
+    if task is not None:
+        task = _task(task)
+        if not cls.supports(task):
+            raise MethodError(
+                f"method '{name}' does not support task '{task.name}'; it supports: "
+                f"{', '.join(supported_tasks(name)) or 'no registered task'}"
+            )
     return cls
 
 
-def resolve_methods(spec: str, task: str) -> list[str]:
-    """'all' or a comma-separated list -> method names, checked against the task."""
+def resolve_methods(spec: str, task) -> list[str]:
+    """'all' or a comma-separated list -> method names, checked against the task (a Task or its name)."""
     _load_builtins()
+    task = _task(task)
     if spec.strip() == "all":
-        return [n for n in sorted(_REGISTRY) if task in _REGISTRY[n].tasks]
+        return [n for n in sorted(_REGISTRY) if _REGISTRY[n].supports(task)]
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise MethodError("no method named; give 'all' or a comma-separated list such as 'vcm,controlnet'")

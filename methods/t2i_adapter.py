@@ -95,7 +95,7 @@ class Adapter3D(nn.Module):
         return features
 
 
-@register("t2i_adapter", tasks=("lv", "multimodal", "sr4", "sr8"))
+@register("t2i_adapter")
 class T2IAdapter(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)

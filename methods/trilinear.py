@@ -11,12 +11,15 @@ from typing import Any, Sequence
 
 import torch
 
-from methods._sr import low_res_condition
+from methods._sr import SUPER_RESOLUTION, low_res_condition
 from methods.base import Conditions, DirectMethod
 from methods.registry import register
 
 
-@register("trilinear", tasks=("sr4", "sr8"))
+@register("trilinear")
 class Trilinear(DirectMethod):
-    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any]) -> torch.Tensor:
+    family = SUPER_RESOLUTION
+
+    def generate(self, conditions: Conditions, scalars: torch.Tensor, subjects: Sequence[Any],
+                 engine: Any = None) -> torch.Tensor:
         return low_res_condition(conditions, self.name).float().clamp(0, 1)

@@ -3,6 +3,9 @@
 Dice of one volume = mean over the foreground classes (``include_background=False``) that are present
 in the reference (classes absent from the reference are ignored, MONAI's ``ignore_empty=True``); the
 reported Dice is the mean over volumes that have any foreground in the reference.
+
+Metrics know no task names: a condition is turned into labels from its number of classes alone
+(the task's definition, ``datasets.tasks``, says how many).
 """
 from __future__ import annotations
 
@@ -13,47 +16,58 @@ import torch
 
 from .common import MetricError, as_label_maps
 
-TASK_CLASSES = {"lv": 2, "multimodal": 5}
+# Deprecated: the class counts of the built-in tasks, only for callers that still pass a task name
+# (``metrics.judge.get_judge``); new code passes the number of classes from the task's definition.
+_LEGACY_TASK_CLASSES = {"lv": 2, "multimodal": 5}
 
 
-def num_classes_for_task(task: str) -> int:
-    if task not in TASK_CLASSES:
-        raise MetricError(f"Dice is defined for tasks {', '.join(TASK_CLASSES)}; task '{task}' has no mask condition")
-    return TASK_CLASSES[task]
+def num_classes_for_task(task: str | int) -> int:
+    """Deprecated: the number of classes of a built-in task name (an int is returned as it is)."""
+    if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
+        return _check_classes(int(task))
+    if task not in _LEGACY_TASK_CLASSES:
+        raise MetricError(f"task '{task}' has no mask condition to compute Dice against; "
+                          "pass the number of Dice classes of its condition instead of a task name")
+    return _LEGACY_TASK_CLASSES[task]
 
 
-def condition_to_labels(condition: Any, task: str) -> torch.Tensor:
-    """The spatial condition of a task as an integer label map (N, 1, X, Y, Z).
+def _check_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise MetricError(f"Dice needs at least 2 classes (background and one label), got {num_classes!r}")
+    return int(num_classes)
 
-    lv: the LV mask (N, 1, ...), nonzero = 1. multimodal: the semantic map, either as labels 0-4
-    (N, 1, ...) or as the one-hot condition over labels 1-4 (N, 4, ...) (all-zero voxels -> 0);
-    pass the semantic part only, not the skull image.
+
+def condition_to_labels(condition: Any, num_classes: int) -> torch.Tensor:
+    """A spatial condition as an integer label map (N, 1, X, Y, Z) with labels 0..num_classes-1.
+
+    ``condition`` is (N, C, X, Y, Z) (or one (C, X, Y, Z)) and either a mask (1 channel, 2 classes:
+    nonzero above 0.5 = 1), a label map (1 channel, labels 0..num_classes-1) or one-hot over labels
+    1..num_classes-1 (num_classes-1 channels; all-zero voxels -> 0). Pass the labelled part of a
+    condition only (e.g. the semantic map without the skull image).
     """
+    num_classes = num_classes_for_task(num_classes)  # an int; a built-in task name still works (deprecated)
     c = torch.as_tensor(condition) if not isinstance(condition, torch.Tensor) else condition.detach().cpu()
     if c.ndim == 4:
         c = c.unsqueeze(0)
     if c.ndim != 5:
         raise MetricError(f"conditions have shape {tuple(c.shape)}; expected (N, C, X, Y, Z)")
-    if task == "lv":
-        if c.shape[1] != 1:
-            raise MetricError(f"the lv condition is a 1-channel mask; got {c.shape[1]} channels")
+    if c.shape[1] == 1 and num_classes == 2:
         return (c > 0.5).to(torch.int64)
-    if task == "multimodal":
-        if c.shape[1] == 1:
-            lab = as_label_maps(c, "semantic label maps")
-            if lab.min() < 0 or lab.max() > 4:
-                raise MetricError(f"semantic labels must lie in 0..4, got {int(lab.min())}..{int(lab.max())}")
-            return lab
-        if c.shape[1] == 4:
-            c = c.float()
-            lab = c.argmax(dim=1, keepdim=True) + 1
-            lab[c.sum(dim=1, keepdim=True) < 0.5] = 0
-            return lab.to(torch.int64)
-        raise MetricError(
-            f"the multimodal semantic condition must be labels (N, 1, ...) or one-hot over labels 1-4 (N, 4, ...); "
-            f"got {c.shape[1]} channels (pass the semantic map without the skull image)"
-        )
-    raise MetricError(f"task '{task}' has no mask condition to compute Dice against")
+    if c.shape[1] == 1:
+        lab = as_label_maps(c, "label maps")
+        if lab.min() < 0 or lab.max() > num_classes - 1:
+            raise MetricError(f"labels must lie in 0..{num_classes - 1}, got {int(lab.min())}..{int(lab.max())}")
+        return lab
+    if c.shape[1] == num_classes - 1:
+        c = c.float()
+        lab = c.argmax(dim=1, keepdim=True) + 1
+        lab[c.sum(dim=1, keepdim=True) < 0.5] = 0
+        return lab.to(torch.int64)
+    raise MetricError(
+        f"a condition with {num_classes} Dice classes must be labels (N, 1, ...) or one-hot over labels "
+        f"1-{num_classes - 1} (N, {num_classes - 1}, ...); got {c.shape[1]} channels (pass the labelled part of "
+        "the condition only, e.g. the semantic map without the skull image)"
+    )
 
 
 def _one_hot(lab: torch.Tensor, num_classes: int) -> torch.Tensor:

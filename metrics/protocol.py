@@ -14,7 +14,11 @@ Columns (present when their inputs are):
   unavailable, the reason is in ``protocol["LPIPS"]["reason"]``
 * ``MS-SSIM diversity``; ``MS-SSIM fidelity`` (with ``ground_truth``)
 * ``PSNR``, ``SSIM`` (with ``ground_truth``)
-* ``Dice`` (with ``judge`` and ``conditions``, tasks ``lv`` and ``multimodal``)
+* ``Dice`` (with ``judge`` and ``conditions``: a task whose condition a judge recovers)
+
+What a task reports is its suite (:func:`metrics.suite.metric_suite`); metrics know no task names:
+``task`` is only a label written into the protocol, the caller passes what a task implies (Dice
+classes, ground truth).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from .common import MetricError, as_volumes
-from .dice import TASK_CLASSES, condition_to_labels
+from .dice import condition_to_labels
 from .extractors import FeatureExtractor
 from .fid import DEFAULT_CENTRAL_FRACTION, DEFAULT_SLICES_PER_AXIS, fid_2d, fid_3d
 from .judge import Judge
@@ -37,9 +41,6 @@ from .lpips_metric import (
 )
 from .msssim import msssim_diversity, msssim_fidelity
 from .paired import psnr, ssim
-
-TASKS = ("lv", "multimodal", "sr4", "sr8")
-
 
 @dataclass(frozen=True)
 class ScoringSettings:
@@ -87,22 +88,23 @@ def score_generated(
     ground_truth: Any = None,
     extractors: Any,
     judge: Judge | None = None,
-    task: str = "lv",
+    task: str | None = None,
     lpips: LPIPSModel | None = None,
     settings: ScoringSettings | None = None,
+    dice_classes: int | None = None,
 ) -> dict[str, Any]:
     """Score generated volumes ``fake`` (N, 1, X, Y, Z) in [0, 1] against real reference volumes
     ``real_ref`` (M, 1, X, Y, Z).
 
-    ``conditions``: the spatial condition each generated volume was made from, for Dice (task lv: LV
-    masks (N, 1, ...); multimodal: semantic labels (N, 1, ...) or one-hot over 1-4 (N, 4, ...)).
-    ``ground_truth``: the real volume each generated one should reproduce (paired tasks, e.g. sr4/sr8,
-    or test subjects), for LPIPS/MS-SSIM fidelity, PSNR and SSIM. ``extractors``: FeatureExtractor
+    ``conditions``: the spatial condition each generated volume was made from, for Dice: a mask
+    (N, 1, ...), labels (N, 1, ...) or one-hot over the foreground labels (N, K-1, ...), see
+    :func:`metrics.dice.condition_to_labels`; ``dice_classes``: its number of classes K (default: the
+    judge's; when given, the judge must segment that many). ``ground_truth``: the real volume each
+    generated one should reproduce (paired tasks such as super-resolution), for LPIPS/MS-SSIM
+    fidelity, PSNR and SSIM. ``task``: a label for the protocol. ``extractors``: FeatureExtractor
     objects (a mapping such as :func:`metrics.extractors.get_extractors`' result, or a list).
     ``lpips``: from :func:`metrics.lpips_metric.load_lpips` (``None`` = report LPIPS as unavailable).
     """
-    if task not in TASKS:
-        raise MetricError(f"unknown task '{task}'; known tasks: {', '.join(TASKS)}")
     st = settings or ScoringSettings()
     fake_t = as_volumes(fake, "generated volumes")
     real_t = as_volumes(real_ref, "real reference volumes")
@@ -188,16 +190,17 @@ def score_generated(
         proto["SSIM"] = r["protocol"]
 
     # Dice
-    if judge is not None and conditions is not None and task in TASK_CLASSES:
-        labels = condition_to_labels(conditions, task)
+    if judge is not None and conditions is not None:
+        classes = judge.num_classes if dice_classes is None else int(dice_classes)
+        if judge.num_classes != classes:
+            raise MetricError(
+                f"the judge segments {judge.num_classes} classes but the conditions of task '{task}' have {classes}; "
+                "train the judge for these conditions (metrics.judge.train_judge)"
+            )
+        labels = condition_to_labels(conditions, classes)
         if labels.shape[0] != fake_t.shape[0] or labels.shape[2:] != fake_t.shape[2:]:
             raise MetricError(
                 f"conditions {tuple(labels.shape)} must pair one to one with generated volumes {tuple(fake_t.shape)}"
-            )
-        if judge.num_classes != TASK_CLASSES[task]:
-            raise MetricError(
-                f"the judge segments {judge.num_classes} classes but task '{task}' needs {TASK_CLASSES[task]}; "
-                "train the judge for this task (metrics.judge.get_judge)"
             )
         r = timed("Dice", lambda: judge.dice(fake_t, labels))
         row["Dice"] = r["Dice"]
@@ -214,9 +217,10 @@ def reference_row(
     conditions_test: Any = None,
     extractors: Any,
     judge: Judge | None = None,
-    task: str = "lv",
+    task: str | None = None,
     lpips: LPIPSModel | None = None,
     settings: ScoringSettings | None = None,
+    dice_classes: int | None = None,
 ) -> dict[str, Any]:
     """The reference row: real test volumes scored as if generated, against real training volumes
     (the floor for FID, the ceiling for Dice; diversity of real data). No ground truth is passed, so
@@ -231,6 +235,7 @@ def reference_row(
         task=task,
         lpips=lpips,
         settings=settings,
+        dice_classes=dice_classes,
     )
     out["protocol"]["row"] = "reference: real test volumes scored against real training volumes"
     return out

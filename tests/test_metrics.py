@@ -15,7 +15,7 @@ from metrics.dice import condition_to_labels, dice_score
 from metrics.fid import _frechet_svd, frechet_distance, slice_rule
 from metrics.msssim import msssim_diversity, msssim_fidelity, msssim_pairs, msssim_params
 from metrics.paired import psnr, ssim
-from metrics.phantom import phantom_population
+from tests.phantom import phantom_population
 from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 
@@ -190,13 +190,33 @@ def test_condition_to_labels():
     sem[..., 0, :, :] = 1
     sem[..., 1, :, :] = 4
     one_hot = np.stack([(sem[:, 0] == k) for k in (1, 2, 3, 4)], axis=1).astype(np.float32)
-    assert torch.equal(condition_to_labels(one_hot, "multimodal"), torch.as_tensor(sem, dtype=torch.int64))
-    assert torch.equal(condition_to_labels(sem, "multimodal"), torch.as_tensor(sem, dtype=torch.int64))
-    assert condition_to_labels((sem == 4).astype(np.float32), "lv").max() == 1
+    assert torch.equal(condition_to_labels(one_hot, 5), torch.as_tensor(sem, dtype=torch.int64))
+    assert torch.equal(condition_to_labels(sem, 5), torch.as_tensor(sem, dtype=torch.int64))
+    assert condition_to_labels((sem == 4).astype(np.float32), 2).max() == 1
     with pytest.raises(MetricError, match="skull"):
-        condition_to_labels(np.zeros((1, 5, 4, 4, 4)), "multimodal")
-    with pytest.raises(MetricError):
+        condition_to_labels(np.zeros((1, 5, 4, 4, 4)), 5)
+    with pytest.raises(MetricError, match="labels must lie in 0..2"):
+        condition_to_labels(sem, 3)
+    with pytest.raises(MetricError, match="at least 2 classes"):
+        condition_to_labels(sem, 1)
+    # deprecated: a built-in task name still gives its class count (metrics.judge.get_judge passes one)
+    assert torch.equal(condition_to_labels(one_hot, "multimodal"), condition_to_labels(one_hot, 5))
+    with pytest.raises(MetricError, match="no mask condition"):
         condition_to_labels(sem, "sr4")
+
+
+def test_metric_descriptors_and_suites():
+    from metrics.suite import METRICS, metric_of, metric_suite
+
+    assert {m.family for m in METRICS} == {"FID-2D", "FID-3D", "LPIPS", "MS-SSIM", "Dice", "PSNR", "SSIM"}
+    assert metric_of("FID-2D mean [in-domain-2d]").name == "FID-2D" and not metric_of("FID-3D [x]").higher_is_better
+    assert metric_of("Dice").arrow == "↑" and metric_of("MS-SSIM diversity").arrow == "↓"
+    assert metric_of("control gap t0-249") is None
+    plain = {m.name for m in metric_suite(dice=False, paired=False)}
+    assert plain == {"FID-2D", "FID-3D", "LPIPS diversity", "MS-SSIM diversity"}
+    assert {m.name for m in metric_suite(dice=True, paired=False)} - plain == {"Dice"}
+    assert {m.name for m in metric_suite(dice=False, paired=True)} - plain == {
+        "LPIPS fidelity", "MS-SSIM fidelity", "PSNR", "SSIM"}
 
 
 # ----------------------------------------------------------------------------------- cost

@@ -25,7 +25,7 @@ from metrics.extractors import (
     train_in_domain,
 )
 from metrics.fid import clear_feature_cache, fid_2d, fid_3d
-from metrics.phantom import phantom_population
+from tests.phantom import phantom_population
 from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 

@@ -15,7 +15,7 @@ from metrics.common import MetricError, WeightsError
 from metrics.extractors import FeatureExtractor
 from metrics.judge import Judge, JudgeConfig, _build, get_judge, train_judge
 from metrics.lpips_metric import load_lpips
-from metrics.phantom import phantom_population
+from tests.phantom import phantom_population
 from metrics.protocol import ScoringSettings, reference_row, score_generated
 from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
@@ -143,10 +143,9 @@ def test_score_generated_sr_task_and_errors(data):
     assert row["SSIM"] == pytest.approx(1.0, abs=1e-5) and "Dice" not in row
     with pytest.raises(MetricError, match="share a name"):
         score_generated(te["image"], tr["image"], extractors=[ex[0], ex[0]])
-    with pytest.raises(MetricError, match="unknown task"):
-        score_generated(te["image"], tr["image"], extractors=ex, task="lv2")
     j5 = Judge(_build(5, QUICK), 5, QUICK, "x", "x", {}, device="cpu")
-    with pytest.raises(MetricError, match="judge segments 5 classes"):
-        score_generated(te["image"], tr["image"], extractors=ex, judge=j5, conditions=te["lv_mask"], task="lv")
+    with pytest.raises(MetricError, match="judge segments 5 classes but the conditions of task 'lv' have 2"):
+        score_generated(te["image"], tr["image"], extractors=ex, judge=j5, conditions=te["lv_mask"], task="lv",
+                        dice_classes=2)
     with pytest.raises(MetricError, match="pair one to one"):
         score_generated(te["image"], tr["image"], extractors=ex, ground_truth=tr["image"])

@@ -23,7 +23,7 @@ from metrics.lpips_metric import (
     lpips_fidelity,
     lpips_volume_pairs,
 )
-from metrics.phantom import phantom_population
+from tests.phantom import phantom_population
 from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread in this module)
 
 

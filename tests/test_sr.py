@@ -1,5 +1,5 @@
 """Axial super-resolution (issue 8): the direct methods (trilinear, LIIF-3D, InverseSR), the runner's
-DirectMethod path, the SR table and montages.
+method path for methods that fit themselves, the SR table and montages.
 
 The degradation itself (``degrade_axial`` keeps exactly slices 0, K, 2K, ... and interpolates
 linearly between them) is tested in ``tests/test_datasets.py::test_degrade_axial_keeps_exactly_the_intended_slices``;
@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import degrade_axial, get_task
 from methods._sr import kept_slices
 from methods.base import DirectMethod
-from methods.registry import MethodError, get_method, resolve_methods
+from methods.registry import MethodError, get_method, resolve_methods, supported_tasks
 from tests.paths import ROOT
 
 PROFILE = load_profile("smoke")
@@ -49,6 +50,11 @@ def subjects(tmp_path_factory):
     return SyntheticPopulation(SHAPE, seed=0, cache_dir=cache).subjects(range(3))
 
 
+def engine(run_dir, seed=0):
+    """What a method that fits itself reads of the runner's engine (methods.base.Engine)."""
+    return SimpleNamespace(settings=None, run_dir=run_dir, seed=seed, progress=False, device="cpu")
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean()))
 
@@ -66,7 +72,7 @@ def test_every_kth_slice_of_the_condition_is_the_low_resolution_volume(k):
 def test_sr_methods_are_registered_for_sr_only():
     for name in ("trilinear", "liif3d", "inversesr"):
         cls = get_method(name)
-        assert issubclass(cls, DirectMethod) and set(cls.tasks) == {"sr4", "sr8"}
+        assert issubclass(cls, DirectMethod) and supported_tasks(name) == ["sr4", "sr8"]
     for task in ("sr4", "sr8"):
         assert {"vcm", "trilinear", "liif3d", "inversesr"} <= set(resolve_methods("all", task))
     with pytest.raises(MethodError, match="does not support task 'lv'"):
@@ -83,7 +89,7 @@ def test_trilinear_returns_the_interpolated_condition(subjects, tmp_path):
     task = get_task("sr8")
     method = get_method("trilinear")(None, task.modalities, {})
     assert method.num_trainable_parameters() == 0 and sum(p.numel() for p in method.parameters()) == 0
-    assert method.fit(subjects, task, None, tmp_path, 0) == {}
+    assert method.fit(subjects, task, engine(tmp_path)) == {}
     conditions = condition_batch(task, subjects)
     out = method.generate(conditions, scalar_batch(subjects), subjects)
     assert out.shape == (len(subjects), 1, *SHAPE)
@@ -150,7 +156,7 @@ def test_liif3d_reproduces_a_training_volume_better_than_trilinear(subjects, tmp
     torch.manual_seed(0)
     method = get_method("liif3d")(None, task.modalities, cfg)
     train = subjects[:1]
-    info = method.fit(train, task, None, tmp_path, seed=0, progress=False)
+    info = method.fit(train, task, engine(tmp_path))
     assert info["steps"] == LIIF_TEST_STEPS and info["seconds_per_step"] > 0
     assert np.mean(info["losses"][-10:]) < np.mean(info["losses"][:10])
     conditions = condition_batch(task, train)
@@ -161,7 +167,7 @@ def test_liif3d_reproduces_a_training_volume_better_than_trilinear(subjects, tmp
     assert liif > trilinear, f"LIIF-3D {liif:.2f} dB vs trilinear {trilinear:.2f} dB"
     # the checkpoint in the run folder makes a second fit a no-op that gives the same model
     again = get_method("liif3d")(None, task.modalities, cfg)
-    assert again.fit(train, task, None, tmp_path, seed=0, progress=False)["resumed_from"] == LIIF_TEST_STEPS
+    assert again.fit(train, task, engine(tmp_path))["resumed_from"] == LIIF_TEST_STEPS
     assert torch.equal(again.generate(conditions, None, train), out)
 
 
@@ -184,7 +190,7 @@ def test_inversesr_objective_decreases(random_base, subjects, tmp_path, init):
     cfg.update(steps=12, init=init, init_samples=2, init_ddim_steps=2)
     method = get_method("inversesr")(random_base, task.modalities, cfg)
     assert method.num_trainable_parameters() == 0 and method.uses_base_model
-    method.fit(subjects[:2], task, None, tmp_path, seed=0, progress=False)
+    method.fit(subjects[:2], task, engine(tmp_path))
     if init == "mean_latent":
         assert method.mean_latent.abs().sum() > 0
     conditions = condition_batch(task, subjects[:2])

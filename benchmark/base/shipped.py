@@ -125,7 +125,7 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
 
     from benchmark.base.cache import base_model_dir, base_model_key
     from benchmark.run.spec import RunContext
-    from datasets.tasks import get_task
+    from datasets.tasks import TASKS
 
     name = str(profile.get("name", "profile"))
     out = out_root / name
@@ -144,10 +144,14 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
     own = Profile({**profile.to_dict(), "base_weights": "pretrain"})  # the judges and extractors trained here
     ctx = RunContext(own, out_dir=cache_dir / "ship-scratch", cache_dir=cache_dir, device=device, progress=True)
     networks = []
-    for task in ("lv", "multimodal"):
-        judge = ctx.scorer(get_task(task)).judge
-        networks.append((f"Dice judge, task {task}", judge.source, judge.meta))
-    for kind, ext in ctx.scorer(get_task("lv")).shared.extractors.items():
+    judged = {}  # one judge per class count (metrics.judge caches them so): the first task that uses it
+    for task in TASKS.values():
+        if task.dice is not None:
+            judged.setdefault(task.dice.classes, task)
+    for task in judged.values():
+        judge = ctx.scorer(task).judge
+        networks.append((f"Dice judge, task {task.name}", judge.source, judge.meta))
+    for kind, ext in ctx.scorer(next(iter(TASKS.values()))).shared.extractors.items():  # shared by all tasks
         networks.append((f"in-domain {kind} feature extractor", ext.source, {}))
     metrics = []
     for what, source, meta in networks:

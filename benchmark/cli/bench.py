@@ -31,6 +31,7 @@ from benchmark.engine.training import TrainSettings, train_method
 from benchmark.cli import load_plugins, load_profile_from
 from benchmark.run.spec import RunContext
 from datasets.tasks import get_task
+from methods.base import Method
 from methods.registry import MethodError, get_method, resolve_methods
 
 from metrics.cost import StepTimer, count_parameters, device_name
@@ -108,6 +109,12 @@ def run(args) -> int:
     load_plugins(args)
     task = get_task(args.task)
     names = resolve_methods(args.methods, task.name)
+    if args.methods.strip() == "all":  # the suite's training step: methods that steer the frozen model
+        names = [n for n in names if issubclass(get_method(n), Method)]
+    fits_itself = [n for n in names if not issubclass(get_method(n), Method)]
+    if fits_itself:
+        raise MethodError(f"bench times the suite's training step; {', '.join(fits_itself)} fit(s) itself "
+                          "(no noise prediction to train): leave it out")
     ctx = RunContext(profile, Path(args.out), Path(args.cache_dir), args.weights_dir, device=args.device,
                      progress=False)
     ctx.data.splits.training_subset(args.size)  # fails early, with the pool size, if too large

@@ -54,9 +54,13 @@ def run(args) -> int:
     profile = load_profile_from(args)
     load_plugins(args)
     task = get_task(args.task)
+    from methods.base import Method
     from methods.registry import get_method
 
-    get_method(args.method, task.name)
+    if not issubclass(get_method(args.method, task), Method):
+        print(f"error: train runs the suite's training loop and probe; method '{args.method}' fits itself "
+              "(it steers no sampler): run it with `run_benchmark.py run --methods ...`", file=sys.stderr)
+        return 2
     if not 1 <= args.size <= profile.data.train_pool:
         raise DataError(f"--size {args.size} must be between 1 and the training pool of "
                         f"{profile.data.train_pool} subjects")

@@ -26,6 +26,28 @@ def initial_noise(subject_id: str, seed: int, latent_shape: Sequence[int]) -> to
 
 
 @torch.no_grad()
+def sample_batch(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, Conditions, torch.Tensor], torch.Tensor],
+    base: FrozenLDM,
+    subjects: Sequence[Subject],
+    conditions: Conditions,
+    scalars: torch.Tensor,
+    num_steps: int,
+    seed: int,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """DDIM-sample one batch: each subject from its own initial noise, with the batch's conditions and
+    scalars; returns the decoded volumes (B, 1, X, Y, Z), not clamped."""
+    z = torch.stack([initial_noise(s.id, seed, base.latent_shape) for s in subjects]).to(device)
+    scheduler = base.inference_scheduler(num_steps)
+    for t in scheduler.timesteps:
+        t_batch = torch.full((len(subjects),), int(t), dtype=torch.long, device=device)
+        eps = predict_noise(z, t_batch, conditions, scalars)
+        z, _ = scheduler.step(eps, int(t), z)
+    return base.decode(z)
+
+
+@torch.no_grad()
 def sample(
     predict_noise: Callable[[torch.Tensor, torch.Tensor, Conditions, torch.Tensor], torch.Tensor],
     base: FrozenLDM,
@@ -47,15 +69,9 @@ def sample(
     batches = range(0, len(subjects), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         chunk = subjects[start : start + batch_size]
-        z = torch.stack([initial_noise(s.id, seed, base.latent_shape) for s in chunk]).to(device)
-        conditions = condition_batch(task, chunk, device=device)
-        scalars = scalar_batch(chunk, device)
-        scheduler = base.inference_scheduler(num_steps)
-        for t in scheduler.timesteps:
-            t_batch = torch.full((len(chunk),), int(t), dtype=torch.long, device=device)
-            eps = predict_noise(z, t_batch, conditions, scalars)
-            z, _ = scheduler.step(eps, int(t), z)
-        out.append(base.decode(z).clamp(0, 1).float().cpu().numpy())
+        volumes = sample_batch(predict_noise, base, chunk, condition_batch(task, chunk, device=device),
+                               scalar_batch(chunk, device), num_steps, seed, device)
+        out.append(volumes.clamp(0, 1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, *base.image_shape), np.float32)
 
 

@@ -3,7 +3,10 @@
 Every table is written as CSV, Markdown and LaTeX. Cells are "mean ± std" over seeds (the std
 is left out when there is one seed). The paper's own numbers (``results/paper_reference``)
 stand in columns of their own, labelled ``paper …``: they come from other data and,
-where the suite fell back to in-domain extractors, from other feature extractors.
+where the suite fell back to in-domain extractors, from other feature extractors. Which table a
+task gets follows its definition (``datasets.tasks``): super-resolution tasks share Table 4, tasks
+with validation rows get Table 6. The Markdown tables mark each metric column with its direction
+(↑ higher is better, ↓ lower is better; ``metrics.suite``); the CSV headers are the records' columns.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.run.records import iter_records
+from datasets.tasks import TASKS, TaskError, get_task
+from metrics.suite import metric_of
 
 PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "results" / "paper_reference"
 REFERENCE_ROW = "reference (real vs real)"  # real volumes against their own conditions: the Dice ceiling
@@ -76,7 +81,21 @@ def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-SR_TASKS = {"sr4": "4 mm", "sr8": "8 mm"}  # keep every 4th / 8th axial slice (1 mm voxels at paper size)
+def registered(name: str):
+    """The task of a record (None for a task not registered in this process, e.g. a plugin's)."""
+    try:
+        return get_task(name)
+    except TaskError:
+        return None
+
+
+def sr_tasks() -> dict[str, str]:
+    """Super-resolution tasks -> their Table 4 label: keeping every K-th axial slice of 1 mm voxels (paper
+    size) is a K mm slice spacing."""
+    tasks = sorted((t for t in TASKS.values() if t.sr_factor), key=lambda t: t.sr_factor)
+    return {t.name: f"{t.sr_factor} mm" for t in tasks}
+
+
 SR_METRICS = ("PSNR", "SSIM", "LPIPS fidelity", "MS-SSIM fidelity", "FID-2D mean", "FID-3D")
 SR_ORDER = ("trilinear", "inversesr", "liif3d", "vcm")  # reference interpolation first, as Table 4
 
@@ -86,7 +105,8 @@ def sr_table(frame: pd.DataFrame) -> pd.DataFrame:
     fidelity against the ground truth, FID-2D mean and FID-3D; mean ± std over seeds. A size
     column appears when the records hold more than one training-set size; the real-vs-real
     reference row has FIDs only (it has no ground truth to be faithful to)."""
-    ok = frame[frame.task.isin(list(SR_TASKS)) & (frame.status == "ok")] if not frame.empty else frame
+    labels = sr_tasks()
+    ok = frame[frame.task.isin(list(labels)) & (frame.status == "ok")] if not frame.empty else frame
     if ok.empty:
         return pd.DataFrame()
     ok = ok[~ok.method.isin(["brainldm", "reference_other"]) & ~ok.method.str.endswith("+sphere")]
@@ -110,14 +130,14 @@ def sr_table(frame: pd.DataFrame) -> pd.DataFrame:
         if "size" in by:
             row["size"] = key["size"]
         row["seeds"] = int(chosen.groupby("task").seed.nunique().max())
-        for task, label in SR_TASKS.items():
+        for task, label in labels.items():
             runs = chosen[chosen.task == task]
             for c in wanted:
                 row[f"{label} {c}"] = _mean_std(runs[c]) if not runs.empty else "–"
         rows.append(row)
     table = pd.DataFrame(rows)
-    present = [label for task, label in SR_TASKS.items() if (ok.task == task).any()]
-    keep = [c for c in table.columns if not any(c.startswith(f"{l} ") for l in SR_TASKS.values())
+    present = [label for task, label in labels.items() if (ok.task == task).any()]
+    keep = [c for c in table.columns if not any(c.startswith(f"{l} ") for l in labels.values())
             or any(c.startswith(f"{l} ") for l in present)]
     return table[keep]
 
@@ -147,9 +167,10 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def validation_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Paper Table 6: base model, fine-tuned and scratch LDM (N=50), VCM with sphere masks."""
-    ok = frame[(frame.task == "lv") & (frame.status == "ok")]
+def validation_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Paper Table 6 on a task with validation rows: base model, fine-tuned and scratch LDM (N=50),
+    VCM with sphere masks."""
+    ok = frame[(frame.task == task) & (frame.status == "ok")]
     wanted = [c for c in metric_columns(ok) if c.startswith(("FID-2D mean", "FID-3D", "LPIPS diversity"))]
     rows = []
     for label, (method, size) in VALIDATION_ROWS.items():
@@ -171,11 +192,24 @@ def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.status != "ok"][["task", "method", "size", "seed", "error"]]
 
 
+def with_directions(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with ↑/↓ after each metric column's header (by its ``metrics.suite`` descriptor)."""
+    def mark(column: str) -> str:
+        for part in (column, column.split(" ", 2)[-1]):  # a column, or "<label> <column>" of Table 4
+            metric = metric_of(part)
+            if metric is not None:
+                return f"{column} {metric.arrow}"
+        return column
+
+    return table.rename(columns={c: mark(c) for c in table.columns})
+
+
 def write_table(table: pd.DataFrame, folder: Path, name: str, caption: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.csv", folder / f"{name}.md", folder / f"{name}.tex"]
     table.to_csv(paths[0], index=False)
-    paths[1].write_text(f"**{caption}**\n\n" + (table.to_markdown(index=False) if not table.empty else "(no runs)") + "\n")
+    markdown = with_directions(table).to_markdown(index=False) if not table.empty else "(no runs)"
+    paths[1].write_text(f"**{caption}**\n\n" + markdown + "\n")
     latex = table.to_latex(index=False, caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
     paths[2].write_text(latex)
     return paths
@@ -189,25 +223,26 @@ def build_tables(results_dir: Path, out_dir: Path | None = None) -> dict[str, pd
     tables: dict[str, pd.DataFrame] = {}
     if frame.empty:
         return tables
-    captions = {
-        "lv": "Spatial control with lateral-ventricle masks: methods by training-set size",
-        "multimodal": "Spatial control with a semantic map and a skull image: methods by training-set size",
-    }
-    for task in sorted(frame.task.dropna().unique()):
-        if task.startswith("sr"):
+    tasks = {name: registered(name) for name in sorted(frame.task.dropna().unique())}
+    sr = sr_tasks()
+    for name, task in tasks.items():
+        if name in sr:
             continue  # super-resolution has its own table
-        tables[f"table_{task}"] = task_table(frame, task)
-        write_table(tables[f"table_{task}"], out_dir, f"table_{task}", captions.get(task, f"Task {task}"))
-    if frame.task.isin(list(SR_TASKS)).any():
+        tables[f"table_{name}"] = task_table(frame, name)
+        caption = f"{task.title}: methods by training-set size" if task and task.title else f"Task {name}"
+        write_table(tables[f"table_{name}"], out_dir, f"table_{name}", caption)
+    if frame.task.isin(list(sr)).any():
         tables["table_sr"] = sr_table(frame)
         write_table(tables["table_sr"], out_dir, "table_sr",
                     "Axial super-resolution (paper Table 4): methods by slice spacing, fidelity to the ground truth and FID")
     tables["table5_cost"] = cost_table(frame)
     write_table(tables["table5_cost"], out_dir, "table5_cost",
                 "Cost: trainable parameters, seconds per step, projected device-days (paper Table 5 beside)")
-    if (frame.task == "lv").any():
-        tables["table6_validation"] = validation_table(frame)
-        write_table(tables["table6_validation"], out_dir, "table6_validation",
+    validated = [name for name, task in tasks.items() if task is not None and task.validation]
+    for name in validated:  # one Table 6 per task with validation rows (named by task when there are several)
+        key = "table6_validation" if len(validated) == 1 else f"table6_validation_{name}"
+        tables[key] = validation_table(frame, name)
+        write_table(tables[key], out_dir, key,
                     "Validation: base model, LDMs at N=50, VCM with sphere masks (paper Table 6 beside)")
     tables["failures"] = failures_table(frame)
     write_table(tables["failures"], out_dir, "failures", "Runs that failed")

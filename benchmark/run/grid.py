@@ -1,12 +1,12 @@
 """Which runs a command asks for."""
 from __future__ import annotations
 
-from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX, RunSpec
+from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, RunKind, RunSpec
 from datasets.tasks import get_task
 from methods.registry import resolve_methods
 
-VALIDATION_SIZE = 50     # paper Table 6 uses the methods trained on 50 samples
-JUDGED_TASKS = ("lv", "multimodal")  # tasks whose tables carry the three Dice reference rows
+VALIDATION_SIZE = 50       # paper Table 6 uses the methods trained on 50 samples
+VALIDATION_METHOD = "vcm"  # ... and VCM sampled with sphere masks
 
 
 class GridError(ValueError):
@@ -22,16 +22,15 @@ def build_specs(tasks, methods: str, sizes, seeds, profile, validation: bool = T
     if 0 in sizes:
         raise GridError("a training-set size of 0 leaves nothing to train on; choose sizes of at least 1")
     specs: list[RunSpec] = []
-    for task in tasks:
-        get_task(task)
+    for name in tasks:
+        task = get_task(name)
         names = resolve_methods(methods, task)
         for seed in seeds:
-            specs.append(RunSpec(task, REFERENCE, 0, seed))
-            if task in JUDGED_TASKS:  # ceiling (above), a generator that ignores its condition, the floor
-                specs.append(RunSpec(task, REFERENCE_OTHER, 0, seed))
-                specs.append(RunSpec(task, BASE_UNCONDITIONED, 0, seed))
-            specs += [RunSpec(task, m, size, seed) for size in sizes for m in names]
-            if validation and task == "lv" and VALIDATION_SIZE in sizes:
-                if "vcm" in names:
-                    specs.append(RunSpec(task, "vcm" + SPHERE_SUFFIX, VALIDATION_SIZE, seed))
+            specs.append(RunSpec(task.name, REFERENCE, 0, seed, RunKind.REFERENCE))
+            if task.dice is not None:  # ceiling (above), a generator that ignores its condition, the floor
+                specs.append(RunSpec(task.name, REFERENCE_OTHER, 0, seed, RunKind.REFERENCE_OTHER))
+                specs.append(RunSpec(task.name, BASE_UNCONDITIONED, 0, seed, RunKind.BASE_UNCONDITIONED))
+            specs += [RunSpec(task.name, m, size, seed, RunKind.METHOD) for size in sizes for m in names]
+            if validation and task.validation and VALIDATION_SIZE in sizes and VALIDATION_METHOD in names:
+                specs.append(RunSpec.sphere(task.name, VALIDATION_METHOD, VALIDATION_SIZE, seed))
     return specs

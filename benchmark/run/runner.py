@@ -1,5 +1,7 @@
-"""One run: train (or fit) the method, sample the test subjects, score them; returns the record's
-fields. Reference rows and the unconditioned base model are runs too."""
+"""One run: what it does depends on its kind (:class:`benchmark.run.spec.RunKind`). A method run
+fits the method (through the suite's engine when it steers the frozen model), generates the test
+subjects batch by batch and scores them; the reference rows and the unconditioned base model are
+runs too. Each returns the record's fields."""
 
 from __future__ import annotations
 
@@ -11,111 +13,154 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
-from benchmark.engine.sampling import sample_method, sample_unconditioned
-from benchmark.engine.training import TrainSettings, train_method
+from benchmark.engine.sampling import sample_unconditioned
+from benchmark.engine.training import TrainSettings
+from benchmark.run.engine import RunEngine, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
+from benchmark.run.spec import RunContext, RunKind, RunSpec
 from core.files import atomic_npz
 from datasets.tasks import Task, get_task
-from methods.base import DirectMethod, Method
+from methods.base import BaseMethod
 from methods.registry import get_method
 
-from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX, RunContext, RunSpec
+
+# ---- building and training a method ------------------------------------------------------
 
 
-# ---- one run -------------------------------------------------------------------------
+def build_method(name: str, task: Task, ctx: RunContext, seed: int) -> BaseMethod:
+    """Method ``name`` for ``task``, with the same initial weights per seed; a method that does not use
+    the base model gets ``base=None`` (the base model is then never loaded for it)."""
+    cls = get_method(name, task)
+    base = ctx.base if cls.uses_base_model else None  # loaded before seeding: same weights either way
+    torch.manual_seed(stable_seed(seed, "init", name))
+    return cls(base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
 
 
-def build_method(name: str, task: Task, ctx: RunContext, seed: int) -> Method:
-    cls = get_method(name, task.name)
-    torch.manual_seed(stable_seed(seed, "init", name))  # the same initial weights per seed
-    config = ctx.profile.methods.get(name, {})
-    return cls(ctx.base, task.modalities, config).to(ctx.device)
-
-
-def control_probe(task: Task, ctx: RunContext, seed: int):
-    """The profile's control probe (``probe`` section) on the first test subjects, or None when off."""
-    from benchmark.engine.probe import ControlProbe
-
-    cfg = ctx.profile.get("probe", {})
-    if not cfg.get("enabled", True):
-        return None
-    test = ctx.test_subjects()[: int(cfg.get("subjects", 16))]
-    latents = ctx.latents.get(test, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
-    return ControlProbe(ctx.base, task, test, latents, seed=seed, bands=int(cfg.get("bands", 4)),
-                        draws=int(cfg.get("draws", 2)), batch_size=int(ctx.profile.sampling.batch_size),
-                        device=ctx.device)
+def run_engine(spec: RunSpec, ctx: RunContext, n_train: int, probe="profile", stop_after: int | None = None):
+    return RunEngine(ctx, ctx.run_dir(spec), spec.seed, TrainSettings.from_profile(ctx.profile, n_train),
+                     probe=probe, stop_after=stop_after)
 
 
 def train_or_load(spec: RunSpec, task: Task, ctx: RunContext, stop_after: int | None = None, probe=None):
-    """Train the run's method (resuming if interrupted); returns (method, TrainResult)."""
+    """Train the run's (steering) method through the engine, resuming if interrupted; returns
+    (method, TrainResult)."""
     method = build_method(spec.method, task, ctx, spec.seed)
     subjects = ctx.data.train_subjects(spec.size)
-    settings = TrainSettings.from_profile(ctx.profile, len(subjects))
-    result = train_method(method, ctx.base, subjects, task, settings, ctx.latents,
-                                 ctx.run_dir(spec), spec.seed, ctx.device, ctx.progress, stop_after, probe)
-    return method, result
+    engine = run_engine(spec, ctx, len(subjects), probe=probe, stop_after=stop_after)
+    method.fit(subjects, task, engine)
+    return method, engine.train_result
+
+
+# ---- the kinds of run --------------------------------------------------------------------
 
 
 def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
-    """Train, sample and score one run; returns the record's result fields."""
-    task = get_task(spec.task)
+    """Run ``spec`` by its kind; returns the record's result fields."""
+    return RUNS[spec.kind](spec, get_task(spec.task), ctx)
+
+
+def run_reference(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
+    """Real test volumes scored as if generated, against real training volumes."""
+    wall = time.perf_counter()
+    test = ctx.test_subjects()
+    real = ctx.data.train_subjects(min(len(test), len(ctx.data.splits.train_pool)))
+    metrics, protocol = ctx.scorer(task).score(stack_images(test), test, task, real_reference=real)
+    return {"metrics": metrics, "protocol": protocol, "cost": {"wall_seconds": time.perf_counter() - wall}}
+
+
+def run_reference_other(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
+    """What a perfect generator that ignores its condition scores: real volumes, others' conditions."""
+    from benchmark.engine.probe import derangement
+
+    wall = time.perf_counter()
+    test = ctx.test_subjects()
+    other = derangement(len(test), spec.seed)
+    metrics, protocol = ctx.scorer(task).dice(stack_images(test), [test[j] for j in other])
+    protocol["row"] = "real test volumes against another test subject's condition (a fixed derangement)"
+    protocol["derangement"] = other.tolist()
+    return {"metrics": metrics, "protocol": protocol, "cost": {"wall_seconds": time.perf_counter() - wall}}
+
+
+def run_base_unconditioned(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
+    """The frozen base model alone, from the same noise as every method."""
     wall = time.perf_counter()
     test = ctx.test_subjects()
     sampling = ctx.profile.sampling
-    result: dict = {}
-    if spec.method == REFERENCE:
-        # Real test volumes scored as if generated, against real training volumes.
-        real = ctx.data.train_subjects(min(len(test), ctx.data.splits.train_pool.__len__()))
-        metrics, protocol = ctx.scorer(task).score(stack_images(test), test, task, real_reference=real)
-        return {"metrics": metrics, "protocol": protocol,
-                "cost": {"wall_seconds": time.perf_counter() - wall}}
-    if spec.method == REFERENCE_OTHER:
-        # What a perfect generator that ignores its condition scores: real volumes, others' conditions.
-        from benchmark.engine.probe import derangement
+    generated = sample_unconditioned(ctx.base, test, task, sampling.ddim_steps, sampling.batch_size,
+                                     spec.seed, ctx.device, ctx.progress)
+    result = {"cost": {"trainable_parameters": 0},
+              "control_probe": {"not_applicable": "the base model alone has no spatial condition"}}
+    return finish(spec, task, ctx, test, generated, task, result, wall)
 
-        other = derangement(len(test), spec.seed)
-        metrics, protocol = ctx.scorer(task).dice(stack_images(test), [test[j] for j in other])
-        protocol["row"] = "real test volumes against another test subject's condition (a fixed derangement)"
-        protocol["derangement"] = other.tolist()
-        return {"metrics": metrics, "protocol": protocol, "cost": {"wall_seconds": time.perf_counter() - wall}}
-    if spec.method == BASE_UNCONDITIONED:
-        generated = sample_unconditioned(ctx.base, test, task, sampling.ddim_steps, sampling.batch_size,
-                                                spec.seed, ctx.device, ctx.progress)
-        conditions_used = task
-        result["cost"] = {"trainable_parameters": 0}
-        result["control_probe"] = {"not_applicable": "the base model alone has no spatial condition"}
-    elif issubclass(get_method(spec.method.removesuffix(SPHERE_SUFFIX), task.name), DirectMethod):
-        # Methods that make volumes themselves (super-resolution baselines): fit, then generate.
-        generated, direct = run_direct(spec, task, ctx, test)
-        conditions_used = task
-        result.update(direct)
+
+def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
+    """Fit the method (a sphere-validation run reuses the method's own run), generate, score."""
+    from metrics.cost import PeakMemory
+
+    wall = time.perf_counter()
+    test = ctx.test_subjects()
+    trained = spec.trained()
+    method = build_method(trained.method, task, ctx, spec.seed)
+    subjects = ctx.data.train_subjects(spec.size)
+    engine = run_engine(trained, ctx, len(subjects))
+    fit_start = time.perf_counter()
+    with PeakMemory(ctx.device) as memory:
+        info = dict(method.fit(subjects, task, engine) or {})
+    fit_seconds = time.perf_counter() - fit_start
+    sample_task = task
+    if spec.kind is RunKind.SPHERE_VALIDATION:
+        from benchmark.run.sphere_masks import sphere_task
+
+        sample_task = sphere_task(task)
+    torch.manual_seed(stable_seed(spec.seed, "sampling"))
+    method.eval()
+    gen_start = time.perf_counter()
+    generated = generate(method, test, sample_task, engine, ctx)
+    gen_seconds = time.perf_counter() - gen_start
+    if engine.train_result is not None:  # trained by the suite's loop: its cost, and the control probe
+        train = engine.train_result
+        result = {"training": training_fields(info), "cost": ctx.scorer(task).cost(method, train, spec.size)}
+        if engine.probe is not None:
+            result["control_probe"] = {"protocol": engine.probe.describe(), "history": train.extra["control_probe"]}
+    else:  # the method fitted itself
+        result = direct_fields(method, info, ctx, fit_seconds, gen_seconds, len(test), memory.summary())
         result["control_probe"] = {"not_applicable": f"{spec.method} generates volumes directly; it has no noise "
                                                      "prediction to probe"}
-    else:
-        method_name = spec.method.removesuffix(SPHERE_SUFFIX)
-        inner = RunSpec(spec.task, method_name, spec.size, spec.seed)
-        probe = control_probe(task, ctx, spec.seed)
-        method, train = train_or_load(inner, task, ctx, probe=probe)
-        if probe is not None:
-            result["control_probe"] = {"protocol": probe.describe(), "history": train.extra["control_probe"]}
-        sample_task = task
-        if spec.method.endswith(SPHERE_SUFFIX):
-            from benchmark.run.sphere_masks import sphere_task
+    return finish(spec, task, ctx, test, generated, sample_task, result, wall)
 
-            sample_task = sphere_task(task)
-        torch.manual_seed(stable_seed(spec.seed, "sampling"))
-        generated = sample_method(method, ctx.base, test, sample_task, sampling.ddim_steps,
-                                         sampling.batch_size, spec.seed, ctx.device, ctx.progress)
-        conditions_used = sample_task
-        result["training"] = {"steps": train.steps, "final_loss": train.losses[-1] if train.losses else None,
-                              "first_loss": train.losses[0] if train.losses else None,
-                              "loss_curve": train.losses[:: max(1, len(train.losses) // 100)],
-                              "resumed_from": train.resumed_from}
-        result["cost"] = ctx.scorer(task).cost(method, train, spec.size)
+
+RUNS = {
+    RunKind.METHOD: run_method,
+    RunKind.SPHERE_VALIDATION: run_method,
+    RunKind.REFERENCE: run_reference,
+    RunKind.REFERENCE_OTHER: run_reference_other,
+    RunKind.BASE_UNCONDITIONED: run_base_unconditioned,
+}
+
+
+# ---- shared steps ---------------------------------------------------------------------------
+
+
+def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunContext) -> np.ndarray:
+    """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1]."""
+    batch_size = ctx.profile.sampling.batch_size
+    out = []
+    for start in tqdm(range(0, len(test), batch_size), desc=f"generate {method.name}", disable=not ctx.progress,
+                      leave=False):
+        chunk = test[start : start + batch_size]
+        volumes = method.generate(condition_batch(task, chunk, device=ctx.device), scalar_batch(chunk, ctx.device),
+                                  chunk, engine)
+        out.append(volumes.detach().clamp(0, 1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
+
+
+def finish(spec: RunSpec, task: Task, ctx: RunContext, test, generated: np.ndarray, conditions_used,
+           result: dict, wall: float) -> dict:
+    """Save the samples, score them, add the probe's summary columns and the wall time."""
     save_samples(ctx.run_dir(spec), test, generated, conditions_used)
     save_real(ctx.out_dir, test)
     result["metrics"], result["protocol"] = ctx.scorer(task).score(generated, test, conditions_used)
     history = result.get("control_probe", {}).get("history")
-    if history and not spec.method.endswith(SPHERE_SUFFIX):
+    if history and spec.kind is not RunKind.SPHERE_VALIDATION:
         from benchmark.engine.probe import summary_columns
 
         result["metrics"].update(summary_columns(history[-1]))
@@ -125,38 +170,18 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
     return result
 
 
-def run_direct(spec: RunSpec, task: Task, ctx: RunContext, test) -> tuple[np.ndarray, dict]:
-    """A ``DirectMethod`` run: fit on the training subjects (resuming from the run folder), then
-    generate the test volumes batch by batch; returns (volumes, record fields)."""
-    from metrics.cost import PeakMemory, count_parameters, device_days
-
-    cls = get_method(spec.method, task.name)
-    if cls.uses_base_model:
-        method = build_method(spec.method, task, ctx, spec.seed)
-    else:  # as build_method, without loading (or pretraining) the base model it does not use
-        torch.manual_seed(stable_seed(spec.seed, "init", spec.method))
-        method = cls(None, task.modalities, ctx.profile.methods.get(spec.method, {})).to(ctx.device)
-    subjects = ctx.data.train_subjects(spec.size)
-    settings = TrainSettings.from_profile(ctx.profile, len(subjects))
-    fit_start = time.perf_counter()
-    with PeakMemory(ctx.device) as memory:
-        info = dict(method.fit(subjects, task, settings, ctx.run_dir(spec), spec.seed, ctx.progress) or {})
-    fit_seconds = time.perf_counter() - fit_start
-    torch.manual_seed(stable_seed(spec.seed, "sampling"))
-    method.eval()
-    batch_size = ctx.profile.sampling.batch_size
-    gen_start = time.perf_counter()
-    out = []
-    for start in tqdm(range(0, len(test), batch_size), desc=f"generate {method.name}", disable=not ctx.progress,
-                      leave=False):
-        chunk = test[start : start + batch_size]
-        volumes = method.generate(condition_batch(task, chunk, device=ctx.device),
-                                  scalar_batch(chunk, ctx.device), chunk)
-        out.append(volumes.detach().clamp(0, 1).float().cpu().numpy())
-    generated = np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
-    gen_seconds = time.perf_counter() - gen_start
-
+def training_fields(info: dict) -> dict:
     losses = [float(v) for v in info.get("losses", [])]
+    return {"steps": int(info.get("steps", len(losses))), "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None, "loss_curve": losses[:: max(1, len(losses) // 100)],
+            "resumed_from": int(info.get("resumed_from", 0))}
+
+
+def direct_fields(method: BaseMethod, info: dict, ctx: RunContext, fit_seconds: float, gen_seconds: float,
+                  n_test: int, memory: dict) -> dict:
+    """The record's training and cost of a method that fitted itself (not through the engine)."""
+    from metrics.cost import count_parameters, device_days
+
     params = count_parameters(method)
     cost = {
         "trainable_parameters": params["trainable"],
@@ -164,8 +189,8 @@ def run_direct(spec: RunSpec, task: Task, ctx: RunContext, test) -> tuple[np.nda
         "seconds_per_step": info.get("seconds_per_step"),
         "train_wall_seconds": fit_seconds,
         "generate_wall_seconds": gen_seconds,
-        "generate_seconds_per_volume": gen_seconds / max(len(test), 1),
-        **{k: v for k, v in memory.summary().items() if k != "peak_memory_gib"},
+        "generate_seconds_per_volume": gen_seconds / max(n_test, 1),
+        **{k: v for k, v in memory.items() if k != "peak_memory_gib"},
     }
     if method.uses_base_model:
         cost["base_parameters"] = sum(ctx.base.num_parameters().values())
@@ -174,22 +199,16 @@ def run_direct(spec: RunSpec, task: Task, ctx: RunContext, test) -> tuple[np.nda
     if info.get("batch_size"):
         cost["batch_size"] = int(info["batch_size"])
     sps = info.get("seconds_per_step")
-    if sps is not None and np.isfinite(sps) and losses:
+    if sps is not None and np.isfinite(sps) and info.get("losses"):
         # The same projection as the diffusion methods (N=500, 10,000 epochs, minibatch 16).
         projection = device_days(sps, n_train=500, epochs=10000, batch_size=16, device=ctx.device,
                                  measured_batch_size=cost.get("batch_size"))
         cost["device_days_paper_protocol"] = projection["device_days"]
         cost["device_days_rule"] = projection["rule"] + (f"; {projection['scaling']}" if projection["scaling"] else "")
-    fields = {
-        "training": {"steps": int(info.get("steps", len(losses))), "final_loss": losses[-1] if losses else None,
-                     "first_loss": losses[0] if losses else None,
-                     "loss_curve": losses[:: max(1, len(losses) // 100)],
-                     "resumed_from": int(info.get("resumed_from", 0))},
-        "cost": cost,
-    }
+    fields = {"training": training_fields(info), "cost": cost}
     if method.generate_info:
         fields["generation"] = method.generate_info
-    return generated, fields
+    return fields
 
 
 def stack_images(subjects) -> np.ndarray:

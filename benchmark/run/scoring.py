@@ -3,7 +3,10 @@
 Generated volumes of the test subjects are scored against the real test volumes; the reference
 row scores the real test volumes against real training volumes. Feature extractors (pretrained
 when their weights are in --weights-dir, else in-domain ones trained on the training pool) and
-the LPIPS model are shared by every task of a grid; the Dice judge is trained per task.
+the LPIPS model are shared by every task of a grid; the Dice judge is trained per task. What is
+scored follows the task's definition (``datasets.tasks``): Dice against its Dice condition with the
+judge of its class count, fidelity against ground truth when it is paired; ``metrics/`` get those
+as plain parameters.
 """
 from __future__ import annotations
 
@@ -15,11 +18,9 @@ import numpy as np
 from metrics.cost import count_parameters, device_days
 from metrics.dice import condition_to_labels
 from metrics.extractors import InDomainConfig, get_extractors
-from metrics.judge import JudgeConfig, get_judge
+from metrics.judge import JudgeConfig, train_judge
 from metrics.lpips_metric import load_lpips
 from metrics.protocol import score_generated
-
-JUDGED = {"lv": "lv_mask", "multimodal": "semantics"}  # task -> condition the judge must recover
 
 
 class SharedScoring:
@@ -77,36 +78,40 @@ class Scorer:
 
     @cached_property
     def judge(self):
-        condition = JUDGED.get(self.task.name)
-        if condition is None:
+        """The task's Dice judge (None when the task has no Dice condition), trained on the real
+        training volumes' ``judge_labels``; cached by class count (metrics.judge)."""
+        dice = self.task.dice
+        if dice is None:
             return None
         subjects = self.shared.train_reference
         images = np.stack([s.image for s in subjects])
-        labels = np.stack([s.lv_mask if condition == "lv_mask" else s.semantics for s in subjects])
-        return get_judge(self.task.name, images, labels, self.ctx.cache_dir / "judges",
-                         data_id=self.shared.data_id, device=self.ctx.device, progress=self.ctx.progress,
-                         config=self.shared.config("judge", JudgeConfig), shipped_dirs=self.shared.shipped_dirs)
+        labels = condition_to_labels(np.stack([getattr(s, dice.judge_labels) for s in subjects]), dice.classes)
+        return train_judge(images, labels, dice.classes, self.ctx.cache_dir / "judges", data_id=self.shared.data_id,
+                           config=self.shared.config("judge", JudgeConfig), device=self.ctx.device,
+                           progress=self.ctx.progress, shipped_dirs=self.shared.shipped_dirs)
 
     def score(self, volumes: np.ndarray, subjects, conditions_task, real_reference=None) -> tuple[dict, dict]:
         """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions."""
         real = np.stack([s.image for s in (real_reference if real_reference is not None else subjects)])
-        conditions = None
-        if self.task.name in JUDGED:
-            name = JUDGED[self.task.name]
-            conditions = np.stack([conditions_task.conditions(s)[name] for s in subjects])
-        ground_truth = np.stack([s.image for s in subjects]) if self.task.paired and real_reference is None else None
+        needs = {m.needs for m in self.task.metrics}
+        conditions, classes = None, None
+        if "judge" in needs:
+            conditions = np.stack([conditions_task.conditions(s)[self.task.dice.condition] for s in subjects])
+            classes = self.task.dice.classes
+        paired = "ground truth" in needs and real_reference is None
+        ground_truth = np.stack([s.image for s in subjects]) if paired else None
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
-                              lpips=self.shared.lpips)
+                              lpips=self.shared.lpips, dice_classes=classes)
         protocol = row.pop("protocol")
         return row, protocol
 
     def dice(self, volumes: np.ndarray, condition_subjects) -> tuple[dict, dict]:
         """Only the judge's Dice of ``volumes`` against the conditions of ``condition_subjects``
         (the row of real volumes scored against another subject's condition)."""
-        name = JUDGED[self.task.name]
-        labels = condition_to_labels(np.stack([self.task.conditions(s)[name] for s in condition_subjects]),
-                                     self.task.name)
+        dice = self.task.dice
+        labels = condition_to_labels(np.stack([self.task.conditions(s)[dice.condition] for s in condition_subjects]),
+                                     dice.classes)
         result = self.judge.dice(volumes, labels)
         return {"Dice": result["Dice"]}, {"Dice": {**result["protocol"], "per_class": result["Dice per class"]}}
 

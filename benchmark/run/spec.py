@@ -1,10 +1,12 @@
-"""What a run is (:class:`RunSpec`) and what the runs of one grid share (:class:`RunContext`)."""
+"""What a run is (:class:`RunSpec`, of a :class:`RunKind`) and what the runs of one grid share
+(:class:`RunContext`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 
@@ -16,19 +18,70 @@ from datasets.tasks import Task
 
 CODE_VERSION = "1"  # bump when a change invalidates finished runs
 
-# Pseudo-methods: the reference rows of the task tables and of Table 6; not in the method registry.
+# The ``method`` of the runs that train no registered method: the reference rows of the task tables
+# and of Table 6. They name the runs' records and folders.
 REFERENCE = "reference"         # real test volumes against real training volumes
 REFERENCE_OTHER = "reference_other"  # real test volumes against another test subject's condition (Dice)
 BASE_UNCONDITIONED = "brainldm"  # the frozen base model alone
 SPHERE_SUFFIX = "+sphere"        # a method sampled with sphere masks (out of distribution)
 
 
+class RunKind(Enum):
+    """What a run does (``benchmark.run.runner.execute_run`` dispatches on it)."""
+
+    METHOD = "method"                        # train (fit) a registered method, generate, score
+    REFERENCE = "reference"                  # real test volumes scored against real training volumes
+    REFERENCE_OTHER = "reference_other"      # real test volumes, Dice against another subject's condition
+    BASE_UNCONDITIONED = "base_unconditioned"  # the frozen base model sampled without spatial condition
+    SPHERE_VALIDATION = "sphere_validation"  # a trained method sampled with sphere masks (Table 6)
+
+
+_PSEUDO = {REFERENCE: RunKind.REFERENCE, REFERENCE_OTHER: RunKind.REFERENCE_OTHER,
+           BASE_UNCONDITIONED: RunKind.BASE_UNCONDITIONED}
+
+
 @dataclass(frozen=True)
 class RunSpec:
+    """One run. ``method`` names its record and folder: a registered method, a reference row
+    (``reference``, ``reference_other``, ``brainldm``) or ``<method>+sphere``; ``kind`` says what the
+    run does. The config hash covers (task, method, size, seed) only: the kind follows from them."""
+
     task: str
     method: str
     size: int
     seed: int
+    kind: RunKind = field(default=RunKind.METHOD)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, RunKind):
+            raise ValueError(f"run {self.name}: kind must be a RunKind, got {self.kind!r}")
+        expected = _PSEUDO.get(self.method, RunKind.SPHERE_VALIDATION if self.method.endswith(SPHERE_SUFFIX)
+                               else RunKind.METHOD)
+        if self.kind is not expected:
+            raise ValueError(f"run {self.name}: method '{self.method}' is a {expected.value} run, not "
+                             f"{self.kind.value}; build it with RunSpec.of(task, method, size, seed)")
+
+    @classmethod
+    def of(cls, task: str, method: str, size: int, seed: int) -> "RunSpec":
+        """The run named by (task, method, size, seed), with its kind."""
+        kind = _PSEUDO.get(method, RunKind.SPHERE_VALIDATION if method.endswith(SPHERE_SUFFIX) else RunKind.METHOD)
+        return cls(task, method, size, seed, kind)
+
+    @classmethod
+    def sphere(cls, task: str, method: str, size: int, seed: int) -> "RunSpec":
+        """Method ``method``'s run of ``size`` sampled with sphere masks (Table 6)."""
+        return cls(task, method + SPHERE_SUFFIX, size, seed, RunKind.SPHERE_VALIDATION)
+
+    def trained(self) -> "RunSpec":
+        """The run whose method this run uses: itself, or for sphere validation the method's own run
+        (its checkpoint is reused)."""
+        if self.kind is RunKind.SPHERE_VALIDATION:
+            return RunSpec(self.task, self.method.removesuffix(SPHERE_SUFFIX), self.size, self.seed)
+        return self
+
+    def identity(self) -> dict:
+        """What names the run (and enters its config hash)."""
+        return {"task": self.task, "method": self.method, "size": self.size, "seed": self.seed}
 
     @property
     def name(self) -> str:
@@ -93,7 +146,7 @@ class RunContext:
 
     def config_hash(self, spec: RunSpec) -> str:
         blob = json.dumps(
-            {"profile": self.profile.to_dict(), "spec": asdict(spec), "code": CODE_VERSION,
+            {"profile": self.profile.to_dict(), "spec": spec.identity(), "code": CODE_VERSION,
              "data": self.data.identity, "weights": str(self.weights_dir)},
             sort_keys=True, default=str,
         )

@@ -1,14 +1,13 @@
-"""The out-of-distribution condition of the paper's Table 6: each lateral-ventricle mask is
-replaced by a sphere of the same volume centred at the ventricles' centroid.
+"""The out-of-distribution condition of the paper's Table 6: each lateral-ventricle mask (the Dice
+mask of a task with validation rows) is replaced by a sphere of the same volume centred at its centroid.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 
-from datasets.subject import Subject
-from datasets.tasks import Task
+from datasets.tasks import Modality, Task
 
 
 def sphere_like(mask: np.ndarray) -> np.ndarray:
@@ -26,34 +25,13 @@ def sphere_like(mask: np.ndarray) -> np.ndarray:
     return ball.reshape((1,) + binary.shape)
 
 
-@dataclass(frozen=True)
-class SphereTask:
-    """The ``lv`` task with every mask swapped for its sphere; used for sampling only."""
-
-    inner: Task
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def modalities(self) -> dict[str, int]:
-        return self.inner.modalities
-
-    @property
-    def paired(self) -> bool:
-        return self.inner.paired
-
-    def conditions(self, subject: Subject) -> dict[str, np.ndarray]:
-        conds = dict(self.inner.conditions(subject))
-        conds["lv_mask"] = sphere_like(conds["lv_mask"]).astype(np.float32)
-        return conds
-
-    def sample_presence(self, rng, batch):
-        return self.inner.sample_presence(rng, batch)
-
-
-def sphere_task(task: Task) -> SphereTask:
-    if "lv_mask" not in task.modalities:
-        raise ValueError(f"sphere masks replace the LV mask; task '{task.name}' has none")
-    return SphereTask(task)
+def sphere_task(task: Task) -> Task:
+    """The task with its Dice mask (``lv``: the LV mask) swapped for its sphere; used for sampling only."""
+    if not task.validation:
+        raise ValueError(f"sphere masks replace the Dice mask of a task with validation rows; task '{task.name}' "
+                         "has none (its definition sets validation=False)")
+    name = task.dice.condition
+    build = task.inputs[name].build
+    sphere = Modality(1, lambda subject: sphere_like(np.ascontiguousarray(build(subject), dtype=np.float32))
+                      .astype(np.float32))
+    return replace(task, inputs={**task.inputs, name: sphere})

@@ -1,7 +1,7 @@
-"""A tiny analytic brain phantom, for the metrics' own tests and timing script only.
+"""A tiny analytic brain phantom, a fixture of the metrics' own tests.
 
 It is *not* the suite's synthetic population (that is ``datasets.synthetic``); it exists so that the
-metrics package can be tested and timed without depending on it. Each subject is a deterministic
+metrics package can be tested without depending on it. Each subject is a deterministic
 function of (shape, seed, index): a head ellipsoid with skull and scalp, a brain with a CSF rim, a
 folded grey-matter ribbon, white matter, and two lateral ventricles whose size varies by subject,
 under a smooth random deformation, a bias field and Rician-like noise.

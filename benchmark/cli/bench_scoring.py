@@ -1,0 +1,41 @@
+"""Time the scoring of generated volumes with every metric, and measure the judge, on the suite's
+synthetic population (the timing itself is ``metrics.bench_scoring``, which knows no data set).
+
+    python -m benchmark.cli.bench_scoring                       # cpu profile size, 100 "generated" volumes
+    python -m benchmark.cli.bench_scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from datasets.splits import make_splits
+from datasets.synthetic import SyntheticPopulation
+from metrics import bench_scoring
+
+
+def load_data(shape, n_train, n_ref, n_fake, seed, cache_dir) -> tuple[dict[str, np.ndarray], str]:
+    """Judge and extractors train on ``n_train`` subjects of the training pool; the reference set is the
+    test set (``n_ref``); the stand-ins for generated volumes are ``n_fake`` other training-pool subjects."""
+    splits = make_splits(0, max(500, n_train + n_fake), max(104, n_ref), seed)
+    pop = SyntheticPopulation(tuple(shape), seed=seed, cache_dir=cache_dir, progress=True)
+    pool = list(splits.train_pool)
+
+    def load(idx):
+        subs = pop.subjects(idx)
+        return np.stack([s.image for s in subs]), np.stack([s.lv_mask for s in subs])
+
+    tr, tr_lv = load(pool[:n_train])
+    fk, fk_lv = load(pool[n_train : n_train + n_fake])
+    ref, ref_lv = load(list(splits.test[:n_ref]))
+    return {"train": tr, "train_lv": tr_lv, "ref": ref, "ref_lv": ref_lv, "fake_src": fk, "fake_lv": fk_lv}, (
+        f"datasets.synthetic seed {seed}: train pool[:{n_train}], stand-ins pool[{n_train}:{n_train + n_fake}], "
+        f"reference test[:{n_ref}]"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return bench_scoring.main(argv, load_data)
+
+
+if __name__ == "__main__":
+    main()
