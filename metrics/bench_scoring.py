@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -74,21 +73,13 @@ def _timing_extractors() -> dict[str, FeatureExtractor]:
 LoadData = Callable[[tuple, int, int, int, int, str], "tuple[dict[str, np.ndarray], str]"]
 
 
-def main(argv: list[str] | None = None, load_data: LoadData | None = None,
-         command: str = "python -m benchmark.cli.bench_scoring") -> dict[str, Any]:
-    """``load_data(shape, n_train, n_ref, n_fake, seed, cache_dir)`` -> (arrays, source line); the arrays
-    are ``train``, ``train_lv``, ``ref``, ``ref_lv``, ``fake_src``, ``fake_lv`` ((N, 1, X, Y, Z))."""
-    if load_data is None:
-        raise SystemExit("metrics.bench_scoring needs data: run `python -m benchmark.cli.bench_scoring` "
-                         "(the suite's synthetic population) or call main(argv, load_data)")
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The benchmark's own flags; the caller adds ``--cache-dir`` and ``--weights-dir``."""
     ap.add_argument("--shape", type=int, nargs=3, default=[48, 64, 48])  # the cpu profile
     ap.add_argument("--n-fake", type=int, default=100)
     ap.add_argument("--n-ref", type=int, default=100)
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", default=".cache")
-    ap.add_argument("--weights-dir", default=None)
     ap.add_argument("--judge-steps", type=int, default=JudgeConfig().steps)
     ap.add_argument("--timing-architectures", action="store_true")
     ap.add_argument("--lpips-random-trunk", action="store_true")
@@ -97,9 +88,12 @@ def main(argv: list[str] | None = None, load_data: LoadData | None = None,
     ap.add_argument("--second-call", action="store_true",
                     help="also time a second score_generated on other stand-ins (reference features cached)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
 
-    out: dict[str, Any] = {"command": command + " " + " ".join(argv if argv is not None else sys.argv[1:]),
+
+def run(args: argparse.Namespace, load_data: LoadData, command: str) -> dict[str, Any]:
+    """``load_data(shape, n_train, n_ref, n_fake, seed, cache_dir)`` -> (arrays, source line); the arrays
+    are ``train``, ``train_lv``, ``ref``, ``ref_lv``, ``fake_src``, ``fake_lv`` ((N, 1, X, Y, Z))."""
+    out: dict[str, Any] = {"command": command,
                            "device": device_name(), "torch_threads": torch.get_num_threads(), "seconds": {}}
     t0 = time.perf_counter()
     data, source = load_data(tuple(args.shape), args.n_train, args.n_ref, args.n_fake, args.seed, args.cache_dir)
@@ -162,7 +156,3 @@ def main(argv: list[str] | None = None, load_data: LoadData | None = None,
     if args.out:
         Path(args.out).write_text(text)
     return out
-
-
-if __name__ == "__main__":
-    main()  # says where the command moved

@@ -16,21 +16,6 @@ import torch
 
 from .common import MetricError, as_label_maps
 
-# Deprecated: the class counts of the built-in tasks, only for callers that still pass a task name
-# (``metrics.judge.get_judge``); new code passes the number of classes from the task's definition.
-_LEGACY_TASK_CLASSES = {"lv": 2, "multimodal": 5}
-
-
-def num_classes_for_task(task: str | int) -> int:
-    """Deprecated: the number of classes of a built-in task name (an int is returned as it is)."""
-    if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
-        return _check_classes(int(task))
-    if task not in _LEGACY_TASK_CLASSES:
-        raise MetricError(f"task '{task}' has no mask condition to compute Dice against; "
-                          "pass the number of Dice classes of its condition instead of a task name")
-    return _LEGACY_TASK_CLASSES[task]
-
-
 def _check_classes(num_classes: int) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
         raise MetricError(f"Dice needs at least 2 classes (background and one label), got {num_classes!r}")
@@ -45,7 +30,7 @@ def condition_to_labels(condition: Any, num_classes: int) -> torch.Tensor:
     1..num_classes-1 (num_classes-1 channels; all-zero voxels -> 0). Pass the labelled part of a
     condition only (e.g. the semantic map without the skull image).
     """
-    num_classes = num_classes_for_task(num_classes)  # an int; a built-in task name still works (deprecated)
+    num_classes = _check_classes(num_classes)
     c = torch.as_tensor(condition) if not isinstance(condition, torch.Tensor) else condition.detach().cpu()
     if c.ndim == 4:
         c = c.unsqueeze(0)

@@ -29,7 +29,7 @@ from core.loop import LoopSettings, TrainingLoop
 
 from .common import (MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes,
                      sha256_file, trained_weights_path)
-from .dice import condition_to_labels, dice_score, num_classes_for_task
+from .dice import condition_to_labels, dice_score
 
 JUDGE_VERSION = 1
 
@@ -213,7 +213,7 @@ def train_judge(
 
 
 def get_judge(
-    task: str,
+    num_classes: int,
     images: Any,
     conditions: Any,
     cache_dir: str | Path,
@@ -223,9 +223,9 @@ def get_judge(
     progress: bool = False,
     shipped_dirs: Sequence[str | Path] = (),
 ) -> Judge:
-    """A judge for ``task`` ('lv': 2 classes from the LV mask; 'multimodal': 5 classes from the semantic
-    map, given as labels (N, 1, ...) or one-hot over 1-4 (N, 4, ...))."""
-    k = num_classes_for_task(task)
-    labels = condition_to_labels(conditions, task)
-    return train_judge(images, labels, k, cache_dir, data_id=data_id, config=config, device=device, progress=progress,
+    """A judge of ``num_classes`` classes from its conditions: a mask (2 classes), or a label map given
+    as labels (N, 1, ...) or one-hot over 1..num_classes-1 (e.g. the semantic map: 5 classes, one-hot
+    over 1-4)."""
+    labels = condition_to_labels(conditions, num_classes)
+    return train_judge(images, labels, num_classes, cache_dir, data_id=data_id, config=config, device=device, progress=progress,
                        shipped_dirs=shipped_dirs)

@@ -34,7 +34,7 @@ def data():
 @pytest.fixture(scope="module")
 def lv_judge(tmp_path_factory, data):
     tr, _ = data
-    return get_judge("lv", tr["image"], tr["lv_mask"], tmp_path_factory.mktemp("cache"), data_id="phantom-lv",
+    return get_judge(2, tr["image"], tr["lv_mask"], tmp_path_factory.mktemp("cache"), data_id="phantom-lv",
                      config=QUICK, device="cpu")
 
 
@@ -47,7 +47,7 @@ def test_judge_segments_and_is_cached(lv_judge, data):
     assert r["protocol"]["judge"]["weights_hash"] == lv_judge.weights_hash
     cache = os.path.dirname(os.path.dirname(lv_judge.source))
     t0 = time.perf_counter()
-    again = get_judge("lv", tr["image"], tr["lv_mask"], cache, data_id="phantom-lv", config=QUICK, device="cpu")
+    again = get_judge(2, tr["image"], tr["lv_mask"], cache, data_id="phantom-lv", config=QUICK, device="cpu")
     assert time.perf_counter() - t0 < 5 and again.weights_hash == lv_judge.weights_hash
     torch.testing.assert_close(again.segment(te["image"][:2]), seg[:2])
 
@@ -67,7 +67,7 @@ def test_corrupt_judge_cache_is_an_error(tmp_path, data):
 def test_multimodal_judge_has_five_classes(tmp_path, data):
     tr, te = data
     one_hot = np.stack([(tr["semantics"][:, 0] == k) for k in (1, 2, 3, 4)], axis=1).astype(np.float32)
-    j = get_judge("multimodal", tr["image"][:2], one_hot[:2], tmp_path, config=JudgeConfig(steps=2, batch_size=1),
+    j = get_judge(5, tr["image"][:2], one_hot[:2], tmp_path, config=JudgeConfig(steps=2, batch_size=1),
                   device="cpu")
     assert j.num_classes == 5
     assert int(j.segment(te["image"][:1]).max()) <= 4
@@ -83,7 +83,7 @@ def test_dice_on_synthetic_population(tmp_path):
     subs = pop.subjects(range(24))
     img = np.stack([s.image for s in subs])
     lv = np.stack([s.lv_mask for s in subs])
-    j = get_judge("lv", img[:16], lv[:16], tmp_path, config=JudgeConfig(steps=100, batch_size=2), device="cpu")
+    j = get_judge(2, img[:16], lv[:16], tmp_path, config=JudgeConfig(steps=100, batch_size=2), device="cpu")
     d = j.dice(img[16:], lv[16:])["Dice"]
     print(f"judge Dice (LV, synthetic {SHAPE}, 16 train / 8 test, 100 steps): {d:.3f}")
     assert d > 0.5  # short training in a test; bench_scoring measures the full judge at 40x56x40

@@ -10,6 +10,7 @@
     data      summary | export of the profile's synthetic population
     sample    unconditional samples of the base model at given scalars
     bench     seconds per training step of every method
+    bench-scoring  seconds to score generated volumes with every metric; the judge's Dice
 
 Every command takes the common flags (``--profile``, ``--override``, ``--cache-dir``, ``--weights-dir``,
 ``--device``, ``--plugin``, ``--retrain-base``, ``--quiet``) with the same meaning and defaults.
@@ -84,7 +85,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmark.cli import bench, data, pretrain, run, sample, train
+    from benchmark.cli import bench, bench_scoring, data, pretrain, run, sample, train
 
     parser = argparse.ArgumentParser(
         prog="run_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_flags()
-    for module in (run, train, pretrain, data, sample, bench):
+    for module in (run, train, pretrain, data, sample, bench, bench_scoring):
         module.register(sub, common)
     return parser
 

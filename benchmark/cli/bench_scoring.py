@@ -1,10 +1,12 @@
 """Time the scoring of generated volumes with every metric, and measure the judge, on the suite's
 synthetic population (the timing itself is ``metrics.bench_scoring``, which knows no data set).
 
-    python -m benchmark.cli.bench_scoring                       # cpu profile size, 100 "generated" volumes
-    python -m benchmark.cli.bench_scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
+    python run_benchmark.py bench-scoring                       # cpu profile size, 100 "generated" volumes
+    python run_benchmark.py bench-scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
 """
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 
@@ -33,9 +35,13 @@ def load_data(shape, n_train, n_ref, n_fake, seed, cache_dir) -> tuple[dict[str,
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return bench_scoring.main(argv, load_data)
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("bench-scoring", parents=[common], help="time the scoring of generated volumes; measure the judge",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_scoring.add_arguments(p)
+    p.set_defaults(func=run)
 
 
-if __name__ == "__main__":
-    main()
+def run(args) -> int:
+    bench_scoring.run(args, load_data, args.command_line)
+    return 0
