@@ -65,7 +65,7 @@ class UNetLayout:
 
 def unet_layout(config: Mapping) -> UNetLayout:
     channels = tuple(int(c) for c in config["channels"])
-    nrb = config.get("num_res_blocks", 2)
+    nrb = config["num_res_blocks"]
     res_blocks = tuple(int(n) for n in nrb) if isinstance(nrb, Sequence) else (int(nrb),) * len(channels)
     residual_channels = [channels[0]]
     for i, (c, n) in enumerate(zip(channels, res_blocks)):

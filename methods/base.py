@@ -146,6 +146,13 @@ class BaseMethod(nn.Module):
     def base(self) -> FrozenLDM:
         return self._base_ref[0]
 
+    def setting(self, key: str) -> Any:
+        """``methods.<name>.<key>`` of the profile. Every setting lives in the profile, none has a
+        default in code: a missing one is an error that names it."""
+        from methods._blocks import config_value
+
+        return config_value(self.config, key, self.name or type(self).__name__)
+
     @classmethod
     def supports(cls, task: Any) -> bool:
         """Whether the method takes ``task`` (a ``datasets.tasks.Task``): the task takes its family and,

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from monai.networks.nets import ControlNet as MonaiControlNet
 
-from methods._blocks import config_value, copy_matching_weights, downsampling_levels, unet_context, unet_kwargs
+from methods._blocks import copy_matching_weights, downsampling_levels, unet_context, unet_kwargs
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
@@ -40,8 +40,8 @@ from methods.registry import MethodError, register
 class ControlNet(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        hint = [int(c) for c in config_value(self.config, "hint_channels", "controlnet")]
-        self.cross_attention = bool(config_value(self.config, "cross_attention", "controlnet", False))
+        hint = [int(c) for c in self.setting("hint_channels")]
+        self.cross_attention = bool(self.setting("cross_attention"))
         need = downsampling_levels(base.compression, "controlnet")
         if len(hint) - 1 != need:
             raise MethodError(

@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from methods._blocks import config_value
 from methods._light_blocks import LiteControlNet3D, condition_input, unet_layout
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import register
@@ -41,7 +40,7 @@ class LiteControlNetMethod(Method):
         self.net = LiteControlNet3D(
             unet_layout(base.diffusion_config),
             condition_channels=sum(self.condition_channels.values()),
-            hint_channels=[int(c) for c in config_value(self.config, "hint_channels", self.name)],
+            hint_channels=[int(c) for c in self.setting("hint_channels")],
             compression=base.compression,
             kernel_size=self.kernel_size,
             method=self.name,

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from methods._blocks import config_value
 from methods._sr import SUPER_RESOLUTION, kept_slices, low_res_condition, module_device, sr_factor
 from methods.base import Conditions, DirectMethod, FrozenLDM
 from methods.registry import MethodError, register
@@ -64,21 +63,19 @@ class InverseSR(DirectMethod):
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        self.init = str(config_value(self.config, "init", "inversesr", "mean_latent"))
+        self.init = str(self.setting("init"))
         if self.init not in INITS:
             raise MethodError(f"methods.inversesr.init must be one of {', '.join(INITS)}, got '{self.init}'")
         self.factor: int | None = None
         self.register_buffer("mean_latent", torch.zeros(tuple(base.latent_shape)), persistent=True)
 
-    def _get(self, key, *default):
-        return config_value(self.config, key, "inversesr", *default)
 
     # ---- the start -----------------------------------------------------------------------------
     @torch.no_grad()
     def _sample_mean_latent(self, train_subjects, seed: int, progress: bool) -> torch.Tensor:
-        n = int(self._get("init_samples", 16))
-        steps = int(self._get("init_ddim_steps", 50))
-        batch = int(self._get("init_batch_size", 8))
+        n = int(self.setting("init_samples"))
+        steps = int(self.setting("init_ddim_steps"))
+        batch = int(self.setting("init_batch_size"))
         device = module_device(self, self.base)
         scalars = np.stack([s.scalars for s in train_subjects]).astype(np.float32)
         generator = torch.Generator().manual_seed(int(seed) * 7919 + 0x5E)
@@ -120,7 +117,7 @@ class InverseSR(DirectMethod):
         """Per-volume loss (B,) of latents ``z`` against low-resolution volumes ``target``."""
         degraded = kept_slices(self.base.decode(z), self.factor)
         loss = (degraded - target).abs().flatten(1).mean(1)
-        weight = float(self._get("perceptual_weight", 1.0))
+        weight = float(self.setting("perceptual_weight"))
         if weight:
             loss = loss + weight * gradient_l1(degraded, target)
         return loss
@@ -131,11 +128,11 @@ class InverseSR(DirectMethod):
             raise MethodError("inversesr: call fit(...) with a super-resolution task before generate (it sets the factor K)")
         device = module_device(self, self.base)
         condition = low_res_condition(conditions, self.name).float().to(device)
-        per_call = max(1, int(self._get("batch_size", condition.shape[0])))  # memory: the decoder runs with gradients
+        per_call = max(1, int(self.setting("batch_size")))  # memory: the decoder runs with gradients
         return torch.cat([self._invert(condition[i:i + per_call]) for i in range(0, condition.shape[0], per_call)])
 
     def _invert(self, condition: torch.Tensor) -> torch.Tensor:
-        steps, lr = int(self._get("steps")), float(self._get("lr"))
+        steps, lr = int(self.setting("steps")), float(self.setting("lr"))
         target = kept_slices(condition, self.factor)
         z = self.start(condition).detach().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=lr, betas=(0.9, 0.999))

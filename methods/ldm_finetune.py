@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from methods._blocks import config_value, to_latent_grid, unet_context, widen_input_conv
+from methods._blocks import to_latent_grid, unet_context, widen_input_conv
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
@@ -34,7 +34,7 @@ def conditions_on_latent_grid(conditions: Conditions, latent_grid, mode: str, li
 class LDMFinetune(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        self.downsample = str(config_value(self.config, "condition_downsample", "ldm_finetune", "area"))
+        self.downsample = str(self.setting("condition_downsample"))
         to_latent_grid(torch.zeros(1, 1, 2, 2, 2), (1, 1, 1), self.downsample)  # fail early on a bad mode
         extra = sum(self.condition_channels.values())
         self.unet = copy.deepcopy(base.diffusion)

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from methods._blocks import config_value, to_latent_grid, unet_context, unet_kwargs
+from methods._blocks import to_latent_grid, unet_context, unet_kwargs
 from methods.base import FrozenLDM, Method
 from methods.ldm_finetune import conditions_on_latent_grid
 from methods.registry import register
@@ -31,9 +31,9 @@ from methods.registry import register
 class LDMScratch(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        self.downsample = str(config_value(self.config, "condition_downsample", "ldm_scratch", "area"))
+        self.downsample = str(self.setting("condition_downsample"))
         to_latent_grid(torch.zeros(1, 1, 2, 2, 2), (1, 1, 1), self.downsample)  # fail early on a bad mode
-        self.cross_attention = bool(config_value(self.config, "cross_attention", "ldm_scratch", False))
+        self.cross_attention = bool(self.setting("cross_attention"))
         kwargs = unet_kwargs(base.diffusion_config, DiffusionModelUNet, self.cross_attention)
         kwargs["in_channels"] = int(kwargs["in_channels"]) + sum(self.condition_channels.values())
         self.unet = DiffusionModelUNet(**kwargs)

@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.loop import LoopSettings, TrainingLoop
-from methods._blocks import config_value
 from methods._sr import SUPER_RESOLUTION, kept_slices, low_res_condition, module_device, sr_factor
 from methods.base import Conditions, DirectMethod, FrozenLDM
 from methods.registry import MethodError, register
@@ -115,16 +114,14 @@ class LIIF3D(DirectMethod):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
 
-        def get(key, *default):
-            return config_value(self.config, key, "liif3d", *default)
 
-        channels = int(get("encoder_channels"))
-        blocks = int(get("encoder_blocks"))
-        hidden = [int(h) for h in get("mlp_hidden")]
-        self.feat_unfold = bool(get("feat_unfold", True))
-        self.local_ensemble = bool(get("local_ensemble", True))
-        self.cell_decode = bool(get("cell_decode", True))
-        self.encoder = EDSR3d(channels, blocks, float(get("res_scale", 1.0)))
+        channels = int(self.setting("encoder_channels"))
+        blocks = int(self.setting("encoder_blocks"))
+        hidden = [int(h) for h in self.setting("mlp_hidden")]
+        self.feat_unfold = bool(self.setting("feat_unfold"))
+        self.local_ensemble = bool(self.setting("local_ensemble"))
+        self.cell_decode = bool(self.setting("cell_decode"))
+        self.encoder = EDSR3d(channels, blocks, float(self.setting("res_scale")))
         in_dim = channels * (27 if self.feat_unfold else 1) + 3 + (3 if self.cell_decode else 0)
         self.imnet = _mlp(in_dim, hidden, 1)
         self.factor: int | None = None
@@ -199,14 +196,12 @@ class LIIF3D(DirectMethod):
         self.factor = sr_factor(task)
         settings, run_dir, seed, progress = engine.settings, engine.run_dir, engine.seed, engine.progress
 
-        def get(key, *default):
-            return config_value(self.config, key, "liif3d", *default)
 
-        steps, batch, lr = int(get("steps")), int(get("batch_size")), float(get("lr"))
-        patch = [int(p) for p in get("patch_size")]
-        n_queries = int(get("queries"))
-        s_min, s_max = float(get("scale_min", 1.0)), float(get("scale_max", 4.0))
-        milestones = [int(round(f * steps)) for f in get("lr_milestones", [0.2, 0.4, 0.6, 0.8])]
+        steps, batch, lr = int(self.setting("steps")), int(self.setting("batch_size")), float(self.setting("lr"))
+        patch = [int(p) for p in self.setting("patch_size")]
+        n_queries = int(self.setting("queries"))
+        s_min, s_max = float(self.setting("scale_min")), float(self.setting("scale_max"))
+        milestones = [int(round(f * steps)) for f in self.setting("lr_milestones")]
         every = int(getattr(settings, "checkpoint_every", 0) or 0) or None  # None: at the end only
         if not train_subjects:
             raise MethodError("liif3d needs at least one training volume")
@@ -267,7 +262,7 @@ class LIIF3D(DirectMethod):
     @torch.no_grad()
     def super_resolve(self, low_res: torch.Tensor, factor: int, shape: Sequence[int]) -> torch.Tensor:
         """Full-grid volumes (B, 1, *shape) in [0, 1] from low-resolution ones (B, 1, X, Y, Zl)."""
-        chunk = int(config_value(self.config, "query_chunk", "liif3d", 16384))
+        chunk = int(self.setting("query_chunk"))
         X, Y, Z = (int(s) for s in shape)
         grid = torch.stack(torch.meshgrid(torch.arange(X), torch.arange(Y), torch.arange(Z), indexing="ij"),
                            dim=-1).reshape(-1, 3).float().to(low_res.device)

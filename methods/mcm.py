@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from methods._blocks import config_value, to_latent_grid
+from methods._blocks import to_latent_grid
 from methods._modulation import L1_MODES, ModulationHeads, check_choice, l1_penalty
 from methods._light_blocks import condition_input
 from methods.base import Conditions, FrozenLDM, Method
@@ -118,27 +118,25 @@ class MCMMethod(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
 
-        def get(key, *default):
-            return config_value(self.config, key, self.name, *default)
 
         if not self.condition_channels:
             raise MethodError(f"method '{self.name}' needs at least one condition modality")
         latent_c = int(base.latent_shape[0])
-        self.l1_weight = float(get("l1_weight", 1.0))
-        self.l1_mode = check_choice(get("l1_mode", "paper"), L1_MODES, f"methods.{self.name}.l1_mode")
-        self.resize = str(get("condition_resize", "area"))
+        self.l1_weight = float(self.setting("l1_weight"))
+        self.l1_mode = check_choice(self.setting("l1_mode"), L1_MODES, f"methods.{self.name}.l1_mode")
+        self.resize = str(self.setting("condition_resize"))
         self.net = MCMNet(
             in_channels=2 * latent_c + sum(self.condition_channels.values()),
             latent_channels=latent_c,
-            channels=get("channels"),
-            attention_levels=get("attention_levels"),
-            num_res_blocks=int(get("num_res_blocks")),
-            norm_num_groups=int(get("norm_num_groups")),
-            hidden=int(get("hidden")),
-            head_channels=int(get("head_channels")),
-            zero_init_heads=bool(get("zero_init_heads", False)),
+            channels=self.setting("channels"),
+            attention_levels=self.setting("attention_levels"),
+            num_res_blocks=int(self.setting("num_res_blocks")),
+            norm_num_groups=int(self.setting("norm_num_groups")),
+            hidden=int(self.setting("hidden")),
+            head_channels=int(self.setting("head_channels")),
+            zero_init_heads=bool(self.setting("zero_init_heads")),
             method=self.name,
-            head_norm=get("head_norm", "instance"),
+            head_norm=self.setting("head_norm"),
         )
 
     def _forward(self, z_t, t, conditions, scalars):

@@ -48,7 +48,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from methods._blocks import config_value, presence_gate
+from methods._blocks import presence_gate
 from methods._light_blocks import add_to_level_outputs, condition_input, pixel_unshuffle_3d, unet_layout
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
@@ -101,10 +101,10 @@ class T2IAdapter(Method):
         super().__init__(base, condition_channels, config)
         layout = unet_layout(base.diffusion_config)
         self.factor = int(base.compression)
-        nrb = int(config_value(self.config, "num_res_blocks", "t2i_adapter"))
+        nrb = int(self.setting("num_res_blocks"))
         if nrb < 1:
             raise MethodError(f"t2i_adapter.num_res_blocks must be at least 1, got {nrb}")
-        self.mode = str(config_value(self.config, "multimodal", "t2i_adapter", "concat"))
+        self.mode = str(self.setting("multimodal"))
         if self.mode not in ("concat", "compose"):
             raise MethodError(
                 f"t2i_adapter.multimodal must be 'concat' or 'compose', got '{self.mode}'"

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from methods._blocks import ConditionEncoder, config_value, downsampling_levels, presence_gate
+from methods._blocks import ConditionEncoder, downsampling_levels, presence_gate
 from methods._modulation import L1_MODES, ModulationHeads, check_choice, l1_penalty
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
@@ -62,22 +62,19 @@ from methods.registry import MethodError, register
 class VCM(Method):
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        cfg = self.config
 
-        def get(key, *default):
-            return config_value(cfg, key, "vcm", *default)
 
-        enc_channels = [int(c) for c in get("encoder_channels")]
-        unet_channels = tuple(int(c) for c in get("unet_channels"))
-        num_res_blocks = int(get("num_res_blocks", 2))
-        attention = [bool(a) for a in get("attention_levels", [False] * (len(unet_channels) - 1) + [True])]
-        enc_groups = int(get("encoder_norm_groups", 16))
-        unet_groups = int(get("unet_norm_groups", 32))
-        head_hidden = int(get("head_hidden", 128))
-        zero_heads = bool(get("zero_init_heads", False))
-        split_width = bool(get("split_encoder_width", True))
-        self.l1_weight = float(get("l1_weight", 1.0))  # 1: lambda as l1_mode says; 0: no sparsity penalty
-        self.l1_mode = check_choice(get("l1_mode", "paper"), L1_MODES, "methods.vcm.l1_mode")
+        enc_channels = [int(c) for c in self.setting("encoder_channels")]
+        unet_channels = tuple(int(c) for c in self.setting("unet_channels"))
+        num_res_blocks = int(self.setting("num_res_blocks"))
+        attention = [bool(a) for a in self.setting("attention_levels")]
+        enc_groups = int(self.setting("encoder_norm_groups"))
+        unet_groups = int(self.setting("unet_norm_groups"))
+        head_hidden = int(self.setting("head_hidden"))
+        zero_heads = bool(self.setting("zero_init_heads"))
+        split_width = bool(self.setting("split_encoder_width"))
+        self.l1_weight = float(self.setting("l1_weight"))  # 1: lambda as l1_mode says; 0: no sparsity penalty
+        self.l1_mode = check_choice(self.setting("l1_mode"), L1_MODES, "methods.vcm.l1_mode")
 
         levels = downsampling_levels(base.compression, "vcm")
         if len(enc_channels) != levels:
@@ -126,7 +123,7 @@ class VCM(Method):
             with_conditioning=False,                 # time only, no cross-attention
         )
         self.heads = ModulationHeads(unet_channels[0], head_hidden, latent_c,
-                                     norm=get("head_norm", "instance"), zero_init=zero_heads)
+                                     norm=self.setting("head_norm"), zero_init=zero_heads)
 
     # ---- forward ------------------------------------------------------------------------
     def encode_conditions(self, conditions: Conditions, like: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Time the scoring of generated volumes with every metric, and measure the judge.
 
-    python -m benchmark.cli.bench_scoring                       # cpu profile size, 100 "generated" volumes
-    python -m benchmark.cli.bench_scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
+    python run_benchmark.py bench-scoring                       # cpu profile size, 100 "generated" volumes
+    python run_benchmark.py bench-scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
 
-The data come from the caller (``main(argv, load_data)``; ``benchmark.cli.bench_scoring`` passes the
+The data come from the caller (``run(args, load_data, command)``; ``benchmark.cli.bench_scoring`` passes the
 suite's synthetic population): the metrics package depends on no data set.
 
 What it does:

@@ -16,6 +16,9 @@ from tests.fixtures import random_base_and_subjects
 
 OVERRIDES = ["training.steps=4", "training.batch_size=2", "training.checkpoint_every=2", "sampling.batch_size=2"]
 
+# the VCM authors' schedule and flip (the profiles' training.warmup_fraction, lr_floor, flip_probability)
+AUTHORS = dict(warmup_fraction=1 / 30, lr_floor=0.1, flip_probability=0.5)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -114,14 +117,14 @@ def test_probe_history_is_kept_through_an_interrupted_run(setup, tmp_path):
 
 
 def test_learning_rate_schedules():
-    authors = TrainSettings(300, 4, 1e-4, 0.0, 7, 100).lr_factor()  # default: the authors'
+    authors = TrainSettings(300, 4, 1e-4, 0.0, 7, 100, **AUTHORS).lr_factor()  # default: the authors'
     assert authors(0) == pytest.approx(0.1) and authors(10) == pytest.approx(1.0)  # warm-up: 300 // 30 steps
     assert authors(5) == pytest.approx(0.55)
     assert authors(155) == pytest.approx(0.55) and authors(299) == pytest.approx(0.1, abs=1e-4)
-    linear = TrainSettings(300, 4, 1e-4, 0.0, 10, 100, schedule="linear").lr_factor()
+    linear = TrainSettings(300, 4, 1e-4, 0.0, 10, 100, schedule="linear", **AUTHORS).lr_factor()
     assert linear(0) == pytest.approx(0.1) and linear(9) == 1.0 and linear(300) == 0.0
     with pytest.raises(ValueError, match="training.schedule must be one of authors, linear"):
-        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, schedule="cosine")
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, schedule="cosine", **AUTHORS)
 
 
 def test_judged_tasks_get_three_reference_rows_first(tmp_path):

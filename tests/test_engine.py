@@ -20,6 +20,9 @@ from tests.paths import EXAMPLE_PLUGIN
 OVERRIDES = ["training.steps=6", "training.batch_size=2", "training.checkpoint_every=2", "training.warmup_steps=2",
              "sampling.ddim_steps=3", "sampling.batch_size=2"]
 
+# the VCM authors' schedule and flip (the profiles' training.warmup_fraction, lr_floor, flip_probability)
+AUTHORS = dict(warmup_fraction=1 / 30, lr_floor=0.1, flip_probability=0.5)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -150,7 +153,7 @@ def test_micro_batches_accumulate_to_the_whole_batch_gradient(setup):
 
 def test_training_settings_reject_impossible_micro_batches_and_precisions():
     with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
-        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=0)
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=0, **AUTHORS)
     with pytest.raises(ValueError, match="mixed_precision must be 'fp32' or 'bf16'"):
-        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16")
-    assert TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16).micro_batch_size == 4
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16", **AUTHORS)
+    assert TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16, **AUTHORS).micro_batch_size == 4

@@ -85,7 +85,7 @@ def test_wrong_stage_counts_are_clear_errors():
         with pytest.raises(MethodError, match="encoder_channels .* 3 levels.* compresses by 4: give 2"):
             get_method("vcm")(base, LV, vcm_cfg)
         with pytest.raises(MethodError, match="hint_channels .* 3 stride-2 stages.* give 3 widths"):
-            get_method("controlnet")(base, LV, {"hint_channels": [8, 16, 32, 64]})
+            get_method("controlnet")(base, LV, dict(profile.methods.controlnet, hint_channels=[8, 16, 32, 64]))
         with pytest.raises(MethodError, match="needs the setting 'methods.vcm.unet_channels'"):
             get_method("vcm")(base, LV, {"encoder_channels": [4, 8]})
         with pytest.raises(MethodError, match="unknown condition downsampling 'cubic'"):

@@ -325,5 +325,5 @@ def test_bad_settings_are_clear_errors(smoke):
     with pytest.raises(MethodError, match="norm_num_groups"):
         _build(smoke, "mcm", channels=[6, 8, 12])
     profile, base = smoke
-    with pytest.raises(MethodError, match="methods.mcm_l.channels"):
+    with pytest.raises(MethodError, match=r"needs the setting 'methods\.mcm_l\.\w+' in the profile"):
         get_method("mcm_l")(base, LV, {})

@@ -47,6 +47,10 @@ class TrainSettings:
     micro_batch_size: int | None = None  # gradients accumulated over micro-batches of this size
     mixed_precision: str = "fp32"        # "bf16": autocast on CUDA (the VCM authors' setting)
     schedule: str = "authors"            # learning-rate schedule, see SCHEDULES
+    # Settings that change results, given by the profile (training.*) and never defaulted there:
+    warmup_fraction: float = field(default=float("nan"), kw_only=True)  # "authors" schedule: warm-up share of the run
+    lr_floor: float = field(default=float("nan"), kw_only=True)         # "authors" schedule: lr multiplier at both ends
+    flip_probability: float = field(default=float("nan"), kw_only=True)  # left-right flip of a training example
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -58,12 +62,17 @@ class TrainSettings:
             raise ValueError(f"training.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"training.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule == "authors" and not (0 <= self.warmup_fraction < 1 and 0 <= self.lr_floor <= 1):
+            raise ValueError("the 'authors' schedule needs training.warmup_fraction in [0, 1) and training.lr_floor "
+                             f"in [0, 1] in the profile, got {self.warmup_fraction} and {self.lr_floor}")
+        if not 0 <= self.flip_probability <= 1:
+            raise ValueError(f"training.flip_probability must lie in [0, 1] (set it in the profile), got {self.flip_probability}")
 
     def lr_factor(self) -> Callable[[int], float]:
         """The learning-rate multiplier per step (for ``torch.optim.lr_scheduler.LambdaLR``)."""
         if self.schedule == "linear":
             return warmup_then_linear(self.warmup_steps, self.steps)
-        return warmup_then_cosine(self.steps)
+        return warmup_then_cosine(self.steps, self.warmup_fraction, self.lr_floor)
 
     @classmethod
     def from_profile(cls, profile, n_train: int) -> "TrainSettings":
@@ -72,9 +81,9 @@ class TrainSettings:
         if steps <= 0:  # paper protocol: epochs over the training set at the given minibatch
             steps = int(t.epochs) * math.ceil(n_train / int(t.batch_size))
         return cls(steps, int(t.batch_size), float(t.lr), float(t.weight_decay),
-                   int(t.warmup_steps), int(t.checkpoint_every),
-                   int(t.get("micro_batch_size", t.batch_size)), str(t.get("mixed_precision", "fp32")),
-                   str(t.get("schedule", "authors")))
+                   int(t.warmup_steps), int(t.checkpoint_every), int(t.micro_batch_size), str(t.mixed_precision),
+                   str(t.schedule), warmup_fraction=float(t.warmup_fraction), lr_floor=float(t.lr_floor),
+                   flip_probability=float(t.flip_probability))
 
 
 @dataclass
@@ -88,15 +97,10 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
-AUTHORS_WARMUP_FRACTION = 1 / 30  # the VCM authors' script: warmup_steps = target_iter // 30
-AUTHORS_LR_FLOOR = 0.1            # ... from min_lr = lr * lr_scale (0.1) up to lr, cosine back to min_lr
-
-
-def warmup_then_cosine(total_steps: int, warmup_fraction: float = AUTHORS_WARMUP_FRACTION,
-                       floor: float = AUTHORS_LR_FLOOR) -> Callable[[int], float]:
+def warmup_then_cosine(total_steps: int, warmup_fraction: float, floor: float) -> Callable[[int], float]:
     """The VCM authors' schedule (their script's ``CosineAnnealingWarmupRestarts`` over one cycle):
-    linear from ``floor * lr`` to ``lr`` over the first ``total // 30`` steps, then half a cosine
-    back down to ``floor * lr`` at the last step."""
+    linear from ``floor * lr`` to ``lr`` over the first ``warmup_fraction`` of the steps (the script:
+    1/30, floor 0.1), then half a cosine back down to ``floor * lr`` at the last step."""
     warmup = int(total_steps * warmup_fraction)
 
     def factor(step: int) -> float:
@@ -191,7 +195,7 @@ def train_method(
     def train_step(step: int) -> tuple[float, dict]:
         batch = rng.choice(len(subjects), size=min(settings.batch_size, len(subjects)),
                            replace=len(subjects) < settings.batch_size)
-        flip = rng.random(len(batch)) < 0.5
+        flip = rng.random(len(batch)) < settings.flip_probability
         present = task.sample_presence(rng, len(batch))
         views = encoded[torch.from_numpy(batch), torch.from_numpy(flip.astype(np.int64))]
         mu, sigma = views[:, 0], views[:, 1]

@@ -19,13 +19,13 @@ def control_probe(task: Task, ctx, seed: int):
     """The profile's control probe (``probe`` section) on the first test subjects, or None when off."""
     from benchmark.engine.probe import ControlProbe
 
-    cfg = ctx.profile.get("probe", {})
-    if not cfg.get("enabled", True):
+    cfg = ctx.profile.probe
+    if not cfg.enabled:
         return None
-    test = ctx.test_subjects()[: int(cfg.get("subjects", 16))]
+    test = ctx.test_subjects()[: int(cfg.subjects)]
     latents = ctx.latents.get(test, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
-    return ControlProbe(ctx.base, task, test, latents, seed=seed, bands=int(cfg.get("bands", 4)),
-                        draws=int(cfg.get("draws", 2)), batch_size=int(ctx.profile.sampling.batch_size),
+    return ControlProbe(ctx.base, task, test, latents, seed=seed, bands=int(cfg.bands),
+                        draws=int(cfg.draws), batch_size=int(ctx.profile.sampling.batch_size),
                         device=ctx.device)
 
 
