@@ -4,7 +4,6 @@ Everything here works on 3D volumes ``(B, C, X, Y, Z)`` and is meant to be reuse
 method modules (VCM, ControlNet and its LITE/MLP variants, T2I-Adapter, MCM-L, the LDM
 baselines):
 
-- :func:`config_value` — read one setting from a method's profile section with a clear error.
 - :func:`downsampling_levels` — how many stride-2 stages take the image grid to the latent grid.
 - :func:`to_latent_grid` — bring image-resolution conditions to the latent grid without
   parameters (area, i.e. average over each latent voxel's footprint; or trilinear / nearest).
@@ -36,25 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.registry import MethodError
-
-_MISSING = object()
+from methods.base import MethodError
 
 
 # ---- configuration ---------------------------------------------------------------------
-
-
-def config_value(config: Mapping[str, Any], key: str, method: str, default: Any = _MISSING) -> Any:
-    """``config[key]``; without a default a missing key is a :class:`MethodError` naming the
-    profile setting to add."""
-    if key in config:
-        return config[key]
-    if default is _MISSING:
-        raise MethodError(
-            f"method '{method}' needs the setting 'methods.{method}.{key}' in the profile; "
-            f"add it to the profile's methods.{method} section (it has: {', '.join(sorted(config)) or 'nothing'})"
-        )
-    return default
 
 
 def downsampling_levels(compression: int, method: str = "") -> int:

@@ -24,6 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class MethodError(ValueError):
+    """An unknown method, a method asked for a task it does not support, a missing or bad setting, or a
+    broken plugin."""
+
+
 class FrozenLDM(Protocol):
     """The interface of the frozen base model (implemented in ``benchmark.base.model``)."""
 
@@ -149,9 +154,11 @@ class BaseMethod(nn.Module):
     def setting(self, key: str) -> Any:
         """``methods.<name>.<key>`` of the profile. Every setting lives in the profile, none has a
         default in code: a missing one is an error that names it."""
-        from methods._blocks import config_value
-
-        return config_value(self.config, key, self.name or type(self).__name__)
+        if key in self.config:
+            return self.config[key]
+        name = self.name or type(self).__name__
+        raise MethodError(f"method '{name}' needs the setting 'methods.{name}.{key}' in the profile; add it to the "
+                          f"profile's methods.{name} section (it has: {', '.join(sorted(self.config)) or 'nothing'})")
 
     @classmethod
     def supports(cls, task: Any) -> bool:

@@ -14,13 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from methods.base import BaseMethod
+from methods.base import BaseMethod, MethodError  # noqa: F401  (MethodError: re-exported for callers)
 
 _REGISTRY: dict[str, type[BaseMethod]] = {}
-
-
-class MethodError(ValueError):
-    """An unknown method, a method asked for a task it does not support, or a broken plugin."""
 
 
 def register(name: str, tasks: tuple[str, ...] | None = None) -> Callable[[type[BaseMethod]], type[BaseMethod]]:

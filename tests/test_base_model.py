@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.base.cache import BaseModelError, autoencoder_dir, base_model_dir, base_model_hash, load_base_model
+from benchmark.base.cache import load_base_model
+from benchmark.base.keys import BaseModelError, autoencoder_dir, base_model_dir, base_model_hash
 from benchmark.profiles import load_profile
 from tests.paths import ROOT
 

@@ -11,7 +11,8 @@ import torch
 
 from benchmark.base.model import BaseLDM
 from benchmark.base.brainldm import load_brainldm, load_network_weights
-from benchmark.base.cache import BaseModelError, load_base_model
+from benchmark.base.keys import BaseModelError
+from benchmark.base.cache import load_base_model
 from benchmark.profiles import load_profile
 from tests.test_base_model import cache, data_cache, states_equal  # noqa: F401 (fixtures)
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from benchmark.base import shipped
-from benchmark.base.cache import (add_retrain_base_flag, base_model_dir, base_model_key, load_base_model,
-                                  overrides_with_retrain_flag, without_decoder_finetune)
+from benchmark.base.cache import load_base_model
+from benchmark.base.keys import (add_retrain_base_flag, base_model_dir, base_model_key, overrides_with_retrain_flag,
+                                 without_decoder_finetune)
 from benchmark.profiles import load_profile
 from metrics.judge import JudgeConfig, train_judge
 from tests.test_base_model import Stop, cache, data_cache, states_equal, tiny  # noqa: F401 (fixtures)

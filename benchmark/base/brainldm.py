@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from benchmark.base.model import BaseLDM
-from benchmark.base.cache import BaseModelError
+from benchmark.base.keys import BaseModelError
 from core.files import read_state_dict, sha256_file
 
 

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from benchmark.base.model import BaseLDM
-from benchmark.base.cache import (BaseModelError, StepCallback, _pretrain_indices, _read_json, autoencoder_dir,
-                                    base_model_dir, base_model_key, load_base_model,
-                                    without_decoder_finetune)
+from benchmark.base.cache import load_base_model
+from benchmark.base.keys import (BaseModelError, StepCallback, _pretrain_indices, _read_json, autoencoder_dir,
+                                 base_model_dir, base_model_key, without_decoder_finetune)
 from core import loop
 from core.files import atomic_json, atomic_torch_save, atomic_write_text, file_lock
 

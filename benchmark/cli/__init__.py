@@ -28,7 +28,7 @@ DEFAULT_PROFILE = "cpu"
 
 def common_flags() -> argparse.ArgumentParser:
     """The flags every command shares (an argparse parent parser)."""
-    from benchmark.base.cache import add_retrain_base_flag
+    from benchmark.base.keys import add_retrain_base_flag
     from benchmark.profiles import available_profiles
 
     p = argparse.ArgumentParser(add_help=False)
@@ -53,7 +53,7 @@ def common_flags() -> argparse.ArgumentParser:
 
 def load_profile_from(args: argparse.Namespace):
     """The profile the common flags ask for (``--retrain-base`` becomes ``base_weights=pretrain``)."""
-    from benchmark.base.cache import overrides_with_retrain_flag
+    from benchmark.base.keys import overrides_with_retrain_flag
     from benchmark.profiles import load_profile
 
     return load_profile(args.profile, overrides_with_retrain_flag(args))
@@ -74,7 +74,7 @@ def device_from(args: argparse.Namespace) -> str:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by what the user asked for: printed as one line, exit status 2."""
-    from benchmark.base.cache import BaseModelError
+    from benchmark.base.keys import BaseModelError
     from benchmark.base.shipped import ShippedError
     from benchmark.profiles import ProfileError
     from benchmark.run.grid import GridError

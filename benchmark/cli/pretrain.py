@@ -49,7 +49,8 @@ def pretrain(args) -> int:
 
 
 def ship(args) -> int:
-    from benchmark.base.shipped import SHIPPED_ROOT, ShippedError, ship as write_shipped
+    from benchmark.base.shipped import SHIPPED_ROOT, ShippedError
+    from benchmark.run.ship import ship as write_shipped
 
     quality_path = Path(args.quality)
     if not quality_path.is_file():

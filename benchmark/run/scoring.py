@@ -48,7 +48,7 @@ class SharedScoring:
     def shipped_dirs(self) -> list:
         """Folders of judges and extractors shipped with the suite (none with ``base_weights: pretrain``)."""
         from benchmark.base import shipped
-        from benchmark.base.cache import base_source
+        from benchmark.base.keys import base_source
 
         return [] if base_source(self.ctx.profile) == "pretrain" else shipped.metric_dirs()
 
