@@ -199,10 +199,9 @@ def test_condition_to_labels():
         condition_to_labels(sem, 3)
     with pytest.raises(MetricError, match="at least 2 classes"):
         condition_to_labels(sem, 1)
-    # deprecated: a built-in task name still gives its class count (metrics.judge.get_judge passes one)
-    assert torch.equal(condition_to_labels(one_hot, "multimodal"), condition_to_labels(one_hot, 5))
-    with pytest.raises(MetricError, match="no mask condition"):
-        condition_to_labels(sem, "sr4")
+    # metrics know no task names: the number of classes comes from the task's definition
+    with pytest.raises(MetricError, match="at least 2 classes"):
+        condition_to_labels(sem, "multimodal")
 
 
 def test_metric_descriptors_and_suites():
