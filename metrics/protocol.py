@@ -10,6 +10,11 @@ Columns (present when their inputs are):
 
 * ``FID-A [x]``, ``FID-C [x]``, ``FID-S [x]``, ``FID-2D mean [x]`` for each 2D extractor x
 * ``FID-3D [x]`` for each 3D extractor x
+* ``FID-A rel [x]`` ... ``FID-2D mean rel [x]``, ``FID-3D rel [x]``: each FID over the FID between two
+  halves of the real reference (:mod:`metrics.fd_context`; bootstrap CI and sample size in the protocol)
+* ``Precision-2D [x]``, ``Recall-2D [x]``, ``Density-2D [x]``, ``Coverage-2D [x]`` and the same with
+  ``-3D`` (:mod:`metrics.prdc`)
+* ``FRD`` (with ``brain_mask`` and ``frd-score`` installed; else ``None`` and the reason)
 * ``LPIPS diversity``; ``LPIPS fidelity`` (with ``ground_truth``); ``None`` when LPIPS is
   unavailable, the reason is in ``protocol["LPIPS"]["reason"]``
 * ``MS-SSIM diversity``; ``MS-SSIM fidelity`` (with ``ground_truth``)
@@ -29,6 +34,8 @@ from typing import Any, Mapping
 from .common import MetricError, as_volumes
 from .dice import condition_to_labels
 from .extractors import FeatureExtractor
+from .fd_context import DEFAULT_RESAMPLES, DEFAULT_SPLIT_SEED, context_2d, context_3d
+from .frd import frd
 from .fid import DEFAULT_CENTRAL_FRACTION, DEFAULT_SLICES_PER_AXIS, fid_2d, fid_3d
 from .judge import Judge
 from .lpips_metric import (
@@ -41,6 +48,7 @@ from .lpips_metric import (
 )
 from .msssim import msssim_diversity, msssim_fidelity
 from .paired import psnr, ssim
+from .prdc import DEFAULT_K, NAMES as PRDC_NAMES, prdc_slices, prdc_volumes
 
 @dataclass(frozen=True)
 class ScoringSettings:
@@ -52,6 +60,10 @@ class ScoringSettings:
     max_pairs: int = 100  # diversity pairs (LPIPS and MS-SSIM)
     seed: int = 0  # drawing of diversity pairs
     frechet: str = "monai"  # "monai" (FIDMetric, sqrtm) or "svd" (exact, faster for wide features)
+    split_seed: int = DEFAULT_SPLIT_SEED  # relative FD: the seeded split of the real reference volumes in halves
+    bootstrap_resamples: int = DEFAULT_RESAMPLES  # FD 95% CI over volumes (0 = none); drawn with ``seed``
+    prdc_k: int = DEFAULT_K  # precision/recall/density/coverage: k nearest neighbours
+    frd: bool = True  # Fréchet Radiomics Distance (needs frd-score and a brain mask)
 
 
 def column(metric: str, extractor: FeatureExtractor | str | None = None) -> str:
@@ -80,6 +92,14 @@ def _extractor_list(extractors: Any) -> list[FeatureExtractor]:
     return items
 
 
+def _prdc(fn) -> dict[str, Any]:
+    """P/R/D/C, or ``None`` values with the reason in the protocol (e.g. too few volumes for k)."""
+    try:
+        return fn()
+    except MetricError as err:
+        return {"protocol": {"available": False, "reason": str(err)}}
+
+
 def score_generated(
     fake: Any,
     real_ref: Any,
@@ -92,6 +112,7 @@ def score_generated(
     lpips: LPIPSModel | None = None,
     settings: ScoringSettings | None = None,
     dice_classes: int | None = None,
+    brain_mask: Any = None,
 ) -> dict[str, Any]:
     """Score generated volumes ``fake`` (N, 1, X, Y, Z) in [0, 1] against real reference volumes
     ``real_ref`` (M, 1, X, Y, Z).
@@ -104,6 +125,8 @@ def score_generated(
     fidelity, PSNR and SSIM. ``task``: a label for the protocol. ``extractors``: FeatureExtractor
     objects (a mapping such as :func:`metrics.extractors.get_extractors`' result, or a list).
     ``lpips``: from :func:`metrics.lpips_metric.load_lpips` (``None`` = report LPIPS as unavailable).
+    ``brain_mask``: one (X, Y, Z) mask for every volume, inside which FRD's radiomics are computed
+    (``None``: FRD is reported unavailable, with that reason).
     """
     st = settings or ScoringSettings()
     fake_t = as_volumes(fake, "generated volumes")
@@ -139,18 +162,37 @@ def score_generated(
         proto["seconds"][key] = round(time.perf_counter() - t0, 3)
         return out
 
-    # FID
+    # FID, relative FID (CI, sample size in the protocol), precision / recall / density / coverage
     for e in exts:
         if e.spatial_dims == 2:
             r = timed(column("FID-2D", e),
                       lambda: fid_2d(real_t, fake_t, e, st.slices_per_axis, st.fid_central_fraction, st.frechet))
             for k in ("FID-A", "FID-C", "FID-S", "FID-2D mean"):
                 row[column(k, e)] = r[k]
-            proto[column("FID-2D", e)] = r["protocol"]
+            rel, extra = timed(column("FID-2D rel", e), lambda: context_2d(
+                real_t, fake_t, e, r, st.slices_per_axis, st.fid_central_fraction, st.frechet, st.split_seed,
+                st.bootstrap_resamples, st.seed))
+            proto[column("FID-2D", e)] = {**r["protocol"], **extra}
+            p = timed(column("PRDC-2D", e), lambda: _prdc(lambda: prdc_slices(
+                real_t, fake_t, e, st.slices_per_axis, st.fid_central_fraction, st.prdc_k)))
         else:
             r = timed(column("FID-3D", e), lambda: fid_3d(real_t, fake_t, e, st.frechet))
             row[column("FID-3D", e)] = r["FID-3D"]
-            proto[column("FID-3D", e)] = r["protocol"]
+            rel, extra = timed(column("FID-3D rel", e), lambda: context_3d(
+                real_t, fake_t, e, r, st.frechet, st.split_seed, st.bootstrap_resamples, st.seed))
+            proto[column("FID-3D", e)] = {**r["protocol"], **extra}
+            p = timed(column("PRDC-3D", e), lambda: _prdc(lambda: prdc_volumes(real_t, fake_t, e, st.prdc_k)))
+        row.update({column(k, e): v for k, v in rel.items()})
+        dim = f"{e.spatial_dims}D"
+        for name in PRDC_NAMES:
+            row[column(f"{name}-{dim}", e)] = p.get(name)
+        proto[column(f"PRDC-{dim}", e)] = p["protocol"]
+
+    # FRD (radiomics features inside the brain mask, no deep extractor)
+    if st.frd:
+        r = timed("FRD", lambda: frd(real_t, fake_t, brain_mask))
+        row["FRD"] = r["FRD"]
+        proto["FRD"] = r["protocol"]
 
     # LPIPS
     lp = lpips if lpips is not None else LPIPSModel(None, "no LPIPS model was passed to score_generated", None, None)
@@ -221,6 +263,7 @@ def reference_row(
     lpips: LPIPSModel | None = None,
     settings: ScoringSettings | None = None,
     dice_classes: int | None = None,
+    brain_mask: Any = None,
 ) -> dict[str, Any]:
     """The reference row: real test volumes scored as if generated, against real training volumes
     (the floor for FID, the ceiling for Dice; diversity of real data). No ground truth is passed, so
@@ -236,6 +279,7 @@ def reference_row(
         lpips=lpips,
         settings=settings,
         dice_classes=dice_classes,
+        brain_mask=brain_mask,
     )
     out["protocol"]["row"] = "reference: real test volumes scored against real training volumes"
     return out

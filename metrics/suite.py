@@ -17,7 +17,7 @@ LOWER = "lower"
 @dataclass(frozen=True)
 class Metric:
     name: str                    # the descriptor, e.g. "FID-2D", "LPIPS fidelity"
-    family: str                  # FID-2D, FID-3D, LPIPS, MS-SSIM, Dice, PSNR, SSIM
+    family: str                  # FID-2D, FID-3D, PRDC, FRD, LPIPS, MS-SSIM, Dice, PSNR, SSIM
     direction: str               # HIGHER or LOWER is better
     protocol: str                # how the number is made (docs/METRICS.md has the details)
     columns: tuple[str, ...] = ()  # column stems; default: (name,)
@@ -41,6 +41,22 @@ METRICS: tuple[Metric, ...] = (
            "sagittal) and their mean, generated vs real reference volumes",
            columns=("FID-A", "FID-C", "FID-S", "FID-2D mean")),
     Metric("FID-3D", "FID-3D", LOWER, "Fréchet distance of 3D volume features, generated vs real reference volumes"),
+    Metric("FID-2D rel", "FID-2D", LOWER, "each FID-2D column divided by the FID-2D between two halves of the real "
+           "reference volumes (seeded split, protocol 'relative'); 1 = as far as real data is from itself",
+           columns=("FID-A rel", "FID-C rel", "FID-S rel", "FID-2D mean rel")),
+    Metric("FID-3D rel", "FID-3D", LOWER, "FID-3D divided by the FID-3D between two halves of the real reference "
+           "volumes (seeded split, protocol 'relative'); 1 = as far as real data is from itself"),
+    Metric("Precision", "PRDC", HIGHER, "fraction of generated samples inside the k-NN ball of some real sample "
+           "(Kynkäänniemi et al. 2019; k in the protocol); 2D: mean over orientations of slice features",
+           columns=("Precision-2D", "Precision-3D")),
+    Metric("Recall", "PRDC", HIGHER, "fraction of real samples inside the k-NN ball of some generated sample; "
+           "near 0 for a collapsed generator", columns=("Recall-2D", "Recall-3D")),
+    Metric("Density", "PRDC", HIGHER, "mean number of real k-NN balls holding a generated sample, over k "
+           "(Naeem et al. 2020; can exceed 1)", columns=("Density-2D", "Density-3D")),
+    Metric("Coverage", "PRDC", HIGHER, "fraction of real samples whose k-NN ball holds a generated sample "
+           "(Naeem et al. 2020); near 0 for a collapsed generator", columns=("Coverage-2D", "Coverage-3D")),
+    Metric("FRD", "FRD", LOWER, "Fréchet Radiomics Distance (frd-score, pyradiomics features inside the brain "
+           "mask, no deep extractor); None with the reason in the protocol when it cannot run"),
     Metric("LPIPS diversity", "LPIPS", HIGHER, "mean LPIPS between pairs of generated volumes (2D slices); "
            "the real-vs-real row is the target"),
     Metric("LPIPS fidelity", "LPIPS", LOWER, "LPIPS of each generated volume against its ground truth",

@@ -207,12 +207,15 @@ def test_condition_to_labels():
 def test_metric_descriptors_and_suites():
     from metrics.suite import METRICS, metric_of, metric_suite
 
-    assert {m.family for m in METRICS} == {"FID-2D", "FID-3D", "LPIPS", "MS-SSIM", "Dice", "PSNR", "SSIM"}
+    assert {m.family for m in METRICS} == {"FID-2D", "FID-3D", "PRDC", "FRD", "LPIPS", "MS-SSIM", "Dice", "PSNR",
+                                           "SSIM"}
     assert metric_of("FID-2D mean [in-domain-2d]").name == "FID-2D" and not metric_of("FID-3D [x]").higher_is_better
     assert metric_of("Dice").arrow == "↑" and metric_of("MS-SSIM diversity").arrow == "↓"
     assert metric_of("control gap t0-249") is None
     plain = {m.name for m in metric_suite(dice=False, paired=False)}
-    assert plain == {"FID-2D", "FID-3D", "LPIPS diversity", "MS-SSIM diversity"}
+    assert plain == {"FID-2D", "FID-3D", "FID-2D rel", "FID-3D rel", "Precision", "Recall", "Density", "Coverage",
+                     "FRD", "LPIPS diversity", "MS-SSIM diversity"}
+    assert metric_of("FID-3D rel [in-domain-3d]").name == "FID-3D rel" and metric_of("Coverage-2D [x]").arrow == "↑"
     assert {m.name for m in metric_suite(dice=True, paired=False)} - plain == {"Dice"}
     assert {m.name for m in metric_suite(dice=False, paired=True)} - plain == {
         "LPIPS fidelity", "MS-SSIM fidelity", "PSNR", "SSIM"}

@@ -31,19 +31,44 @@ VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
 }
 
 
+FIXED = ("task", "method", "size", "seed", "status", "error", "device")
+UNDERSAMPLED = "undersampled FD"  # records_frame: "|"-joined FD columns computed with fewer volumes than features
+DAGGER = "†"
+DAGGER_NOTE = (f"{DAGGER} Fréchet distance computed with fewer volumes than feature dimensions in at least one run "
+               "(covariances rank-deficient, the mean term dominates; protocol 'sample_size'): read it with the "
+               "rel, recall and coverage columns")
+COLLAPSE_BELOW = 0.2  # recall or coverage (any feature space) under this: the row gets a warning
+WARNING = "warning"
+WARNING_NOTE = (f"⚠ recall or coverage below {COLLAPSE_BELOW}: the samples cover little of the real data (e.g. a "
+                "collapsed generator making near copies); a low FD in this row is not better fidelity")
+
+
+def undersampled_columns(protocol: dict | None) -> str:
+    """The FD columns (raw and rel) whose protocol flags fewer volumes than feature dimensions."""
+    out = []
+    for key, entry in (protocol or {}).items():
+        if isinstance(entry, dict) and (entry.get("sample_size") or {}).get("undersampled"):
+            stem, _, extractor = key.partition(" [")
+            stems = ("FID-A", "FID-C", "FID-S", "FID-2D mean") if stem == "FID-2D" else (stem,)
+            out += [f"{s}{rel} [{extractor}" for s in stems for rel in ("", " rel")]
+    return "|".join(sorted(out))
+
+
 def records_frame(folder: Path) -> pd.DataFrame:
-    """One row per run record; metrics as columns, cost figures as ``cost: …`` columns."""
+    """One row per run record; metrics as columns, cost figures as ``cost: …`` columns, and the
+    undersampled FD columns of its protocol (``UNDERSAMPLED``)."""
     rows = []
     for rec in iter_records(folder):
-        row = {k: rec.get(k) for k in ("task", "method", "size", "seed", "status", "error", "device")}
+        row = {k: rec.get(k) for k in FIXED}
         row.update(rec.get("metrics") or {})
+        row[UNDERSAMPLED] = undersampled_columns(rec.get("protocol"))
         row.update({f"cost: {k}": v for k, v in (rec.get("cost") or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
-    fixed = {"task", "method", "size", "seed", "status", "error", "device"}
+    fixed = set(FIXED) | {UNDERSAMPLED}
     return [c for c in frame.columns if c not in fixed and not c.startswith("cost: ")]
 
 
@@ -77,8 +102,30 @@ def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(PSEUDO_METHODS)}
     table = table.assign(_order=table.method.map(lambda m: order.get(m, len(order))))
     table = table.sort_values(["_order", "method", "size"], kind="stable").drop(columns="_order")
+    warnings = collapse_warnings(ok)
+    if warnings is not None:
+        table[WARNING] = [warnings.get((m, n), "") for m, n in zip(table["method"], table["size"])]
     table["method"] = table["method"].replace(PSEUDO_METHODS)
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    flagged = set()
+    if UNDERSAMPLED in ok:
+        flagged = {c for cell in ok[UNDERSAMPLED].dropna() for c in str(cell).split("|") if c}
+    table.attrs["daggers"] = sorted(c for c in table.columns if c in flagged)
+    return table
+
+
+def collapse_warnings(ok: pd.DataFrame) -> dict | None:
+    """(method, size) -> a warning where the mean recall or coverage over seeds is under ``COLLAPSE_BELOW``
+    in some feature space ("" where not); None when the records hold no recall or coverage."""
+    columns = [c for c in metric_columns(ok) if c.startswith(("Recall-", "Coverage-")) and ok[c].notna().any()]
+    if not columns:
+        return None
+    out = {}
+    for (method, size), runs in ok.groupby(["method", "size"]):
+        low = [f"{c} {v:.2f}" for c in columns for v in [pd.to_numeric(runs[c], errors="coerce").mean()]
+               if pd.notna(v) and v < COLLAPSE_BELOW]
+        out[(method, size)] = ("⚠ " + "; ".join(low)) if low else ""
+    return out
 
 
 def registered(name: str):
@@ -208,8 +255,16 @@ def write_table(table: pd.DataFrame, folder: Path, name: str, caption: str) -> l
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.csv", folder / f"{name}.md", folder / f"{name}.tex"]
     table.to_csv(paths[0], index=False)
-    markdown = with_directions(table).to_markdown(index=False) if not table.empty else "(no runs)"
-    paths[1].write_text(f"**{caption}**\n\n" + markdown + "\n")
+    notes = []
+    marked = with_directions(table)
+    daggers = table.attrs.get("daggers") or []
+    if daggers:
+        marked.columns = [f"{m} {DAGGER}" if c in daggers else m for c, m in zip(table.columns, marked.columns)]
+        notes.append(DAGGER_NOTE)
+    if WARNING in table and table[WARNING].astype(bool).any():
+        notes.append(WARNING_NOTE)
+    markdown = marked.to_markdown(index=False) if not table.empty else "(no runs)"
+    paths[1].write_text(f"**{caption}**\n\n" + markdown + "\n" + "".join(f"\n{n}\n" for n in notes))
     latex = table.to_latex(index=False, caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
     paths[2].write_text(latex)
     return paths

@@ -64,6 +64,12 @@ class SharedScoring:
                               config=self.config("in_domain", InDomainConfig), shipped_dirs=self.shipped_dirs)
 
     @cached_property
+    def brain_mask(self):
+        """FRD's mask: voxels where at least half the real training volumes have brain tissue (label > 0)."""
+        semantics = np.stack([s.semantics for s in self.train_reference])
+        return (semantics[:, 0] > 0).mean(0) >= 0.5
+
+    @cached_property
     def lpips(self):
         return load_lpips(weights_dir=self.ctx.weights_dir, device=self.ctx.device)
 
@@ -102,7 +108,7 @@ class Scorer:
         ground_truth = np.stack([s.image for s in subjects]) if paired else None
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
-                              lpips=self.shared.lpips, dice_classes=classes)
+                              lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask)
         protocol = row.pop("protocol")
         return row, protocol
 
