@@ -105,3 +105,19 @@ def test_the_marker_lands_where_it_was_drawn(loaded):
     assert _dice(subjects["ras_1mm"].lv_mask[0] > 0, expected > 0) >= 0.9
     # an oblique scan snapped to its nearest axes would move the ball by ~10 mm: Dice far below this
     assert _dice(subjects["oblique_15deg"].lv_mask[0] > 0, expected > 0) >= 0.8
+
+
+def test_profiles_state_their_grid_in_mm():
+    from benchmark.profiles import available_profiles
+    from datasets.subject import DataError
+
+    for name in available_profiles():
+        p = load_profile(name)
+        grid = Grid.from_settings(p.image_shape, p.data.voxel_mm, p.data.field_of_view_mm,
+                                  p.data.field_of_view_centre_mm)
+        if name == "paper":  # BrainLDM's 1 mm MNI space
+            assert grid.voxel_mm == (1.0, 1.0, 1.0) and grid.shape == (160, 224, 160)
+        else:  # the synthetic population's grid: exported subjects load unchanged
+            assert np.allclose(grid.affine, Grid.synthetic(p.image_shape).affine)
+    with pytest.raises(DataError, match="field_of_view_mm"):
+        Grid.from_settings((48, 64, 48), [4.0] * 3, [100.0, 256.0, 192.0], [0.0, 0.0, 0.0])
