@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .subject import DataError
-from .subject_draw import AGE_RANGE, BRAIN_RANGE_ML, VENTRICLE_RANGE_ML, scale_age, scale_volume
+from .subject_draw import BRAIN_RANGE_ML, VENTRICLE_RANGE_ML, scale_age, scale_volume
 
 # name -> (scaled column, natural column); BrainLDM's order (SCALAR_NAMES)
 COLUMNS = {"sex": ("sex", "sex"), "age": ("age", "age_years"),
@@ -34,7 +34,7 @@ VOLUMES = ("ventricular_volume", "brain_volume")
 # Plausible values in natural units; outside them a number is a typo or another unit (months, mm^3).
 PLAUSIBLE = {"age": (0.0, 120.0), "ventricular_volume": (0.0, 500.0), "brain_volume": (100.0, 3000.0)}
 _UNITS = {"age": "years", "ventricular_volume": "mL", "brain_volume": "mL"}
-_SEX = {"0": 0.0, "1": 1.0, "f": 0.0, "m": 1.0, "female": 0.0, "male": 1.0}
+_SEX = {"f": 0.0, "m": 1.0, "female": 0.0, "male": 1.0}
 
 
 def missing_columns(header: list[str]) -> list[str]:
@@ -61,30 +61,32 @@ def _number(sid: str, csv_path: Path, column: str, raw: str, fix: str) -> float:
     return value
 
 
+def _sex(sid: str, csv_path: Path, raw: str) -> float:
+    """F/M (female/male) or the scaled number (BrainLDM's 0 = female, 1 = male)."""
+    if raw.lower() in _SEX:
+        return _SEX[raw.lower()]
+    fix = "give F or M (or 0 for female, 1 for male)"
+    value = _number(sid, csv_path, "sex", raw, fix) if raw else -1.0
+    if not 0.0 <= value <= 1.0:
+        raise DataError(f"subject '{sid}' in {csv_path}: sex is '{raw}'; {fix}")
+    return value
+
+
 def row_scalars(sid: str, csv_path: Path, row: dict, measured: dict[str, float] | None) -> np.ndarray:
     """(sex, age, ventricular volume, brain volume) in [0, 1]; ``measured`` holds volumes in mL from the
     labels, used when the manifest has no volume columns."""
-    out = []
-    for name, (scaled_col, natural_col) in COLUMNS.items():
+    out = [_sex(sid, csv_path, (row.get("sex") or "").strip())]
+    for name, (scaled_col, natural_col) in list(COLUMNS.items())[1:]:
         scaled = (row.get(scaled_col) or "").strip()
-        natural = (row.get(natural_col) or "").strip() if natural_col != scaled_col else ""
-        if name == "sex":
-            if scaled.lower() in _SEX:
-                out.append(_SEX[scaled.lower()])
-                continue
-            natural = ""  # a number: the scaled value (BrainLDM's 0 = female, 1 = male)
-        if name == "sex" and not scaled:
-            raise DataError(f"subject '{sid}' in {csv_path}: sex is empty; give F or M (or 0 for female, 1 for male)")
+        natural = (row.get(natural_col) or "").strip()
         if scaled and natural:
             raise DataError(f"subject '{sid}' in {csv_path}: both {scaled_col} and {natural_col} are filled; "
                             "leave one of them empty")
         if scaled:
-            value = _number(sid, csv_path, scaled_col, scaled, "give F or M" if name == "sex" else
-                            f"give a value scaled to [0, 1] or use {natural_col}")
+            value = _number(sid, csv_path, scaled_col, scaled, f"give a value scaled to [0, 1] or use {natural_col}")
             if value < 0.0 or value > 1.0:
-                fix = ("give F or M" if name == "sex" else
-                       f"give it in {_UNITS[name]} in the column {natural_col} instead, or scale it")
-                raise DataError(f"subject '{sid}' in {csv_path}: {scaled_col} = {scaled} is outside [0, 1]; {fix}")
+                raise DataError(f"subject '{sid}' in {csv_path}: {scaled_col} = {scaled} is outside [0, 1]; give it "
+                                f"in {_UNITS[name]} in the column {natural_col} instead, or scale it")
             out.append(value)
             continue
         if natural:
@@ -102,5 +104,3 @@ def row_scalars(sid: str, csv_path: Path, row: dict, measured: dict[str, float] 
                    scale_volume(value, VENTRICLE_RANGE_ML if name == "ventricular_volume" else BRAIN_RANGE_ML))
     return np.array(out, dtype=np.float32)
 
-
-__all__ = ["COLUMNS", "AGE_RANGE", "row_scalars", "missing_columns", "volumes_given"]
