@@ -1,64 +1,34 @@
 """Real data: a CSV manifest of NIfTI files, and export of any subjects to that format.
 
-Manifest columns: ``id, image, lv_mask, semantics, skull (optional), sex, age, ventricular_volume,
-brain_volume``. Paths may be absolute or relative to the CSV's folder. Scalars must already be scaled
-to [0, 1] (BrainLDM's conditioning values). Volumes are reoriented to RAS and fitted to the profile's
-shape: when the file's shape is within 20 % of it, by centre crop / zero pad alone; otherwise by an
-isotropic resampling that fits the whole volume, then crop / pad (images linearly, with an anti-alias
-blur when shrinking; labels by nearest neighbour). Images outside [0, 1] are rescaled from their
-minimum to their 99.5th percentile and clipped.
+Manifest columns (README, "Real data"):
 
-Every problem stops with a :class:`DataError` that names the subject and the file.
+* ``id``, ``image`` (a T1w scan in MNI space), optional ``skull``;
+* the labels: ``aseg`` (a FreeSurfer / FastSurfer / SynthSeg label map, read by datasets/freesurfer.py),
+  or ``lv_mask`` (0/1) and ``semantics`` (the suite's labels 0-4); a row fills one of the two;
+* the scalars, scaled to [0, 1] or in years / mL / F-M (datasets/manifest_scalars.py); without any
+  volume column the volumes are measured on the labels.
+
+Paths may be absolute or relative to the CSV's folder. Every file is resampled with MONAI onto the
+profile's grid (voxel size and field of view in mm, datasets/manifest_geometry.py): images linearly,
+labels by nearest neighbour, oblique scans with their full affine. Label maps may lie on another grid
+than the image (SynthSeg writes 1 mm) but must cover the same field of view.
+
+Every problem stops with a :class:`DataError` that names the subject, the file and the fix.
 """
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from .subject import SCALAR_NAMES, SEMANTIC_LABELS, DataError, Subject, skull_image
+from . import freesurfer
+from .manifest_geometry import Grid, check_same_field_of_view, load_volume, resample, scale_intensity
+from .manifest_scalars import missing_columns, row_scalars, volumes_given
+from .subject import SCALAR_NAMES, SEMANTIC_LABELS, DataError, Subject, skull_image, voxel_volume_ml
 
-REQUIRED_COLUMNS = ("id", "image", "lv_mask", "semantics") + SCALAR_NAMES
-OPTIONAL_COLUMNS = ("skull",)
-_IMAGE_COLUMNS = ("image", "lv_mask", "semantics", "skull")
-
-
-class _Fit:
-    """Index mapping from the target grid to a source grid (centre-aligned, isotropic factor)."""
-
-    def __init__(self, source: tuple[int, ...], target: tuple[int, int, int]):
-        ratios = np.array(target, dtype=float) / np.array(source, dtype=float)
-        self.factor = 1.0 if np.all((ratios >= 0.8) & (ratios <= 1.25)) else float(ratios.min())
-        self.source, self.target = source, target
-        if self.factor == 1.0:
-            self.offset = np.array([(s - t) // 2 for s, t in zip(source, target)], dtype=float)
-        else:
-            self.offset = np.array([(s - 1) / 2 - (t - 1) / 2 / self.factor for s, t in zip(source, target)])
-
-    def apply(self, data: np.ndarray, order: int) -> np.ndarray:
-        if self.factor == 1.0 and tuple(self.source) == tuple(self.target):
-            return data
-        if order == 1 and self.factor < 1.0:
-            data = ndi.gaussian_filter(data, 0.4 / self.factor)  # keep the shrink free of aliasing
-        axes = [np.arange(t) / self.factor + o for t, o in zip(self.target, self.offset)]
-        if order == 0:  # nearest neighbour, by indexing: exact and fast
-            idx = [np.rint(a).astype(int) for a in axes]
-            valid = [(i >= 0) & (i < s) for i, s in zip(idx, self.source)]
-            out = data[np.ix_(*[np.clip(i, 0, s - 1) for i, s in zip(idx, self.source)])]
-            inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-            return np.where(inside, out, 0).astype(data.dtype)
-        coords = np.stack(np.meshgrid(*axes, indexing="ij"))
-        return ndi.map_coordinates(data, coords, order=1, mode="constant", cval=0.0)
-
-    def affine(self, affine: np.ndarray) -> np.ndarray:
-        step = np.eye(4)
-        step[:3, :3] /= self.factor
-        step[:3, 3] = self.offset
-        return affine @ step
+LABEL_COLUMNS = ("aseg", "lv_mask", "semantics")
+EXPORT_COLUMNS = ("id", "image", "lv_mask", "semantics", "skull") + SCALAR_NAMES
 
 
 def _resolve(csv_dir: Path, value: str) -> Path:
@@ -66,130 +36,104 @@ def _resolve(csv_dir: Path, value: str) -> Path:
     return path if path.is_absolute() else csv_dir / path
 
 
-def _load_nifti(sid: str, column: str, path: Path):
-    import nibabel as nib
-
-    if not path.is_file():
-        raise DataError(f"subject '{sid}': the {column} file {path} does not exist; fix the path in the manifest "
-                        "(relative paths are read from the manifest's folder)")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as err:  # nibabel raises many kinds for a damaged or foreign file
-        raise DataError(f"subject '{sid}': the {column} file {path} cannot be read as NIfTI ({err}); "
-                        "re-export it as .nii or .nii.gz") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"subject '{sid}': the {column} file {path} has shape {data.shape}; "
-                        "expected one 3D volume")
-    return img, data
-
-
-def _to_ras(img, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient to RAS by axis flips and permutations only (no interpolation)."""
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(img.affine)
-    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-    transform = nib.orientations.ornt_transform(ornt, ras)
-    out = nib.orientations.apply_orientation(data, transform)
-    affine = img.affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
-    return np.ascontiguousarray(out), np.asarray(affine, dtype=np.float64)
-
-
-def _scalar(sid: str, csv_path: Path, row: dict, name: str) -> float:
-    raw = (row.get(name) or "").strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise DataError(f"subject '{sid}' in {csv_path}: {name} is '{raw}', not a number; "
-                        "give a value scaled to [0, 1]") from None
-    if not math.isfinite(value) or value < 0.0 or value > 1.0:
-        raise DataError(f"subject '{sid}' in {csv_path}: {name} = {raw} is outside [0, 1]; "
-                        "scale the scalars to [0, 1] as BrainLDM expects")
-    return value
-
-
-def _labels(sid: str, column: str, path: Path, data: np.ndarray, allowed: Iterable[int]) -> np.ndarray:
+def _suite_labels(sid: str, column: str, path: Path, data: np.ndarray, allowed) -> np.ndarray:
+    """An lv_mask or semantics file's values, checked against the suite's label set."""
     allowed = sorted(allowed)
     if not np.all(np.isfinite(data)):
-        raise DataError(f"subject '{sid}': the {column} file {path} contains NaN or infinite values")
+        raise DataError(f"subject '{sid}': the {column} file {path} contains NaN or infinite values; "
+                        "give a label map with integer values")
     rounded = np.rint(data)
     values = np.unique(rounded)
     bad = [v for v in values if int(v) not in allowed]
     if bad or not np.allclose(rounded, data, atol=1e-3):
         shown = ", ".join(f"{v:g}" for v in (bad or values)[:8])
         raise DataError(f"subject '{sid}': the {column} file {path} has labels {shown} outside the expected "
-                        f"set {allowed} (semantic labels: {SEMANTIC_LABELS})")
-    return rounded.astype(np.uint8)
+                        f"set {allowed} (semantic labels: {SEMANTIC_LABELS}); give FreeSurfer labels in the "
+                        "aseg column instead, or relabel the file")
+    return rounded.astype(np.int64)
 
 
-def _load_subject(row: dict, csv_path: Path, shape: tuple[int, int, int], line: int) -> Subject:
+def _label_columns(sid: str, csv_path: Path, row: dict) -> tuple[str, ...]:
+    if (row.get("aseg") or "").strip():
+        if (row.get("lv_mask") or "").strip() or (row.get("semantics") or "").strip():
+            raise DataError(f"subject '{sid}' in {csv_path}: both aseg and lv_mask/semantics are filled; "
+                            "leave one of the two empty")
+        return ("aseg",)
+    for column in ("lv_mask", "semantics"):
+        if not (row.get(column) or "").strip():
+            raise DataError(f"subject '{sid}' in {csv_path}: the {column} path is empty; give a NIfTI file, "
+                            "or a FreeSurfer/SynthSeg label map in the aseg column")
+    return ("lv_mask", "semantics")
+
+
+def _load_subject(row: dict, csv_path: Path, grid: Grid, line: int, measure: bool) -> Subject:
     sid = (row.get("id") or "").strip()
     if not sid:
         raise DataError(f"{csv_path}, line {line}: the id is empty; give every subject an id")
-    scalars = np.array([_scalar(sid, csv_path, row, n) for n in SCALAR_NAMES], dtype=np.float32)
+    columns = ("image",) + _label_columns(sid, csv_path, row) + (("skull",) if (row.get("skull") or "").strip() else ())
+    if not (row.get("image") or "").strip():
+        raise DataError(f"subject '{sid}' in {csv_path}: the image path is empty; give a NIfTI file")
+    paths = {c: _resolve(csv_path.parent, row[c].strip()) for c in columns}
+    volumes = {c: load_volume(sid, c, paths[c]) for c in columns}
+    for column in columns[1:]:
+        check_same_field_of_view(sid, column, paths[column], volumes[column], paths["image"], volumes["image"])
+    for column in ("image", "skull"):
+        if column in volumes and not bool(np.isfinite(volumes[column].numpy()).all()):
+            raise DataError(f"subject '{sid}': the {column} file {paths[column]} contains NaN or infinite "
+                            "values; fix or mask them before use")
 
-    columns = [c for c in _IMAGE_COLUMNS if c != "skull" or (row.get("skull") or "").strip()]
-    loaded = {}
-    for column in columns:
-        value = (row.get(column) or "").strip()
-        if not value:
-            raise DataError(f"subject '{sid}' in {csv_path}: the {column} path is empty; give a NIfTI file")
-        path = _resolve(csv_path.parent, value)
-        loaded[column] = (path,) + _load_nifti(sid, column, path)
+    # Labels: checked and turned into the suite's classes at the file's own resolution (volumes in mL
+    # from its voxel size), then resampled by nearest neighbour.
+    if "aseg" in volumes:
+        fs = freesurfer.check_labels(sid, paths["aseg"], volumes["aseg"][0].numpy())
+        lv_src, sem_src = freesurfer.to_lv_mask(fs), freesurfer.to_semantics(fs)
+        lv_vol = sem_vol = volumes["aseg"]
+    else:
+        lv_src = _suite_labels(sid, "lv_mask", paths["lv_mask"], volumes["lv_mask"][0].numpy(), (0, 1))
+        sem_src = _suite_labels(sid, "semantics", paths["semantics"], volumes["semantics"][0].numpy(), SEMANTIC_LABELS)
+        lv_vol, sem_vol = volumes["lv_mask"], volumes["semantics"]
+    lv_file = paths["aseg" if "aseg" in paths else "lv_mask"]
+    if not lv_src.any():
+        raise DataError(f"subject '{sid}': the {lv_file.name} file {lv_file} has no lateral-ventricle voxels; "
+                        "every subject needs lateral ventricles in its labels")
+    measured = None
+    if measure:
+        measured = {"ventricular_volume": float(lv_src.sum()) * voxel_volume_ml(np.asarray(lv_vol.affine)),
+                    "brain_volume": float(np.isin(sem_src, (2, 3)).sum()) * voxel_volume_ml(np.asarray(sem_vol.affine))}
+    scalars = row_scalars(sid, csv_path, row, measured)
 
-    ref_path, ref_img, ref_data = loaded["image"]
-    for column, (path, img, data) in loaded.items():
-        if data.shape != ref_data.shape:
-            raise DataError(f"subject '{sid}': the {column} file {path} has shape {data.shape} but the image "
-                            f"{ref_path} has {ref_data.shape}; the label maps must lie on the image's grid")
-        if not np.allclose(img.affine, ref_img.affine, atol=1e-3):
-            raise DataError(f"subject '{sid}': the {column} file {path} has a different affine from the image "
-                            f"{ref_path}; resample the label maps onto the image's grid")
-
-    arrays, affine = {}, None
-    for column, (path, img, data) in loaded.items():
-        if column in ("image", "skull") and not np.all(np.isfinite(data)):
-            raise DataError(f"subject '{sid}': the {column} file {path} contains NaN or infinite values; "
-                            "fix or mask them before use")
-        if column == "lv_mask":
-            data = _labels(sid, column, path, data, (0, 1))
-        elif column == "semantics":
-            data = _labels(sid, column, path, data, SEMANTIC_LABELS)
-        arrays[column], affine = _to_ras(img, data)
-
-    fit = _Fit(arrays["image"].shape, shape)
-    image = _normalise(fit.apply(arrays["image"].astype(np.float32), order=1))
-    lv = fit.apply(arrays["lv_mask"], order=0).astype(np.uint8)
-    sem = fit.apply(arrays["semantics"], order=0).astype(np.uint8)
+    image = resample(volumes["image"], grid, labels=False)
+    if not image.any():
+        raise DataError(f"subject '{sid}': the image file {paths['image']} does not reach the profile's field of "
+                        f"view (centre {grid.centre_mm} mm); register the scan to MNI space first")
+    image = scale_intensity(image)
+    lv = resample(_as_volume(lv_src, lv_vol), grid, labels=True)
+    sem = resample(_as_volume(sem_src, sem_vol), grid, labels=True)
     if not lv.any():
-        raise DataError(f"subject '{sid}': the lv_mask file {loaded['lv_mask'][0]} is empty"
-                        + (" after fitting it to the shape " + str(tuple(shape)) if arrays["lv_mask"].any() else "")
-                        + "; every subject needs lateral ventricles in its mask")
-    if "skull" in arrays:
-        skull = np.clip(fit.apply(arrays["skull"].astype(np.float32), order=1), 0.0, 1.0)
+        raise DataError(f"subject '{sid}': the lateral ventricles of {lv_file} vanish when resampled to "
+                        f"{grid.voxel_mm} mm voxels in the field of view centred at {grid.centre_mm} mm; check "
+                        "that the scan is in MNI space, or use a profile with smaller voxels")
+    if "skull" in volumes:
+        skull = np.clip(resample(volumes["skull"], grid, labels=False), 0.0, 1.0)
     else:
         skull = skull_image(image, sem)
-    return Subject(id=sid, image=image[None].astype(np.float32), lv_mask=lv[None], semantics=sem[None],
-                   skull=skull[None].astype(np.float32), scalars=scalars, affine=fit.affine(affine))
+    return Subject(id=sid, image=image[None].astype(np.float32), lv_mask=lv[None].astype(np.uint8),
+                   semantics=sem[None].astype(np.uint8), skull=skull[None].astype(np.float32), scalars=scalars,
+                   affine=grid.affine)
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
-    lo, hi = float(image.min()), float(image.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return image.astype(np.float32)
-    top = float(np.percentile(image, 99.5))
-    if top <= lo:
-        top = hi if hi > lo else lo + 1.0
-    return np.clip((image - lo) / (top - lo), 0.0, 1.0).astype(np.float32)
+def _as_volume(labels: np.ndarray, like):
+    """Labels as a MetaTensor with the affine of the file they came from."""
+    from monai.data import MetaTensor
+
+    return MetaTensor(np.asarray(labels, dtype=np.float32)[None], affine=like.affine)
 
 
-def load_manifest(csv_path, shape: tuple[int, int, int]) -> list[Subject]:
-    """Subjects of a CSV manifest, fitted to ``shape`` (X, Y, Z)."""
+def load_manifest(csv_path, grid) -> list[Subject]:
+    """Subjects of a CSV manifest on ``grid`` (a :class:`Grid`; a bare shape (X, Y, Z) means the synthetic
+    population's grid at that shape, which is what :func:`export_subjects` writes)."""
+    grid = grid if isinstance(grid, Grid) else Grid.synthetic(grid)
     csv_path = Path(csv_path).expanduser()
-    shape = tuple(int(s) for s in shape)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist; give the path of a CSV file")
     try:
@@ -199,18 +143,21 @@ def load_manifest(csv_path, shape: tuple[int, int, int]) -> list[Subject]:
             reader.fieldnames = header
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"manifest {csv_path} cannot be read as CSV ({err})") from None
+        raise DataError(f"manifest {csv_path} cannot be read as CSV ({err}); save it as a comma-separated "
+                        "UTF-8 file") from None
     first = (rows[0].get("id") or "").strip() if rows else ""
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [repr(c) for c in ("id", "image") if c not in header] + missing_columns(header)
+    if "aseg" not in header:
+        missing += [repr(c) for c in ("lv_mask", "semantics") if c not in header]
     if missing:
         who = f" (subject '{first}' and every other row need it)" if first else ""
-        raise DataError(f"manifest {csv_path} has no column {', '.join(repr(m) for m in missing)}{who}; "
-                        f"its columns are {header}; required: {', '.join(REQUIRED_COLUMNS)}")
+        raise DataError(f"manifest {csv_path} has no column {', '.join(missing)}{who}; its columns are "
+                        f"{header}; see README, 'Real data', for the columns")
     if not rows:
         raise DataError(f"manifest {csv_path} lists no subjects; add one row per subject")
     subjects, seen = [], {}
     for line, row in enumerate(rows, start=2):
-        subject = _load_subject(row, csv_path, shape, line)
+        subject = _load_subject(row, csv_path, grid, line, measure=not volumes_given(header))
         if subject.id in seen:
             raise DataError(f"subject '{subject.id}' appears twice in {csv_path} (lines {seen[subject.id]} and "
                             f"{line}); ids must be unique")
@@ -247,7 +194,7 @@ def export_subjects(subjects, out_dir) -> Path:
         rows.append(row)
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(REQUIRED_COLUMNS[:4]) + ["skull"] + list(SCALAR_NAMES))
+        writer = csv.DictWriter(fh, fieldnames=list(EXPORT_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     return manifest

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.manifest import load_manifest
+from datasets.manifest_geometry import Grid
 from datasets.splits import Splits, make_splits
 from datasets.subject import DataError, Subject
 from datasets.synthetic import SyntheticPopulation
@@ -24,7 +25,8 @@ class DataSource:
             self._real: list[Subject] | None = None
             self.identity = f"synthetic(seed={d.seed})"
         else:
-            self._real = load_manifest(manifest, shape)
+            grid = Grid.from_settings(shape, d.voxel_mm, d.field_of_view_mm, d.field_of_view_centre_mm)
+            self._real = load_manifest(manifest, grid)
             n = len(self._real)
             n_test = min(d.test_set, n // 5) if n < d.train_pool + d.test_set else d.test_set
             if n_test < 1 or n - n_test < 1:
