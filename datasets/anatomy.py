@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, file_lock
 
 # Bump when anything here or in the subject generator changes what a subject looks like:
 # it is part of every cache key.
@@ -108,10 +108,11 @@ def load_reference(shape: tuple[int, int, int], cache_dir: str | Path) -> Refere
     if key in _MEMORY and path.is_file():
         return _MEMORY[key]
     ref = _MEMORY.get(key) or _read(path, shape)
-    if ref is None:
-        ref = build_reference(shape)
-    if not path.is_file():
-        _write(path, ref)
+    if ref is None or not path.is_file():
+        with file_lock(path.with_suffix(".lock")):  # concurrent jobs: one builds, the others wait and read
+            ref = ref or _read(path, shape) or build_reference(shape)
+            if not path.is_file():
+                _write(path, ref)
     _MEMORY[key] = ref
     return ref
 

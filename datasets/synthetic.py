@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.files import atomic_npz
+from core.files import atomic_npz, file_lock
 
 # GENERATOR_VERSION is re-exported: other parts key their own caches on it.
 from .anatomy import GENERATOR_VERSION, load_reference, source_version
@@ -141,6 +141,12 @@ class SyntheticPopulation:
     def ensure(self, indices: Sequence[int]) -> None:
         """Generate and cache every block that holds one of ``indices``."""
         blocks = sorted({self._check_index(i) // BLOCK for i in indices})
+        if all(self._block_path(b).is_file() for b in blocks):
+            return
+        with file_lock(self.block_dir / "lock"):  # concurrent jobs: one generates, the others wait and read
+            self._generate_missing(blocks)
+
+    def _generate_missing(self, blocks: list[int]) -> None:
         missing = [b for b in blocks if not self._block_path(b).is_file()]
         if not missing:
             return

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.files import atomic_torch_save, read_state_dict
+from core.files import atomic_torch_save, file_lock, read_state_dict
 from core.loop import LoopSettings, TrainingLoop
 
 from .common import ORIENTATIONS, WeightsError, central_slice_indices, default_device, extract_slices, sha256_bytes, \
@@ -122,17 +122,24 @@ def in_domain_network(kind: str, vols: torch.Tensor, cache_dir: str | Path, data
     :class:`WeightsError` naming it (delete it to retrain)."""
     key = in_domain_cache_key(kind, tuple(vols.shape), data_id, cfg)
     path = trained_weights_path(f"in-domain-{kind}-{key}.pt", cache_dir, shipped_dirs)  # shipped, else the cache
-    if path.exists():
-        todo = "delete the file and the suite will retrain it"
-        state = read_state_dict(path, "a cached in-domain extractor", todo=todo, keys=("state_dict",),
-                                error=WeightsError)
-        try:
-            net = InDomainAutoEncoder(2 if kind == "2d" else 3, cfg.channels_2d if kind == "2d" else cfg.channels_3d)
-            net.load_state_dict(state, strict=True)
-        except Exception as e:  # noqa: BLE001
-            raise WeightsError(f"cached in-domain extractor {path} could not be loaded ({type(e).__name__}); "
-                               f"{todo}") from e
-        return net, path
+    if not path.exists():
+        with file_lock(path.with_suffix(".lock")):  # concurrent jobs: one trains, the others wait and load
+            if not path.exists():
+                _train_and_save(kind, vols, data_id, cfg, device, path)
+    todo = "delete the file and the suite will retrain it"
+    state = read_state_dict(path, "a cached in-domain extractor", todo=todo, keys=("state_dict",),
+                            error=WeightsError)
+    try:
+        net = InDomainAutoEncoder(2 if kind == "2d" else 3, cfg.channels_2d if kind == "2d" else cfg.channels_3d)
+        net.load_state_dict(state, strict=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cached in-domain extractor {path} could not be loaded ({type(e).__name__}); "
+                           f"{todo}") from e
+    return net, path
+
+
+def _train_and_save(kind: str, vols: torch.Tensor, data_id: str, cfg: InDomainConfig,
+                    device: torch.device | str | None, path: Path) -> None:
     dev = torch.device(device) if device is not None else default_device()
     t0 = time.perf_counter()
     net, losses = train_autoencoder(kind, vols, cfg, dev)
@@ -145,4 +152,3 @@ def in_domain_network(kind: str, vols: torch.Tensor, cache_dir: str | Path, data
         "train_seconds": time.perf_counter() - t0,
     }
     atomic_torch_save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, path)
-    return net, path

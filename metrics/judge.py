@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.files import atomic_torch_save, read_state_dict
+from core.files import atomic_torch_save, file_lock, read_state_dict
 from core.loop import LoopSettings, TrainingLoop
 
 from .common import (MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes,
@@ -192,23 +192,24 @@ def train_judge(
     did = data_id if data_id is not None else "sha:" + array_digest(imgs) + array_digest(labs)
     key = judge_cache_key(num_classes, tuple(imgs.shape), did, cfg)
     path = trained_weights_path(f"judge-{num_classes}cls-{key}.pt", cache_dir, shipped_dirs)
-    if path.exists():
-        todo = "delete the file and the suite will retrain it"
-        state = read_state_dict(path, "a trained judge", todo=todo, keys=("state_dict",), error=WeightsError)
-        try:
-            net = _build(num_classes, cfg)
-            net.load_state_dict(state, strict=True)
-            meta = json.loads(torch.load(path, map_location="cpu", weights_only=True)["meta"])
-        except Exception as e:  # noqa: BLE001
-            raise WeightsError(f"cached judge {path} could not be loaded ({type(e).__name__}); {todo}") from e
-    else:
-        dev = torch.device(device) if device is not None else default_device()
-        t0 = time.perf_counter()
-        net, losses = _train(imgs, labs, num_classes, cfg, dev, progress)
-        meta = {"data_id": did, "train_shape": list(imgs.shape), "config": asdict(cfg),
-                "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
-                "device": str(dev)}
-        atomic_torch_save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, path)
+    if not path.exists():
+        with file_lock(path.with_suffix(".lock")):  # concurrent jobs: one trains, the others wait and load
+            if not path.exists():
+                dev = torch.device(device) if device is not None else default_device()
+                t0 = time.perf_counter()
+                net, losses = _train(imgs, labs, num_classes, cfg, dev, progress)
+                meta = {"data_id": did, "train_shape": list(imgs.shape), "config": asdict(cfg),
+                        "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
+                        "device": str(dev)}
+                atomic_torch_save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, path)
+    todo = "delete the file and the suite will retrain it"
+    state = read_state_dict(path, "a trained judge", todo=todo, keys=("state_dict",), error=WeightsError)
+    try:
+        net = _build(num_classes, cfg)
+        net.load_state_dict(state, strict=True)
+        meta = json.loads(torch.load(path, map_location="cpu", weights_only=True)["meta"])
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cached judge {path} could not be loaded ({type(e).__name__}); {todo}") from e
     return Judge(net, num_classes, cfg, sha256_file(path), str(path), meta, device)
 
 

@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   python run_benchmark.py tables --out results/cpu              # rebuild tables from records
   python run_benchmark.py status --out results/cpu              # which runs are done, failed, interrupted
   python run_benchmark.py compare results/a results/b           # the same records, apart from timings?
+  python run_benchmark.py --profile gpu --executor local --jobs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3
+  python run_benchmark.py --profile paper --executor slurm --slurm-partition gpu --slurm-time 2880  # docs/CLUSTER.md
 """
 
 
@@ -39,6 +41,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-validation", action="store_true",
                    help="skip the Table 6 runs (base model alone, VCM with sphere masks) on task lv")
     p.add_argument("--force", action="store_true", help="redo runs whose records already exist")
+    add_executor_flags(p)
     p.set_defaults(func=run)
 
     t = sub.add_parser("tables", parents=[common], help="rebuild tables, figures and REPORT.md from records")
@@ -55,7 +58,80 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     c.add_argument("first")
     c.add_argument("second")
     c.add_argument("--tolerance", type=float, default=0.0, help="relative tolerance for numbers (default 0: equal)")
+    c.add_argument("--absolute", type=float, default=0.0,
+                   help="absolute tolerance for numbers, for values near zero (default 0)")
     c.set_defaults(func=compare)
+
+
+def add_executor_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the runs execute (docs/CLUSTER.md)")
+    g.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: on this machine, --jobs at a time (default); slurm: one Slurm job array "
+                        "through submitit (pip install '.[cluster]'), each task one run")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="local: runs at once, each in its own process (default 1: one after another, in this process)")
+    g.add_argument("--devices", default=None,
+                   help="local: comma-separated devices shared out among the jobs, e.g. cuda:0,cuda:1 "
+                        "(default: --device; on CPU each job gets its share of the threads)")
+    g.add_argument("--slurm-partition", default=None, help="slurm: partition (default: the cluster's default)")
+    g.add_argument("--slurm-gpus", type=int, default=1, help="slurm: GPUs per run (default 1)")
+    g.add_argument("--slurm-cpus", type=int, default=8, help="slurm: CPU cores per run (default 8)")
+    g.add_argument("--slurm-mem-gb", type=int, default=64, help="slurm: memory per run in GB (default 64)")
+    g.add_argument("--slurm-time", type=int, default=24 * 60,
+                   help="slurm: time limit per run in minutes (default 1440); a run that reaches it is requeued "
+                        "and resumes from its last checkpoint")
+    g.add_argument("--slurm-max-requeue", type=int, default=3,
+                   help="slurm: how often one run may be requeued after reaching its time limit (default 3; "
+                        "preemptions do not count)")
+    g.add_argument("--slurm-array-parallelism", type=int, default=64,
+                   help="slurm: array tasks running at once (default 64)")
+    g.add_argument("--slurm-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="slurm: any other sbatch option without its dashes, e.g. account=mylab or qos=high (repeatable)")
+    g.add_argument("--wait", action="store_true",
+                   help="slurm: wait until every task has finished, then write the tables (default: submit and return)")
+
+
+def make_executor(args, out: Path):
+    """The executor the flags ask for (None: this process)."""
+    from benchmark.run.grid import GridError
+
+    if args.executor == "slurm":
+        from benchmark.run.slurm import SlurmExecutor, SlurmSettings, parse_sbatch_options
+
+        settings = SlurmSettings(partition=args.slurm_partition, gpus_per_run=args.slurm_gpus,
+                                 cpus_per_run=args.slurm_cpus, mem_gb=args.slurm_mem_gb, time_min=args.slurm_time,
+                                 max_requeue=args.slurm_max_requeue, array_parallelism=args.slurm_array_parallelism,
+                                 sbatch=parse_sbatch_options(args.slurm_option))
+        return SlurmExecutor(settings, out / "slurm")
+    if args.jobs < 1:
+        raise GridError(f"--jobs must be at least 1, got {args.jobs}")
+    devices = _devices(args.devices)
+    if args.jobs == 1:
+        if devices:
+            args.device = devices[0]
+        return None
+    from benchmark.run.executors import LocalPoolExecutor
+
+    return LocalPoolExecutor(args.jobs, devices)
+
+
+def _devices(text: str | None) -> list[str]:
+    from benchmark.run.grid import GridError
+
+    if not text:
+        return []
+    import torch
+
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for d in devices:
+        try:
+            device = torch.device(d)
+        except RuntimeError:
+            raise GridError(f"--devices: '{d}' is not a device; use cpu or cuda:N, comma-separated") from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise GridError(f"--devices: {d} is not on this machine, which has {torch.cuda.device_count()} CUDA "
+                            "device(s); list the ones it has (nvidia-smi -L)")
+    return devices
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -88,14 +164,38 @@ def run(args) -> int:
     sizes = _int_list(args.sizes, "sizes") if args.sizes else list(profile.data.sizes)
     specs = build_specs(tasks, args.methods, sizes, _int_list(args.seeds, "seeds"), profile,
                         validation=not args.no_validation)
+    executor = make_executor(args, out)
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, args.data, args.device,
                      progress=not args.quiet)
+    if args.executor == "slurm" and not args.wait:
+        return submit_to_slurm(executor, specs, ctx, args)
     started = time.perf_counter()
-    summary = run_grid(specs, ctx, force=args.force)
+    summary = run_grid(specs, ctx, executor, force=args.force, plugins=args.plugin)
     write_outputs(out, profile)
     minutes = (time.perf_counter() - started) / 60
     print(f"{summary.line()} in {minutes:.1f} min; tables, figures and REPORT.md in {out}")
     return 0 if summary.ok else 1
+
+
+def submit_to_slurm(executor, specs, ctx, args) -> int:
+    """Queue the pending runs as one job array and return; the tasks write their records."""
+    from benchmark.run.executors import GridJob, pending_runs
+    from benchmark.run.slurm import array_job_id
+
+    out = ctx.out_dir
+    todo = pending_runs(specs, ctx, args.force)
+    if not todo:
+        print(f"nothing to submit: all {len(specs)} runs of this grid are done in {out}; "
+              f"python run_benchmark.py tables --out {out} rebuilds the tables")
+        return 0
+    job = GridJob.from_context(ctx, args.plugin)
+    job.device = args.device  # decided on the compute node (cuda when it has one), not on the login node
+    jobs = executor.submit(job, todo)
+    print(f"submitted {len(todo)} runs as Slurm job array {array_job_id(jobs)} ({len(specs) - len(todo)} already "
+          f"done); logs in {executor.folder}\n"
+          f"  follow:   python run_benchmark.py status --out {out} --profile {ctx.profile.name}\n"
+          f"  then:     python run_benchmark.py tables --out {out} --profile {ctx.profile.name}")
+    return 0
 
 
 def tables(args) -> int:
@@ -131,7 +231,7 @@ def compare(args) -> int:
         if not (Path(folder) / "records").is_dir():
             print(f"error: {folder} holds no records/ folder; give two results folders", file=sys.stderr)
             return 2
-    both, diffs = compare_folders(Path(args.first), Path(args.second), args.tolerance)
+    both, diffs = compare_folders(Path(args.first), Path(args.second), args.tolerance, args.absolute)
     print("\n".join(diffs[:200]) + ("\n" if diffs else "")
           + f"{len(both)} records in both folders; {len(diffs)} differences"
           + (" (first 200 shown)" if len(diffs) > 200 else ""))

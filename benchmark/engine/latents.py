@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.files import atomic_torch_save
+from core.files import atomic_torch_save, file_lock
 from datasets.subject import Subject
 from datasets.tasks import Task
 from methods.base import Conditions, FrozenLDM
@@ -34,7 +34,9 @@ class LatentCache:
     """Posterior (mu, sigma) of each subject's image and of its mirror, encoded once.
 
     Stored in one file per base model, keyed by subject id, so nested training sets
-    (10 ⊂ 50 ⊂ 500) share their encodings.
+    (10 ⊂ 50 ⊂ 500) share their encodings. Runs in several processes may share the file: a run
+    that needs entries takes the file's lock, reads what others added meanwhile, encodes only what
+    is still missing and writes the union (atomically), so no entry is lost and none is encoded twice.
     """
 
     def __init__(self, base: FrozenLDM, path: Path | None, batch_size: int = 8, device: str = "cpu"):
@@ -43,12 +45,25 @@ class LatentCache:
         self.batch_size = batch_size
         self.device = device
         self.entries: dict[str, torch.Tensor] = {}
-        if self.path and self.path.is_file():
-            self.entries = torch.load(self.path, map_location="cpu")
+        self._read_file()
 
-    @torch.no_grad()
+    def _read_file(self) -> None:
+        if self.path and self.path.is_file():
+            self.entries.update(torch.load(self.path, map_location="cpu"))
+
     def get(self, subjects: Sequence[Subject], progress: bool = True) -> torch.Tensor:
         """(N, 2 [plain, mirrored], 2 [mu, sigma], C, x, y, z) for the subjects, in order."""
+        if any(s.id not in self.entries for s in subjects):
+            if self.path:
+                with file_lock(self.path.with_suffix(".lock")):
+                    self._read_file()  # what other processes encoded meanwhile
+                    self._encode_missing(subjects, progress)
+            else:
+                self._encode_missing(subjects, progress)
+        return torch.stack([self.entries[s.id] for s in subjects])
+
+    @torch.no_grad()
+    def _encode_missing(self, subjects: Sequence[Subject], progress: bool) -> None:
         missing = [s for s in subjects if s.id not in self.entries]
         for start in tqdm(range(0, len(missing), self.batch_size), desc="encoding latents",
                           disable=not progress or not missing, leave=False):
@@ -63,7 +78,6 @@ class LatentCache:
                 self.entries[subject.id] = entry.clone()
         if missing and self.path:
             atomic_torch_save(self.entries, self.path)
-        return torch.stack([self.entries[s.id] for s in subjects])
 
 
 # ---- batches of conditions -------------------------------------------------------------

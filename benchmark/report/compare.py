@@ -26,7 +26,7 @@ def _same_path(a: str, b: str) -> bool:
     return Path(a).name == Path(b).name
 
 
-def _differences(a: Any, b: Any, where: str, tolerance: float) -> Iterator[str]:
+def _differences(a: Any, b: Any, where: str, tolerance: float, absolute: float = 0.0) -> Iterator[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             if MEASUREMENT_KEYS.search(str(key)):
@@ -34,15 +34,16 @@ def _differences(a: Any, b: Any, where: str, tolerance: float) -> Iterator[str]:
             if key not in a or key not in b:
                 yield f"{where}/{key}: only in {'the second' if key not in a else 'the first'} folder"
                 continue
-            yield from _differences(a[key], b[key], f"{where}/{key}", tolerance)
+            yield from _differences(a[key], b[key], f"{where}/{key}", tolerance, absolute)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             yield f"{where}: {len(a)} vs {len(b)} items"
         else:
             for i, (x, y) in enumerate(zip(a, b)):
-                yield from _differences(x, y, f"{where}[{i}]", tolerance)
+                yield from _differences(x, y, f"{where}[{i}]", tolerance, absolute)
     elif isinstance(a, float) and isinstance(b, float):
-        if not (a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tolerance * max(abs(a), abs(b))):
+        if not (a == b or (math.isnan(a) and math.isnan(b))
+                or abs(a - b) <= max(tolerance * max(abs(a), abs(b)), absolute)):
             yield f"{where}: {a!r} vs {b!r}"
     elif isinstance(a, str) and isinstance(b, str) and a.startswith("/") and b.startswith("/"):
         if not _same_path(a, b):
@@ -51,8 +52,10 @@ def _differences(a: Any, b: Any, where: str, tolerance: float) -> Iterator[str]:
         yield f"{where}: {str(a)[:80]!r} vs {str(b)[:80]!r}"
 
 
-def compare_folders(first: Path, second: Path, tolerance: float = 0.0) -> tuple[list[str], list[str]]:
-    """(names of the records compared, differences); a record in only one folder is a difference."""
+def compare_folders(first: Path, second: Path, tolerance: float = 0.0,
+                    absolute: float = 0.0) -> tuple[list[str], list[str]]:
+    """(names of the records compared, differences); a record in only one folder is a difference.
+    Two numbers agree when equal, or within ``tolerance`` relative or ``absolute``."""
     names_a = {p.name for p in Path(first).glob("records/*.json")}
     names_b = {p.name for p in Path(second).glob("records/*.json")}
     diffs = [f"{name}: only in {first if name in names_a else second}" for name in sorted(names_a ^ names_b)]
@@ -62,5 +65,5 @@ def compare_folders(first: Path, second: Path, tolerance: float = 0.0) -> tuple[
         if a is None or b is None:
             diffs.append(f"{name}: unreadable in {'the first' if a is None else 'the second'} folder")
             continue
-        diffs.extend(f"{name}{d}" for d in _differences(a, b, "", tolerance))
+        diffs.extend(f"{name}{d}" for d in _differences(a, b, "", tolerance, absolute))
     return both, diffs

@@ -1,37 +1,181 @@
 """The grid: every (task, method, size, seed) is one run that writes one record. Reruns skip
-finished runs; a failing run is recorded with its error and the grid goes on. An executor decides
-where the runs execute (this process today)."""
+finished runs; a failing run is recorded with its error and the grid goes on.
+
+An executor decides where the runs execute: this process (:class:`InProcessExecutor`), N worker
+processes on this machine, each with its own device or share of CPU threads
+(:class:`LocalPoolExecutor`), or a Slurm job array (:mod:`benchmark.run.slurm`). Every one of them
+runs a :class:`GridJob`, a picklable recipe that rebuilds the grid's shared context in the process
+that runs it, so each run writes the same record wherever it runs."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
 from benchmark.run.records import library_versions, read_record, write_record
-from metrics.cost import device_name
-
 from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
+from benchmark.run.status import running_marker, write_grid_plan
+from metrics.cost import device_name
 
 
-# ---- executors and the grid ------------------------------------------------------------
+# ---- one run, anywhere ------------------------------------------------------------------
+
+
+def run_and_record(spec: RunSpec, ctx: RunContext) -> dict:
+    """Run ``spec`` and write its record (``ok`` or ``failed`` with the error); returns the record."""
+    base_record = {
+        "task": spec.task, "method": spec.method, "size": spec.size, "seed": spec.seed,
+        "profile": ctx.profile.name, "config_hash": ctx.config_hash(spec),
+        "versions": library_versions(), "device": device_name(ctx.device),
+        "data": ctx.data.identity, "record_version": 1,
+    }
+    started = time.time()
+    with running_marker(ctx.run_dir(spec)):
+        try:
+            record = {**base_record, **execute_run(spec, ctx), "status": "ok"}
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # a failing run is recorded and the grid goes on
+            record = {**base_record, "status": "failed", "error": f"{type(err).__name__}: {err}",
+                      "traceback": traceback.format_exc()}
+        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        record["elapsed_seconds"] = time.time() - started
+        write_record(ctx.record_path(spec), record)
+    return record
+
+
+def is_done(spec: RunSpec, ctx: RunContext) -> bool:
+    record = read_record(ctx.record_path(spec))
+    return bool(record) and record.get("status") == "ok" and record.get("config_hash") == ctx.config_hash(spec)
+
+
+# The context each worker process built, by the job's identity: a worker that runs several runs
+# loads the base model, the data and the judges once.
+_CONTEXTS: dict[str, RunContext] = {}
+_WORKER_DEVICE: str | None = None  # set in a LocalPoolExecutor worker: the device it was given
+
+
+@dataclass
+class GridJob:
+    """What a process needs to run any spec of one grid: the profile (as data), the folders, the
+    device and the plugins to import. Picklable (sent to worker processes and Slurm jobs); calling
+    it runs one spec and returns its record. Built from this process's context, it reuses that
+    context instead of building another."""
+
+    profile: dict
+    out_dir: str
+    cache_dir: str
+    weights_dir: str | None = None
+    manifest: str | None = None
+    device: str | None = None
+    plugins: tuple[str, ...] = ()
+    progress: bool = False
+    _local: RunContext | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_context(cls, ctx: RunContext, plugins: Sequence[str] = ()) -> "GridJob":
+        return cls(profile=ctx.profile.to_dict(), out_dir=str(ctx.out_dir), cache_dir=str(ctx.cache_dir),
+                   weights_dir=str(ctx.weights_dir) if ctx.weights_dir else None,
+                   manifest=str(ctx.manifest) if ctx.manifest else None, device=ctx.device,
+                   plugins=tuple(plugins), progress=ctx.progress, _local=ctx)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_local"] = None  # a context holds networks and open data: rebuilt where the job runs
+        return state
+
+    def identity(self) -> str:
+        return json.dumps({k: v for k, v in self.__getstate__().items() if k != "_local"}, sort_keys=True, default=str)
+
+    def context(self) -> RunContext:
+        if self._local is not None:
+            return self._local
+        key = self.identity()
+        if key not in _CONTEXTS:
+            from benchmark.profiles import Profile
+            from methods.registry import load_plugin
+
+            for module in self.plugins:
+                load_plugin(module)
+            _CONTEXTS[key] = RunContext(Profile(self.profile), Path(self.out_dir), Path(self.cache_dir),
+                                        self.weights_dir, Path(self.manifest) if self.manifest else None,
+                                        _WORKER_DEVICE or self.device, progress=self.progress)
+        return _CONTEXTS[key]
+
+    def __call__(self, spec: RunSpec) -> dict:
+        return run_and_record(spec, self.context())
+
+
+# ---- executors -------------------------------------------------------------------------------
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable[[RunSpec], dict], specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, dict]]:
-        """Apply fn to every spec (in any order, anywhere) and yield (spec, record)."""
+    def map(self, job: GridJob, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, dict]]:
+        """Run ``job`` on every spec (in any order, anywhere) and yield (spec, record)."""
 
 
 class InProcessExecutor:
-    """Runs one after another in this process. A cluster executor would submit fn(spec) as jobs."""
+    """One run after another in this process."""
 
-    def map(self, fn, specs):
+    def map(self, job, specs):
         for spec in specs:
-            yield spec, fn(spec)
+            yield spec, job(spec)
+
+
+def _start_worker(devices, threads: int) -> None:
+    """A LocalPoolExecutor worker: take a device, and a share of the CPU threads."""
+    global _WORKER_DEVICE
+    import torch
+
+    _WORKER_DEVICE = devices.get()
+    torch.set_num_threads(threads)
+
+
+class LocalPoolExecutor:
+    """``jobs`` runs at once on this machine, each in its own process: with ``devices``
+    (e.g. ``["cuda:0", "cuda:1"]``) each process takes one (round robin when there are fewer devices
+    than jobs); on CPU each process gets ``cpu_count // jobs`` threads. A run whose process dies
+    (killed, out of memory) is reported failed; a rerun resumes it from its checkpoint."""
+
+    def __init__(self, jobs: int, devices: Sequence[str] = ()):
+        if jobs < 1:
+            raise ValueError(f"--jobs must be at least 1, got {jobs}")
+        self.jobs = int(jobs)
+        self.devices = list(devices)
+        self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
+
+    def map(self, job, specs):
+        if not specs:
+            return
+        context = get_context("spawn")  # torch and CUDA are not safe to fork
+        devices = context.Queue()
+        for i in range(self.jobs):
+            devices.put(self.devices[i % len(self.devices)] if self.devices else None)
+        worker_job = GridJob(**{**job.__getstate__(), "progress": False})  # workers' bars would interleave
+        with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_start_worker,
+                                 initargs=(devices, self.threads)) as pool:
+            futures = {pool.submit(worker_job, spec): spec for spec in specs}
+            for future in as_completed(futures):
+                spec = futures[future]
+                try:
+                    record = future.result()
+                except Exception as err:  # the worker process died: its run wrote no record
+                    record = {"status": "failed", "error": f"its worker process ended ({type(err).__name__}: "
+                                                          f"{err}); rerun the grid to resume it from its checkpoint"}
+                yield spec, record
+
+
+# ---- the grid ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -51,44 +195,25 @@ class GridSummary:
         return text
 
 
-def run_and_record(spec: RunSpec, ctx: RunContext) -> dict:
-    base_record = {
-        "task": spec.task, "method": spec.method, "size": spec.size, "seed": spec.seed,
-        "profile": ctx.profile.name, "config_hash": ctx.config_hash(spec),
-        "versions": library_versions(), "device": device_name(ctx.device),
-        "data": ctx.data.identity, "record_version": 1,
-    }
-    started = time.time()
-    try:
-        record = {**base_record, **execute_run(spec, ctx), "status": "ok"}
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # a failing run is recorded and the grid goes on
-        record = {**base_record, "status": "failed", "error": f"{type(err).__name__}: {err}",
-                  "traceback": traceback.format_exc()}
-    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    record["elapsed_seconds"] = time.time() - started
-    write_record(ctx.record_path(spec), record)
-    return record
-
-
-def is_done(spec: RunSpec, ctx: RunContext) -> bool:
-    record = read_record(ctx.record_path(spec))
-    return bool(record) and record.get("status") == "ok" and record.get("config_hash") == ctx.config_hash(spec)
+def pending_runs(specs: Iterable[RunSpec], ctx: RunContext, force: bool = False) -> list[RunSpec]:
+    """The specs still to run (all with ``force``); the grid's plan is written for ``status``."""
+    specs = list(specs)
+    write_grid_plan(ctx.out_dir, specs)
+    return [s for s in specs if force or not is_done(s, ctx)]
 
 
 def run_grid(specs: Iterable[RunSpec], ctx: RunContext, executor: Executor | None = None,
-             force: bool = False) -> GridSummary:
+             force: bool = False, plugins: Sequence[str] = ()) -> GridSummary:
     specs = list(specs)
-    todo = [s for s in specs if force or not is_done(s, ctx)]
+    todo = pending_runs(specs, ctx, force)
     skipped = [s.name for s in specs if s not in todo]
     summary = GridSummary(done=[], skipped=skipped, failed=[])
     executor = executor or InProcessExecutor()
-    for spec, record in tqdm(executor.map(lambda s: run_and_record(s, ctx), todo), total=len(todo),
-                             desc="grid", disable=not ctx.progress):
+    job = GridJob.from_context(ctx, plugins)
+    for spec, record in tqdm(executor.map(job, todo), total=len(todo), desc="grid", disable=not ctx.progress):
         if record["status"] == "ok":
             summary.done.append(spec.name)
         else:
             summary.failed.append((spec.name, record["error"]))
-            tqdm.write(f"run {spec.name} failed: {record['error']}")
+            tqdm.write(f"run {spec.name} failed: {record['error'].splitlines()[0]}")
     return summary

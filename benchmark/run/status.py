@@ -1,24 +1,72 @@
-"""What a results folder holds, run by run: done, failed (with the error's first line), or started
-and not finished (interrupted or still running, with the step of its last checkpoint)."""
+"""What a results folder holds, run by run: done, failed (with the error's first line), running
+(with the step of its last checkpoint), interrupted, or pending (planned and not started).
+
+The grid writes its plan (``grid.json``: every run it was asked for) and each run, while it runs,
+a marker (``runs/<name>/running.json``: host, process, Slurm job); so a folder that jobs on many
+machines write into can be read at any time."""
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from benchmark.run.records import iter_records
+from core.files import atomic_json, file_lock
 
 CHECKPOINT = "checkpoint.pt"
+PLAN = "grid.json"
+RUNNING = "running.json"
+STATES = ("done", "failed", "running", "interrupted", "pending")
 
 
 @dataclass(frozen=True)
 class RunStatus:
     name: str
-    state: str          # done | failed | started
+    state: str          # one of STATES
     detail: str = ""
+
+
+# ---- written by the grid and by each run ------------------------------------------------------
+
+
+def write_grid_plan(out: Path, specs: Sequence) -> None:
+    """Add the grid's runs to the folder's plan (several invocations, or jobs, may add to it)."""
+    path = Path(out) / PLAN
+    with file_lock(path.with_suffix(".lock")):
+        plan = json.loads(path.read_text()) if path.is_file() else {}
+        plan.update({s.name: {**s.identity(), "kind": s.kind.value} for s in specs})
+        atomic_json(path, plan, indent=1, sort_keys=True)
+
+
+def _slurm_job() -> str | None:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+@contextmanager
+def running_marker(run_dir: Path) -> Iterator[None]:
+    """``running.json`` in the run's folder while the block runs; left behind if the process is killed."""
+    path = Path(run_dir) / RUNNING
+    atomic_json(path, {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": _slurm_job(),
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# ---- read by `status` -------------------------------------------------------------------------
 
 
 def _checkpoint_step(path: Path) -> str:
     """The step of a run's checkpoint, read without building the method (or why it cannot be read)."""
+    if not path.is_file():
+        return "no checkpoint yet"
     import torch
 
     try:
@@ -28,8 +76,38 @@ def _checkpoint_step(path: Path) -> str:
     return f"last checkpoint at step {state.get('step', '?')}" if isinstance(state, dict) else "checkpoint"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _in_progress(run_dir: Path) -> RunStatus | None:
+    """running (its marker names a live process, or another machine's) or interrupted; None if never started."""
+    marker = run_dir / RUNNING
+    step = _checkpoint_step(run_dir / CHECKPOINT)
+    if marker.is_file():
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            info = {}
+        where = f"{info.get('host', '?')} pid {info.get('pid', '?')}" + (
+            f", Slurm job {info['slurm_job']}" if info.get("slurm_job") else "")
+        if info.get("host") != socket.gethostname() or _alive(int(info.get("pid", -1))):
+            return RunStatus(run_dir.name, "running", f"{step} (on {where}, since {info.get('started', '?')})")
+        return RunStatus(run_dir.name, "interrupted", f"{step} (its process {where} has ended; rerun to resume)")
+    if run_dir.is_dir():
+        return RunStatus(run_dir.name, "interrupted", f"{step}; rerun to resume")
+    return None
+
+
 def folder_status(out: Path) -> list[RunStatus]:
-    """One entry per run that has a record or a run folder under ``out``, sorted by name."""
+    """One entry per run that is planned, has a record or has a run folder under ``out``, by name."""
+    out = Path(out)
     found: dict[str, RunStatus] = {}
     for record in iter_records(out):
         name = _name(record)
@@ -38,11 +116,17 @@ def folder_status(out: Path) -> list[RunStatus]:
         else:
             first = str(record.get("error", "")).splitlines()[0][:160] if record.get("error") else ""
             found[name] = RunStatus(name, "failed", first)
-    for run_dir in sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []:
-        if run_dir.is_dir() and run_dir.name not in found:
-            ckpt = run_dir / CHECKPOINT
-            found[run_dir.name] = RunStatus(run_dir.name, "started",
-                                            _checkpoint_step(ckpt) if ckpt.is_file() else "no checkpoint yet")
+    runs = out / "runs"
+    for run_dir in sorted(runs.glob("*")) if runs.is_dir() else []:
+        if not run_dir.is_dir():
+            continue
+        if (run_dir / RUNNING).is_file() or run_dir.name not in found:  # a rerun in progress counts too
+            state = _in_progress(run_dir)
+            if state is not None and (state.state == "running" or run_dir.name not in found):
+                found[run_dir.name] = state
+    plan = out / PLAN
+    for name in json.loads(plan.read_text()) if plan.is_file() else {}:
+        found.setdefault(name, RunStatus(name, "pending", "not started"))
     return [found[k] for k in sorted(found)]
 
 
@@ -54,9 +138,8 @@ def _name(record: dict) -> str:
 def status_lines(runs: list[RunStatus]) -> list[str]:
     if not runs:
         return ["no runs in this folder yet"]
-    counts = {s: sum(r.state == s for r in runs) for s in ("done", "failed", "started")}
+    counts = {s: sum(r.state == s for r in runs) for s in STATES}
     width = max(len(r.name) for r in runs)
-    lines = [f"{r.name:<{width}}  {r.state:<7}  {r.detail}".rstrip() for r in runs]
-    lines.append(f"{len(runs)} runs: {counts['done']} done, {counts['failed']} failed, "
-                 f"{counts['started']} started and not finished (interrupted, or running now)")
+    lines = [f"{r.name:<{width}}  {r.state:<11}  {r.detail}".rstrip() for r in runs]
+    lines.append(f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in STATES))
     return lines

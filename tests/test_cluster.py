@@ -1,0 +1,259 @@
+"""The grid handed to other processes: a Slurm job array through submitit (its local executor stands
+in for the cluster, the same code path up to sbatch), a pool of local worker processes, the caches
+they share, and what `status` reports. Tiny overrides keep every run to seconds; the bookkeeping is
+what is tested."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.profiles import load_profile
+from benchmark.report.compare import compare_folders
+from benchmark.run.executors import LocalPoolExecutor, run_grid
+from benchmark.run.grid import GridError
+from benchmark.run.records import iter_records, read_record
+from benchmark.run.slurm import SlurmExecutor, SlurmSettings, parse_sbatch_options
+from benchmark.run.spec import RunContext, RunSpec
+from benchmark.run.status import folder_status, status_lines
+from methods.registry import load_plugin
+from tests.paths import EXAMPLE_PLUGIN, ROOT
+from tests.test_runner import TINY, run_cli
+
+GRID = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift", "--sizes", "2,4", "--seeds", "0,1",
+        "--no-validation"]  # 4 method runs, beside the three reference rows of each seed
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cluster-cache")
+
+
+@pytest.fixture(scope="module")
+def in_process(cache, tmp_path_factory):
+    """The grid run in one process, one run after another: what every executor must reproduce."""
+    out = tmp_path_factory.mktemp("in-process")
+    started = time.perf_counter()
+    proc = run_cli(GRID, cache, out)
+    log = proc.communicate()[0]
+    assert proc.returncode == 0, log
+    return out, time.perf_counter() - started
+
+
+def _context(out, cache, overrides=()):
+    load_plugin(str(EXAMPLE_PLUGIN))
+    return RunContext(load_profile("smoke", [*TINY, *overrides]), out, cache, progress=False)
+
+
+def test_local_jobs_2_writes_the_same_records_as_jobs_1(in_process, cache, tmp_path):
+    reference, seconds_one = in_process
+    out = tmp_path / "jobs2"
+    started = time.perf_counter()
+    proc = run_cli([*GRID, "--jobs", "2"], cache, out)
+    log = proc.communicate()[0]
+    seconds_two = time.perf_counter() - started
+    assert proc.returncode == 0, log
+    # Each of the 2 workers computes with 1 CPU thread where the single process used 2: CPU kernels
+    # then sum in another order, so numbers agree to float rounding, not bit for bit.
+    both, diffs = compare_folders(reference, out, tolerance=1e-5, absolute=1e-6)
+    assert len(both) == 10 and not diffs, diffs
+    print(f"10-run grid: --jobs 1 {seconds_one:.0f} s, --jobs 2 {seconds_two:.0f} s (wall, warm cache)")
+
+
+def test_submitit_runs_give_the_same_records_as_the_in_process_runner(in_process, cache, tmp_path):
+    reference, _ = in_process
+    out = tmp_path / "submitit"
+    specs = [RunSpec.of("lv", "residual_shift", 2, 0), RunSpec.of("lv", "residual_shift", 4, 1)]
+    executor = SlurmExecutor(SlurmSettings(time_min=30), out / "slurm", cluster="local")
+    summary = run_grid(specs, _context(out, cache), executor, plugins=[str(EXAMPLE_PLUGIN)])
+    assert summary.ok and sorted(summary.done) == sorted(s.name for s in specs), summary.line()
+    # the same two records in the in-process folder, field by field apart from timings
+    only_two = tmp_path / "reference-two"
+    (only_two / "records").mkdir(parents=True)
+    for spec in specs:
+        shutil.copy(reference / "records" / f"{spec.name}.json", only_two / "records")
+    both, diffs = compare_folders(only_two, out)
+    assert len(both) == 2 and not diffs, diffs
+
+
+def test_a_task_signalled_mid_training_is_requeued_and_resumes_from_its_checkpoint(cache, tmp_path):
+    """What Slurm does at a time limit or a preemption (USR2 to the task), done by hand: submitit
+    requeues the task and the run continues from its last checkpoint, not from step 0."""
+    out = tmp_path / "requeue"
+    longer = ["training.steps=40", "training.checkpoint_every=4"]
+    spec = RunSpec.of("lv", "residual_shift", 2, 0)
+    ctx = _context(out, cache, longer)
+    executor = SlurmExecutor(SlurmSettings(time_min=30, max_requeue=2), out / "slurm", cluster="local")
+    from benchmark.run.executors import GridJob
+
+    [task] = executor.submit(GridJob.from_context(ctx, [str(EXAMPLE_PLUGIN)]), [spec])
+    run_dir, step = ctx.run_dir(spec), 0
+    deadline = time.time() + 600
+    while time.time() < deadline and not task.done():
+        if (run_dir / "checkpoint.pt").is_file() and (run_dir / "running.json").is_file():
+            step = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["step"])
+            if step >= 8:
+                os.kill(json.loads((run_dir / "running.json").read_text())["pid"], signal.SIGUSR2)
+                break
+        time.sleep(0.1)
+    assert 8 <= step < 40, f"the run finished (or never checkpointed) before it could be signalled; step {step}"
+    record = task.result()
+    assert record["status"] == "ok", record.get("error")
+    assert record["training"]["steps"] == 40
+    assert record["training"]["resumed_from"] >= step  # no finished step was redone
+    logs = "".join(p.read_text() for p in (out / "slurm").rglob("*_log.*"))
+    assert "Requeued" in logs or "requeue" in logs.lower(), logs[-2000:]
+
+
+def test_three_processes_on_a_cold_cache_pretrain_the_base_model_once(tmp_path):
+    cache = tmp_path / "cold-cache"
+    procs = []
+    for seed in range(3):
+        out = tmp_path / f"out{seed}"
+        cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--profile", "smoke", "--cache-dir", str(cache),
+               "--out", str(out), *sum((["--override", o] for o in TINY), []), "--plugin", str(EXAMPLE_PLUGIN),
+               "--methods", "residual_shift", "--sizes", "2", "--seeds", str(seed), "--no-validation"]
+        procs.append((out, subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    logs = []
+    for out, proc in procs:
+        logs.append(proc.communicate(timeout=900)[0])
+        assert proc.returncode == 0, logs[-1][-3000:]
+        records = list(iter_records(out))
+        assert len(records) == 4 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    pretrained = [log for log in logs if "base model: ready in" in log]
+    assert len(pretrained) == 1, f"{len(pretrained)} processes pretrained the base model"
+    assert sum("base model: loaded from" in log for log in logs) == 2
+    # the latent cache holds every training subject once, encoded by whichever process came first
+    [latents] = (cache / "latents").glob("*.pt")
+    assert len(torch.load(latents, map_location="cpu")) >= 2
+
+
+class _CountingBase:
+    """Stands in for the frozen model: counts the volumes it encodes."""
+
+    def __init__(self):
+        self.encoded = 0
+        self.lock = threading.Lock()
+
+    def encode(self, images):
+        time.sleep(0.05)  # long enough for the threads to overlap
+        with self.lock:
+            self.encoded += len(images)
+        mean = images.mean(dim=(1, 2, 3, 4), keepdim=True)[:, :, :2, :2, :2].expand(-1, 3, 2, 2, 2)
+        return mean, torch.ones_like(mean)
+
+
+def test_latent_cache_shared_by_concurrent_users_loses_nothing_and_encodes_once(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmark.engine.latents import LatentCache
+
+    rng = np.random.default_rng(0)
+    subjects = [SimpleNamespace(id=f"s{i}", image=rng.random((1, 4, 4, 4), dtype=np.float32)) for i in range(12)]
+    path = tmp_path / "latents.pt"
+    base = _CountingBase()
+    groups = [subjects[:8], subjects[4:], subjects[2:10]]  # overlapping sets, as nested training sets are
+    results, errors = {}, []
+
+    def use(k):
+        try:
+            results[k] = LatentCache(base, path, batch_size=4).get(groups[k], progress=False)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=use, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert base.encoded == 2 * len(subjects)  # every subject once, plain and mirrored
+    stored = torch.load(path, map_location="cpu")
+    assert sorted(stored) == sorted(s.id for s in subjects)
+    fresh = LatentCache(base, path).get(subjects, progress=False)
+    for k, group in enumerate(groups):
+        index = [subjects.index(s) for s in group]
+        assert torch.equal(results[k], fresh[index])
+
+
+def test_slurm_settings_become_the_sbatch_script(tmp_path, monkeypatch):
+    """As far as it goes without a cluster: submitit's own sbatch text for the settings the flags give."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("sbatch", "srun"):
+        (fake / tool).write_text("#!/bin/sh\nexit 0\n")
+        (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    settings = SlurmSettings(partition="gpu", gpus_per_run=2, cpus_per_run=16, mem_gb=128, time_min=2880,
+                             max_requeue=5, array_parallelism=10,
+                             sbatch=parse_sbatch_options(["account=mylab", "--qos=high"]))
+    executor = SlurmExecutor(settings, tmp_path / "slurm").executor()
+    script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit X", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=16", "--mem=128GB", "--time=2880",
+                 "--account=mylab", "--qos=high", "--signal=USR2@", "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}" in script, script
+    assert executor._executor.max_num_timeout == 5
+    assert executor._executor.parameters["array_parallelism"] == 10
+
+
+def test_slurm_without_sbatch_or_submitit_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    with pytest.raises(GridError, match="sbatch and srun.*login node.*--executor local"):
+        SlurmExecutor(SlurmSettings(), tmp_path / "slurm")
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    with pytest.raises(GridError, match=r"pip install '\.\[cluster\]'"):
+        SlurmExecutor(SlurmSettings(), tmp_path / "slurm", cluster="local")
+    with pytest.raises(GridError, match="NAME=VALUE"):
+        parse_sbatch_options(["account"])
+    with pytest.raises(GridError, match="time_min"):
+        SlurmSettings(time_min=0)
+
+
+def test_cli_slurm_without_sbatch_stops_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)}
+    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--profile", "smoke", "--executor", "slurm",
+           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "sbatch" in proc.stderr and "--executor local" in proc.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+def test_local_pool_rejects_impossible_settings():
+    with pytest.raises(ValueError, match="--jobs"):
+        LocalPoolExecutor(0)
+
+
+def test_status_lists_done_failed_running_interrupted_and_pending(tmp_path):
+    from benchmark.run.status import write_grid_plan
+    from core.files import atomic_json
+
+    specs = [RunSpec.of("lv", "vcm", n, 0) for n in (10, 20, 30, 40, 50)]
+    write_grid_plan(tmp_path, specs)
+    for spec, status in ((specs[0], "ok"), (specs[1], "failed")):
+        atomic_json(tmp_path / "records" / f"{spec.name}.json",
+                    {**spec.identity(), "status": status, "error": "RuntimeError: out of memory\nmore", "elapsed_seconds": 3})
+    running, interrupted = tmp_path / "runs" / specs[2].name, tmp_path / "runs" / specs[3].name
+    for run_dir, pid in ((running, os.getpid()), (interrupted, 2**22 + 12345)):
+        run_dir.mkdir(parents=True)
+        torch.save({"step": 7}, run_dir / "checkpoint.pt")
+        import socket
+
+        (run_dir / "running.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    states = {r.name: (r.state, r.detail) for r in folder_status(tmp_path)}
+    assert states[specs[0].name][0] == "done"
+    assert states[specs[1].name] == ("failed", "RuntimeError: out of memory")
+    assert states[specs[2].name][0] == "running" and "step 7" in states[specs[2].name][1]
+    assert states[specs[3].name][0] == "interrupted" and "step 7" in states[specs[3].name][1]
+    assert states[specs[4].name] == ("pending", "not started")
+    assert status_lines(folder_status(tmp_path))[-1] == "5 runs: 1 done, 1 failed, 1 running, 1 interrupted, 1 pending"
+    assert read_record(tmp_path / "records" / f"{specs[0].name}.json")["status"] == "ok"
