@@ -28,8 +28,9 @@ from methods.registry import load_plugin
 from tests.paths import EXAMPLE_PLUGIN, ROOT
 from tests.test_runner import TINY, run_cli
 
+NO_PROBE = ["probe.enabled=false"]  # the control probe at every checkpoint is most of a tiny run's time
 GRID = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift", "--sizes", "2,4", "--seeds", "0,1",
-        "--no-validation"]  # 4 method runs, beside the three reference rows of each seed
+        "--no-validation", "--override", NO_PROBE[0]]  # 4 method runs, beside the three reference rows of each seed
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def in_process(cache, tmp_path_factory):
 
 def _context(out, cache, overrides=()):
     load_plugin(str(EXAMPLE_PLUGIN))
-    return RunContext(load_profile("smoke", [*TINY, *overrides]), out, cache, progress=False)
+    return RunContext(load_profile("smoke", [*TINY, *NO_PROBE, *overrides]), out, cache, progress=False)
 
 
 def test_local_jobs_2_writes_the_same_records_as_jobs_1(in_process, cache, tmp_path):
@@ -119,7 +120,7 @@ def test_three_processes_on_a_cold_cache_pretrain_the_base_model_once(tmp_path):
     for seed in range(3):
         out = tmp_path / f"out{seed}"
         cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--profile", "smoke", "--cache-dir", str(cache),
-               "--out", str(out), *sum((["--override", o] for o in TINY), []), "--plugin", str(EXAMPLE_PLUGIN),
+               "--out", str(out), *sum((["--override", o] for o in TINY + NO_PROBE), []), "--plugin", str(EXAMPLE_PLUGIN),
                "--methods", "residual_shift", "--sizes", "2", "--seeds", str(seed), "--no-validation"]
         procs.append((out, subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
@@ -226,6 +227,33 @@ def test_cli_slurm_without_sbatch_stops_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "sbatch" in proc.stderr and "--executor local" in proc.stderr
     assert not (tmp_path / "cache").exists()  # nothing was built
+
+
+KILLER_PLUGIN = """
+import os
+from methods.base import Method
+from methods.registry import register
+
+
+@register("kills_its_process", tasks=("lv",))
+class KillsItsProcess(Method):
+    def __init__(self, base, condition_channels, config):
+        os._exit(3)  # as the out-of-memory killer would
+"""
+
+
+def test_a_run_whose_process_dies_fails_alone(in_process, cache, tmp_path):
+    plugin = tmp_path / "killer.py"
+    plugin.write_text(KILLER_PLUGIN)
+    load_plugin(str(plugin))
+    out = tmp_path / "pool"
+    specs = [RunSpec.of("lv", "kills_its_process", 2, 0), RunSpec.of("lv", "residual_shift", 2, 0)]
+    summary = run_grid(specs, _context(out, cache), LocalPoolExecutor(2), plugins=[str(EXAMPLE_PLUGIN), str(plugin)])
+    assert summary.done == [specs[1].name]
+    [(name, error)] = summary.failed
+    assert name == specs[0].name and "exit code 3" in error and "rerun" in error
+    states = {r.name: r.state for r in folder_status(out)}
+    assert states == {specs[0].name: "interrupted", specs[1].name: "done"}
 
 
 def test_local_pool_rejects_impossible_settings():

@@ -78,7 +78,6 @@ class BaseLDM(nn.Module):
         unet_config: Mapping[str, Any],
         sched_config: Mapping[str, Any],
         scale_factor: float = 1.0,
-        latent_shift: Sequence[float] | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -88,13 +87,6 @@ class BaseLDM(nn.Module):
         self.autoencoder = AutoencoderKL(**self.ae_config)
         self.diffusion = DiffusionModelUNet(**self.diffusion_config)
         self.register_buffer("_scale_factor", torch.tensor(float(scale_factor)))
-        # Per-channel mean of the pretraining latents, subtracted before scaling (zero: BrainLDM, and
-        # the profiles without diffusion.centre_latents). Why: docs/BASE_MODELS.md, "Centred latents".
-        channels = int(self.ae_config["latent_channels"])
-        shift = torch.zeros(channels) if latent_shift is None else torch.as_tensor(latent_shift, dtype=torch.float32)
-        if shift.shape != (channels,):
-            raise ValueError(f"latent_shift needs one value per latent channel ({channels}), got shape {tuple(shift.shape)}")
-        self.register_buffer("_latent_shift", shift.clone())
         self.train_scheduler = DDPMScheduler(**self.sched_config)
         self.compression = 2 ** (len(self.ae_config["channels"]) - 1)
         bad = [s for s in self.image_shape if s % self.compression]
@@ -127,29 +119,12 @@ class BaseLDM(nn.Module):
     def scale_factor(self, value: float) -> None:
         self._scale_factor.fill_(float(value))
 
-    @property
-    def latent_shift(self) -> torch.Tensor:
-        return self._latent_shift
-
-    @latent_shift.setter
-    def latent_shift(self, value) -> None:
-        self._latent_shift.copy_(torch.as_tensor(value, dtype=torch.float32))
-
-    def _shift(self, like: torch.Tensor) -> torch.Tensor:
-        return self._latent_shift.to(like.dtype).view(1, -1, *([1] * (like.ndim - 2)))
-
     def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, sigma = self.autoencoder.encode(image)
-        return (mu - self._shift(mu)) * self.scale_factor, sigma * self.scale_factor
+        return mu * self.scale_factor, sigma * self.scale_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(z / self.scale_factor + self._shift(z))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As ``nn.Module``'s; a state dict saved before latents could be centred has no shift: zero."""
-        if "_latent_shift" not in state_dict:
-            state_dict = {**state_dict, "_latent_shift": torch.zeros_like(self._latent_shift)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return self.autoencoder.decode(z / self.scale_factor)
 
     def unet_input(self, z_t: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
         spatial = scalars.view(scalars.shape[0], -1, 1, 1, 1).expand(-1, -1, *z_t.shape[2:])

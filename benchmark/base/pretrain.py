@@ -103,20 +103,6 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
-def latent_normalisation(latents: dict[str, torch.Tensor], seed: int, centre: bool) -> tuple[torch.Tensor, float]:
-    """(per-channel shift, scale factor) that map the pretraining latents to mean 0 (when ``centre``)
-    and standard deviation 1, as the diffusion model sees them. Without ``centre`` the shift is zero
-    and the scale is stage 2's (1 / std of the uncentred latents: BrainLDM's convention). The latents
-    are the posterior samples stage 2 drew for its scale factor (same seed)."""
-    mu, sigma = latents["mu"], latents["sigma"]
-    if not centre:
-        return torch.zeros(mu.shape[1]), float(latents["scale_factor"])
-    gen = torch.Generator().manual_seed(seed + SEED_OFFSETS["latents"])
-    z = mu + sigma * torch.randn(mu.shape, generator=gen)
-    shift = z.mean(dim=(0, 2, 3, 4))
-    return shift, 1.0 / float((z - shift.view(1, -1, 1, 1, 1)).std())
-
-
 class _Pretrainer:
     def __init__(self, profile, cache_dir, device, progress: bool, callback: StepCallback | None):
         self.profile = profile
@@ -143,8 +129,7 @@ class _Pretrainer:
         base = BaseLDM.from_profile(self.profile).to(self.device)
         with file_lock(self.ae_dir / "lock"):
             latents = self._autoencoder_and_latents(base)
-        base.latent_shift, base.scale_factor = latent_normalisation(
-            latents, self.seed, centre=bool(self.profile.diffusion.get("centre_latents", False)))
+        base.scale_factor = float(latents["scale_factor"])
         diffusion_summary = self._train_diffusion(base, latents)
 
         state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
@@ -153,7 +138,6 @@ class _Pretrainer:
         summary = {**_read_json(self.ae_dir / "summary.json"), "diffusion": diffusion_summary,
                    "seconds_this_call": round(time.time() - t_start, 1),
                    "parameters": base.num_parameters(), "scale_factor": base.scale_factor,
-                   "latent_shift": [round(float(v), 6) for v in base.latent_shift],
                    "autoencoder_dir": str(self.ae_dir)}
         atomic_json(self.out / "summary.json", summary, indent=2)
         atomic_write_text(self.out / "done", "pretraining finished\n")
@@ -280,8 +264,7 @@ class _Pretrainer:
         mu = latents["mu"].to(self.device)
         sigma = latents["sigma"].to(self.device)
         scalars = latents["scalars"].to(self.device)
-        sf = base.scale_factor
-        shift = base.latent_shift.to(self.device).view(1, -1, 1, 1, 1)
+        sf = float(latents["scale_factor"])
         batch = int(cfg.batch_size)
         scheduler = base.train_scheduler
         num_t = int(scheduler.num_train_timesteps)
@@ -290,7 +273,7 @@ class _Pretrainer:
         def step_fn(step: int, gen: torch.Generator):
             idx = torch.randint(0, n, (batch,), generator=gen).to(self.device)
             eps = torch.randn((batch, *mu.shape[1:]), generator=gen).to(self.device)
-            z0 = (mu[idx] + sigma[idx] * eps - shift) * sf
+            z0 = (mu[idx] + sigma[idx] * eps) * sf
             noise = torch.randn(z0.shape, generator=gen).to(self.device)
             t = torch.randint(0, num_t, (batch,), generator=gen).to(self.device)
             z_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)

@@ -2,7 +2,7 @@
 
     run       train, sample and score a grid, then write tables, figures and REPORT.md (the default)
     tables    rebuild tables, figures and the report from the records of a results folder
-    status    list the runs of a results folder: done, failed, interrupted (last checkpoint)
+    status    list the runs of a results folder: done, running, failed, interrupted, pending
     compare   are two results folders the same, run for run, apart from timings?
     train     one method, one size: the control probe at every checkpoint, then samples
     pretrain  pretrain (or load) the profile's base model; --eval measures its autoencoder

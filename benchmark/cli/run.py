@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   python run_benchmark.py --task multimodal --profile cpu
   python run_benchmark.py --plugin my_method.py --methods my_method
   python run_benchmark.py tables --out results/cpu              # rebuild tables from records
-  python run_benchmark.py status --out results/cpu              # which runs are done, failed, interrupted
+  python run_benchmark.py status --out results/cpu              # done, running (step), failed, interrupted, pending
   python run_benchmark.py compare results/a results/b           # the same records, apart from timings?
   python run_benchmark.py --profile gpu --executor local --jobs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3
   python run_benchmark.py --profile paper --executor slurm --slurm-partition gpu --slurm-time 2880  # docs/CLUSTER.md
@@ -48,7 +48,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--out", default=None, help="results folder (default results/<profile>)")
     t.set_defaults(func=tables)
 
-    s = sub.add_parser("status", parents=[common], help="list the runs of a results folder")
+    s = sub.add_parser("status", parents=[common], help="list the runs of a results folder: done, running, failed, interrupted, pending")
     s.add_argument("--out", default=None, help="results folder (default results/<profile>)")
     s.set_defaults(func=status)
 

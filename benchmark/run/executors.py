@@ -1,8 +1,8 @@
 """The grid: every (task, method, size, seed) is one run that writes one record. Reruns skip
 finished runs; a failing run is recorded with its error and the grid goes on.
 
-An executor decides where the runs execute: this process (:class:`InProcessExecutor`), N worker
-processes on this machine, each with its own device or share of CPU threads
+An executor decides where the runs execute: this process (:class:`InProcessExecutor`), N processes
+at once on this machine, each with its own device or share of CPU threads
 (:class:`LocalPoolExecutor`), or a Slurm job array (:mod:`benchmark.run.slurm`). Every one of them
 runs a :class:`GridJob`, a picklable recipe that rebuilds the grid's shared context in the process
 that runs it, so each run writes the same record wherever it runs."""
@@ -13,7 +13,6 @@ import json
 import os
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -59,10 +58,10 @@ def is_done(spec: RunSpec, ctx: RunContext) -> bool:
     return bool(record) and record.get("status") == "ok" and record.get("config_hash") == ctx.config_hash(spec)
 
 
-# The context each worker process built, by the job's identity: a worker that runs several runs
+# The context this process built for a job, by the job's identity: a process that runs several runs
 # loads the base model, the data and the judges once.
 _CONTEXTS: dict[str, RunContext] = {}
-_WORKER_DEVICE: str | None = None  # set in a LocalPoolExecutor worker: the device it was given
+_WORKER_DEVICE: str | None = None  # set in a LocalPoolExecutor child: the device of its slot
 
 
 @dataclass
@@ -132,20 +131,23 @@ class InProcessExecutor:
             yield spec, job(spec)
 
 
-def _start_worker(devices, threads: int) -> None:
-    """A LocalPoolExecutor worker: take a device, and a share of the CPU threads."""
+def _run_in_child(job: "GridJob", spec: RunSpec, device: str | None, threads: int, conn) -> None:
+    """A LocalPoolExecutor child process: one run on its device (or share of CPU threads)."""
     global _WORKER_DEVICE
     import torch
 
-    _WORKER_DEVICE = devices.get()
+    _WORKER_DEVICE = device
     torch.set_num_threads(threads)
+    conn.send(job(spec))
+    conn.close()
 
 
 class LocalPoolExecutor:
-    """``jobs`` runs at once on this machine, each in its own process: with ``devices``
-    (e.g. ``["cuda:0", "cuda:1"]``) each process takes one (round robin when there are fewer devices
-    than jobs); on CPU each process gets ``cpu_count // jobs`` threads. A run whose process dies
-    (killed, out of memory) is reported failed; a rerun resumes it from its checkpoint."""
+    """``jobs`` runs at once on this machine, each run in a process of its own: with ``devices``
+    (e.g. ``["cuda:0", "cuda:1"]``) each of the ``jobs`` slots has one (round robin when there are
+    fewer devices than jobs); on CPU each process gets ``cpu_count // jobs`` threads. A run whose
+    process dies (killed, out of memory) is reported failed and the others go on; a rerun resumes it
+    from its checkpoint."""
 
     def __init__(self, jobs: int, devices: Sequence[str] = ()):
         if jobs < 1:
@@ -155,24 +157,42 @@ class LocalPoolExecutor:
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
 
     def map(self, job, specs):
-        if not specs:
-            return
+        from multiprocessing.connection import wait
+
         context = get_context("spawn")  # torch and CUDA are not safe to fork
-        devices = context.Queue()
-        for i in range(self.jobs):
-            devices.put(self.devices[i % len(self.devices)] if self.devices else None)
-        worker_job = GridJob(**{**job.__getstate__(), "progress": False})  # workers' bars would interleave
-        with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_start_worker,
-                                 initargs=(devices, self.threads)) as pool:
-            futures = {pool.submit(worker_job, spec): spec for spec in specs}
-            for future in as_completed(futures):
-                spec = futures[future]
-                try:
-                    record = future.result()
-                except Exception as err:  # the worker process died: its run wrote no record
-                    record = {"status": "failed", "error": f"its worker process ended ({type(err).__name__}: "
-                                                          f"{err}); rerun the grid to resume it from its checkpoint"}
-                yield spec, record
+        child_job = GridJob(**{**job.__getstate__(), "progress": False})  # children's bars would interleave
+        waiting, free = list(specs), list(range(self.jobs))
+        running: dict[int, tuple] = {}  # slot -> (process, spec, receiving end)
+        try:
+            while waiting or running:
+                while waiting and free:
+                    slot, spec = free.pop(0), waiting.pop(0)
+                    device = self.devices[slot % len(self.devices)] if self.devices else None
+                    receive, send = context.Pipe(duplex=False)
+                    process = context.Process(target=_run_in_child, args=(child_job, spec, device, self.threads, send),
+                                              name=f"scb-{spec.name}")
+                    process.start()
+                    send.close()  # the child holds the sending end: EOF here when it dies
+                    running[slot] = (process, spec, receive)
+                wait([entry[2] for entry in running.values()])
+                for slot, (process, spec, receive) in list(running.items()):
+                    if not receive.poll():
+                        continue
+                    try:
+                        record = receive.recv()
+                    except EOFError:  # the process ended without sending its record
+                        process.join()
+                        record = {"status": "failed", "error": f"its process ended with exit code {process.exitcode} "
+                                                              "before writing a record (killed, or out of memory); "
+                                                              "rerun the grid to resume it from its checkpoint"}
+                    process.join()
+                    del running[slot]
+                    free.append(slot)
+                    yield spec, record
+        finally:  # interrupted (Ctrl-C): stop the children too; their runs resume on the next call
+            for process, _, _ in running.values():
+                process.terminate()
+                process.join()
 
 
 # ---- the grid ---------------------------------------------------------------------------------
