@@ -247,6 +247,31 @@ def test_ema_weights_become_the_final_diffusion_model(cache):
         load_base_model(tiny("diffusion.ema_decay=1.0"), cache, progress=False)
 
 
+FINETUNE = ["diffusion_finetune.steps=3", "diffusion_finetune.batch_size=2", "diffusion_finetune.lr=1e-4",
+            "diffusion_finetune.offset_noise=0.1", "diffusion_finetune.checkpoint_every=1", "diffusion_finetune.warmup_steps=0",
+            "diffusion_finetune.ema_decay=0.0"]
+
+
+def test_offset_noise_stage_trains_the_diffusion_model_on_from_the_earlier_stages(cache):
+    from benchmark.base.keys import without_diffusion_finetune
+
+    profile = load_profile("smoke", TINY + ["decoder_finetune.steps=0"] + FINETUNE)
+    start = load_base_model(without_diffusion_finetune(profile), cache, progress=False)
+    calls, callback = recorder()
+    tuned = load_base_model(profile, cache, progress=False, step_callback=callback)
+    assert calls == [("diffusion_finetune", 1), ("diffusion_finetune", 2), ("diffusion_finetune", 3)]  # nothing else
+    assert base_model_hash(profile) != base_model_hash(without_diffusion_finetune(profile))
+    assert states_equal(start.autoencoder, tuned.autoencoder) and tuned.scale_factor == start.scale_factor
+    assert not states_equal(start.diffusion, tuned.diffusion)
+    assert all(not p.requires_grad for p in tuned.parameters())  # frozen, as every base model
+    summary = (base_model_dir(profile, cache) / "summary.json").read_text()
+    assert '"diffusion_finetune"' in summary and '"started_from"' in summary
+    # the offset changes what is learned: the same stage without it ends elsewhere
+    plain = load_base_model(load_profile("smoke", TINY + ["decoder_finetune.steps=0"] + FINETUNE
+                                         + ["diffusion_finetune.offset_noise=0.0"]), cache, progress=False)
+    assert not states_equal(plain.diffusion, tuned.diffusion)
+
+
 def test_no_pretraining_pool_is_a_clear_error(cache):
     with pytest.raises(BaseModelError, match="pretrain_pool"):
         load_base_model(tiny("data.pretrain_pool=0"), cache, progress=False)

@@ -15,7 +15,7 @@ import torch
 from benchmark.base import shipped
 from benchmark.base.model import BaseLDM
 from benchmark.base.keys import (BaseModelError, StepCallback, base_model_dir, base_model_key, base_source,
-                                 decoder_finetune_steps)
+                                 decoder_finetune_steps, diffusion_finetune_steps)
 from core.files import file_lock, sha256_file
 
 
@@ -59,9 +59,11 @@ def load_base_model(
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / "lock"):  # two processes never pretrain the same model at once
         if not (out / "done").is_file():
-            from benchmark.base.pretrain import _DecoderFinetuner, _Pretrainer
+            from benchmark.base.pretrain import _DecoderFinetuner, _DiffusionFinetuner, _Pretrainer
 
-            if decoder_finetune_steps(profile) > 0:
+            if diffusion_finetune_steps(profile) > 0:
+                _DiffusionFinetuner(profile, cache_dir, device, progress, step_callback).run()
+            elif decoder_finetune_steps(profile) > 0:
                 _DecoderFinetuner(profile, cache_dir, device, progress, step_callback).run()
             else:
                 _Pretrainer(profile, cache_dir, device, progress, step_callback).run()

@@ -77,6 +77,8 @@ def base_model_key(profile) -> dict[str, Any]:
            "scheduler": profile.scheduler.to_dict()}
     if decoder_finetune_steps(profile) > 0:
         key["decoder_finetune"] = profile.decoder_finetune.to_dict()
+    if diffusion_finetune_steps(profile) > 0:
+        key["diffusion_finetune"] = profile.diffusion_finetune.to_dict()
     return key
 
 
@@ -85,6 +87,19 @@ def decoder_finetune_steps(profile) -> int:
     section = profile.get("decoder_finetune")
     return int(section.get("steps", 0)) if section is not None else 0
 
+
+
+def diffusion_finetune_steps(profile) -> int:
+    section = profile.get("diffusion_finetune")
+    return int(section.get("steps", 0)) if section is not None else 0
+
+
+def without_diffusion_finetune(profile):
+    """The profile whose base model the offset-noise stage starts from (every earlier stage). Its
+    ``base_weights`` stay the profile's: a shipped model of the earlier stages is a valid start."""
+    from benchmark.profiles import Profile
+
+    return Profile({k: v for k, v in profile.to_dict().items() if k != "diffusion_finetune"})
 
 
 def without_decoder_finetune(profile):

@@ -2,7 +2,7 @@
 *pretraining pool* of the synthetic population only (never the benchmark pool or the test set).
 Where the result is cached and when it is reused: :mod:`benchmark.base.cache`.
 
-Pretraining, in three stages, each trained by the suite's resumable loop (:mod:`core.loop`, atomic
+Pretraining, in stages, each trained by the suite's resumable loop (:mod:`core.loop`, atomic
 checkpoints) so that an interrupted run resumes where it stopped and ends with the same numbers as an
 uninterrupted one (model, optimizer, EMA and random-generator states are saved):
 
@@ -17,8 +17,12 @@ uninterrupted one (model, optimizer, EMA and random-generator states are saved):
    from (mu, sigma) at every step, DDPM noise at uniformly random timesteps, conditioned on the
    four scalars exactly as BrainLDM (``BaseLDM.unet``: broadcast and concatenated to the input, and
    as a cross-attention context).
+4. **Decoder** (``decoder_finetune``, optional): the decoder alone, on latents of the frozen encoder.
+5. **Offset noise** (``diffusion_finetune``, optional): the diffusion model trained on with noise that
+   also varies in its spatial mean (``offset_noise``), so that sampling does not carry the initial
+   noise's mean into the sample.
 
-Both stages use AdamW with a linear warm-up and a cosine decay of the learning rate, gradient
+Every stage uses AdamW with a linear warm-up and a cosine decay of the learning rate, gradient
 clipping at norm 1, and one seeded ``torch.Generator`` (``data.seed``) for every random draw, so
 the same command gives the same weights on the same machine. A ``done`` marker makes a second call
 load instantly.
@@ -40,16 +44,17 @@ from tqdm.auto import tqdm
 from benchmark.base.model import BaseLDM
 from benchmark.base.cache import load_base_model
 from benchmark.base.keys import (BaseModelError, StepCallback, _pretrain_indices, _read_json, autoencoder_dir,
-                                 base_model_dir, base_model_key, without_decoder_finetune)
+                                 base_model_dir, base_model_key, without_decoder_finetune,
+                                 without_diffusion_finetune)
 from core import loop
 from core.files import atomic_json, atomic_torch_save, atomic_write_text, file_lock
 
 # What decides the pretrained weights besides the profile. Changing any of these changes the results
 # (and orphans cached base models: the cache key does not cover them).
 GRAD_CLIP = 1.0  # max norm of the gradient at every pretraining step
-LR_FLOOR = 0.01  # the cosine decay of the learning rate ends at this fraction of it
+LR_FLOOR = 0.01  # the cosine decay of the learning rate ends at this fraction of it (a stage's lr_floor: its own)
 LOG_WEIGHT = 0.02  # a step's weight in the running averages of the logs (the summaries' final_* values)
-SEED_OFFSETS = {"autoencoder": 1, "diffusion": 2, "latents": 3, "decoder_finetune": 4}  # data.seed + offset seeds a stage
+SEED_OFFSETS = {"autoencoder": 1, "diffusion": 2, "latents": 3, "decoder_finetune": 4, "diffusion_finetune": 5}  # data.seed + offset seeds a stage
 
 
 def load_images(profile, cache_dir, indices: Sequence[int], progress: bool = True, desc: str = "data"):
@@ -177,6 +182,13 @@ class _Pretrainer:
         atomic_torch_save(latents, latents_path)
         return latents
 
+    def _start_from(self, start_profile) -> BaseLDM:
+        """A later stage's starting point: the base model of ``start_profile`` (shipped, cached or
+        pretrained first)."""
+        atomic_json(self.out / "config.json", base_model_key(self.profile), indent=2, default=str)
+        return load_base_model(start_profile, self.cache_dir, device=self.device, progress=self.progress,
+                               step_callback=self.callback)
+
     # -- one stage: core.loop's resumable training loop -----------------------------------------------
     def _loop(self, stage: str, module: torch.nn.Module, cfg, ckpt_path: Path, step_fn) -> dict[str, Any]:
         """Train ``module`` for ``cfg.steps`` steps of ``step_fn(step, gen) -> (loss, logs)``,
@@ -198,7 +210,8 @@ class _Pretrainer:
                                      progress=self.progress)
         upgrade_old_checkpoint(ckpt_path)
         r = loop.TrainingLoop(module, opt, lambda step: step_fn(step, gen), settings, checkpoint_path=ckpt_path,
-                              lr_at=loop.warmup_cosine_lr(lr, steps, int(cfg.get("warmup_steps", 0)), LR_FLOOR),
+                              lr_at=loop.warmup_cosine_lr(lr, steps, int(cfg.get("warmup_steps", 0)),
+                                                         float(cfg.get("lr_floor", LR_FLOOR))),
                               rngs=[gen], on_step=(lambda done, loss, logs: self.callback(stage, done))
                               if self.callback else None).run()
         module.eval()
@@ -259,8 +272,12 @@ class _Pretrainer:
                 "scale_factor": torch.tensor(1.0 / float(z.std()))}
 
     # -- stage 3: diffusion ---------------------------------------------------------------------
-    def _train_diffusion(self, base: BaseLDM, latents: dict[str, torch.Tensor]) -> dict[str, Any]:
-        cfg = self.profile.diffusion
+    def _train_diffusion(self, base: BaseLDM, latents: dict[str, torch.Tensor],
+                         stage: str = "diffusion") -> dict[str, Any]:
+        """Stage 3 (``diffusion``), and stage 5 (``diffusion_finetune``: the same objective with offset
+        noise, continuing from stage 3's weights)."""
+        cfg = self.profile[stage]
+        offset = float(cfg.get("offset_noise", 0.0) or 0.0)
         mu = latents["mu"].to(self.device)
         sigma = latents["sigma"].to(self.device)
         scalars = latents["scalars"].to(self.device)
@@ -275,13 +292,15 @@ class _Pretrainer:
             eps = torch.randn((batch, *mu.shape[1:]), generator=gen).to(self.device)
             z0 = (mu[idx] + sigma[idx] * eps) * sf
             noise = torch.randn(z0.shape, generator=gen).to(self.device)
+            if offset:  # one constant per volume and channel: the noise's spatial mean varies too
+                noise = noise + offset * torch.randn((batch, noise.shape[1], 1, 1, 1), generator=gen).to(self.device)
             t = torch.randint(0, num_t, (batch,), generator=gen).to(self.device)
             z_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
             pred = base.unet(z_t, t, scalars[idx])
             mse = F.mse_loss(pred.float(), noise)
             return mse, {"mse": mse.detach()}
 
-        return self._loop("diffusion", base.diffusion, cfg, self.out / "diffusion.ckpt", step_fn)
+        return self._loop(stage, base.diffusion, cfg, self.out / f"{stage}.ckpt", step_fn)
 
 
 class _DecoderFinetuner(_Pretrainer):
@@ -293,10 +312,8 @@ class _DecoderFinetuner(_Pretrainer):
 
     def run(self) -> None:
         t_start = time.time()
-        atomic_json(self.out / "config.json", base_model_key(self.profile), indent=2, default=str)
         start_profile = without_decoder_finetune(self.profile)
-        base = load_base_model(start_profile, self.cache_dir, device=self.device, progress=self.progress,
-                               step_callback=self.callback)
+        base = self._start_from(start_profile)
         start_summary = _read_json(base_model_dir(start_profile, self.cache_dir) / "summary.json")
         images, _ = load_images(self.profile, self.cache_dir, _pretrain_indices(self.profile),
                                 self.progress, "pretraining data")
@@ -345,6 +362,52 @@ class _DecoderFinetuner(_Pretrainer):
 # ---------------------------------------------------------------------------------------------
 # reconstruction quality
 # ---------------------------------------------------------------------------------------------
+class _DiffusionFinetuner(_Pretrainer):
+    """Stage 5 (``diffusion_finetune.steps`` > 0): the diffusion model of every earlier stage trained on
+    with offset noise (Guttenberg 2023: noise plus ``offset_noise`` x one Gaussian constant per volume
+    and channel). With plain noise the model never learns the spatial mean of the noise it removes:
+    the first DDIM steps then pass the initial noise's mean on, amplified about 40-fold, into the
+    sample (the cpu model's black and washed-out samples; README "Shipped base models"). The
+    autoencoder, the latents and the scale factor stay those of the earlier stages."""
+
+    def run(self) -> None:
+        t_start = time.time()
+        base = self._start_from(without_diffusion_finetune(self.profile))
+        start = base.origin
+        latents_path = self.ae_dir / "latents.pt"
+        if latents_path.is_file():
+            latents = torch.load(latents_path, map_location="cpu", weights_only=True)
+        else:  # the earlier stages were shipped: encode the pretraining pool as stage 2 does
+            images, scalars = load_images(self.profile, self.cache_dir, _pretrain_indices(self.profile),
+                                          self.progress, "pretraining data")
+            latents = self._encode_pool(base, images, scalars)
+        if abs(float(latents["scale_factor"]) - base.scale_factor) > 1e-5 * base.scale_factor:
+            raise BaseModelError(f"the latents in {latents_path} (scale factor {float(latents['scale_factor']):.6f}) "
+                                 f"are not those of the base model it starts from ({base.scale_factor:.6f}); delete "
+                                 f"{self.ae_dir} and run again")
+        base.train()
+        for p in base.diffusion.parameters():
+            p.requires_grad_(True)
+        summary = self._train_diffusion(base, latents, stage="diffusion_finetune")
+        base.freeze()
+        state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
+                           "key": base_model_key(self.profile)}, self.out / "model.pt")
+        if start.get("source") == "shipped base model":  # its stages are in its provenance
+            made = _read_json(Path(start["provenance"]))["base_model"]
+            earlier = {**made["stages"], "parameters": made["parameters"], "scale_factor": made["scale_factor"]}
+        else:
+            earlier = _read_json(Path(start["path"]).parent / "summary.json")
+        full = {**earlier, "diffusion_finetune": summary, "seconds_this_call": round(time.time() - t_start, 1),
+                "started_from": {k: start.get(k) for k in ("source", "path", "sha256")}}
+        atomic_json(self.out / "summary.json", full, indent=2)
+        atomic_write_text(self.out / "done", "pretraining finished\n")
+        (self.out / "diffusion_finetune.ckpt").unlink(missing_ok=True)
+        print(f"base model: diffusion trained on with offset noise in {summary['seconds']:.0f} s ({summary['steps']} "
+              f"steps, MSE {summary.get('final_mse', float('nan')):.4f}); cached in {self.out}",
+              file=sys.stderr, flush=True)
+
+
 @torch.no_grad()
 def reconstruction_quality(base: BaseLDM, images: torch.Tensor, batch_size: int = 8,
                            device: str | torch.device = "cpu") -> dict[str, float]:

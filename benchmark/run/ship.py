@@ -16,6 +16,9 @@ from benchmark.base.shipped import BASE_MODEL_FILE, PROVENANCE, ShippedError
 from core.files import sha256_file
 
 
+STAGES = ("autoencoder", "diffusion", "decoder_finetune", "diffusion_finetune")  # the trained stages, in order
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -86,9 +89,8 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
             "key": json.loads(json.dumps(base_model_key(profile), default=str)),
             "parameters": summary.get("parameters"),
             "scale_factor": float(blob["scale_factor"]),
-            "stages": {k: summary[k] for k in ("autoencoder", "diffusion", "decoder_finetune") if k in summary},
-            "wall_seconds": round(sum(float(summary[k]["seconds"]) for k in ("autoencoder", "diffusion",
-                                                                             "decoder_finetune") if k in summary)
+            "stages": {k: summary[k] for k in STAGES if k in summary},
+            "wall_seconds": round(sum(float(summary[k]["seconds"]) for k in STAGES if k in summary)
                                   + float(summary.get("data_seconds", 0.0)), 1),
             "quality": quality,
         },
