@@ -93,6 +93,10 @@ class GridJob:
         state["_local"] = None  # a context holds networks and open data: rebuilt where the job runs
         return state
 
+    def without_progress(self) -> "GridJob":
+        """The same job with progress bars off: for other processes, whose bars would interleave."""
+        return GridJob(**{**self.__getstate__(), "progress": False})
+
     def identity(self) -> str:
         return json.dumps({k: v for k, v in self.__getstate__().items() if k != "_local"}, sort_keys=True, default=str)
 
@@ -160,7 +164,7 @@ class LocalPoolExecutor:
         from multiprocessing.connection import wait
 
         context = get_context("spawn")  # torch and CUDA are not safe to fork
-        child_job = GridJob(**{**job.__getstate__(), "progress": False})  # children's bars would interleave
+        child_job = job.without_progress()
         waiting, free = list(specs), list(range(self.jobs))
         running: dict[int, tuple] = {}  # slot -> (process, spec, receiving end)
         try:

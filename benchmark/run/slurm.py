@@ -122,8 +122,7 @@ class SlurmExecutor:
         if not specs:
             return []
         executor = self.executor()
-        quiet = GridJob(**{**job.__getstate__(), "progress": False})  # logs without progress bars
-        return executor.map_array(RequeueableRun(quiet), list(specs))
+        return executor.map_array(RequeueableRun(job.without_progress()), list(specs))
 
     def map(self, job: GridJob, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, dict]]:
         """Submit and wait for every task: (spec, record) as each finishes."""
