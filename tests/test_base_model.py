@@ -345,7 +345,7 @@ def test_ventricular_volume_scalar_enlarges_the_dark_central_region(pretrained_m
     large = sample_volumes(base, [0.5, 0.5, 0.9, 0.5], n, steps, seed=1)
     dark_small, dark_large = central_dark_fraction(small), central_dark_fraction(large)
     assert dark_large.mean() > dark_small.mean(), (dark_small, dark_large)
-    assert (dark_large > dark_small).mean() >= 0.75, (dark_small, dark_large)
+    assert (dark_large > dark_small).mean() >= 7 / 8, (dark_small, dark_large)  # issue 14: >= 7 of 8 seeds
 
 
 @pytest.mark.slow  # needs a fully pretrained base model: `make test-slow`
