@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The main job: VCM at N = 50 on task lv with the shipped cpu base model and the cpu recipe, beside
-# the three reference rows (16 test subjects, a probe every 100 steps: ~17 minutes on 2 cores).
+# the three reference rows (16 test subjects, a probe every 100 steps: 17-22 minutes on 2 cores).
 # METHODS=vcm,ldm_finetune adds the fine-tuned LDM (~4 more minutes).
 METHODS ?= vcm
 benchmark: $(STAMP)

@@ -19,12 +19,14 @@ def test_reports_seconds_per_step_and_ratio_for_each_method(tmp_path):
     report = json.loads((tmp_path / "out" / "methods-smoke-lv-4.json").read_text())
     assert [r["method"] for r in report["methods"]] == ["vcm", "controlnet_mlp"]
     assert report["base"].startswith("randomly initialised")
+    assert report["autoencoder_step_seconds"] > 0  # the machine-speed yardstick
     for row in report["methods"]:
         assert row["seconds_per_step"] > 0 and row["frozen_forward_seconds"] > 0
         assert abs(row["ratio_to_frozen_forward"] - row["seconds_per_step"] / row["frozen_forward_seconds"]) < 1e-9
         assert row["trainable_parameters"] > 0
     table = (tmp_path / "out" / "methods-smoke-lv-4.md").read_text()
     assert "| vcm |" in table and "| controlnet_mlp |" in table
+    assert "base-autoencoder pretraining step" in table
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -10,6 +10,10 @@ way, and the ratio is taken against that measurement, so slow drifts of a shared
 out. Peak memory is the process's peak RSS on CPU (monotone over the run: read it as an upper
 bound) or torch's peak allocation on CUDA.
 
+The report starts with the machine's speed: the seconds of one step of the base autoencoder's
+pretraining (stage 1: the profile's autoencoder batch, L1 + KL, AdamW, on a copy), the yardstick
+by which timings of different machines and sessions are compared (they differ 3-10x).
+
 ``--random-base`` times a randomly initialised base model of the profile's architecture instead of
 the pretrained one (costs depend on the architecture, not on the weights), so the benchmark can
 run before pretraining; the output says which base was used.
@@ -52,6 +56,32 @@ def time_frozen_forward(base, batch_size: int, warmup: int, steps: int, device: 
     return timer.seconds_per_step
 
 
+def time_autoencoder_step(base, profile, warmup: int, steps: int, device: str) -> float:
+    """Median seconds of one stage-1 pretraining step of (a copy of) the base autoencoder."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from benchmark.base.pretrain import kl_divergence
+
+    ae = copy.deepcopy(base.autoencoder).train().to(device=device, memory_format=torch.channels_last_3d)
+    for p in ae.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(ae.parameters(), lr=float(profile.autoencoder.lr))
+    x = torch.rand((int(profile.autoencoder.batch_size), 1, *profile.image_shape), device=device)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    timer = StepTimer(warmup=warmup, device=device)
+    for _ in range(warmup + steps):
+        with timer.step():
+            mu, sigma = ae.encode(x)
+            loss = F.l1_loss(ae.decode(mu + sigma * torch.randn_like(mu)), x)
+            loss = loss + float(profile.autoencoder.kl_weight) * kl_divergence(mu, sigma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return timer.seconds_per_step
+
+
 def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: int) -> dict:
     cls = get_method(name, task.name)
     torch.manual_seed(stable_seed(seed, "init", name))
@@ -76,6 +106,8 @@ def markdown(report: dict) -> str:
              f"size {report['size']}", "",
              f"Device: {report['device']}; base model: {report['base']}; batch size {report['batch_size']}; "
              f"median of {report['steps']} steps after {report['warmup']} warm-up steps.", "",
+             f"Machine speed: one base-autoencoder pretraining step (batch "
+             f"{report['autoencoder_batch_size']}) takes {report['autoencoder_step_seconds']:.3f} s.", "",
              f"Command: `{report['command']}`", "",
              "| method | trainable params | s / training step | frozen forward (s) | ratio to frozen forward |",
              "|---|---:|---:|---:|---:|"]
@@ -136,6 +168,10 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"methods-{args.profile}-{task.name}-{args.size}"
+    report["autoencoder_batch_size"] = int(profile.autoencoder.batch_size)
+    report["autoencoder_step_seconds"] = time_autoencoder_step(ctx.base, profile, WARMUP, args.steps, ctx.device)
+    print(f"machine speed: base autoencoder step {report['autoencoder_step_seconds']:.3f} s "
+          f"(batch {report['autoencoder_batch_size']})", flush=True)
     for name in names:
         frozen = time_frozen_forward(ctx.base, batch, WARMUP, args.steps, ctx.device)
         try:
