@@ -359,9 +359,6 @@ class _DecoderFinetuner(_Pretrainer):
         return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# reconstruction quality
-# ---------------------------------------------------------------------------------------------
 class _DiffusionFinetuner(_Pretrainer):
     """Stage 5 (``diffusion_finetune.steps`` > 0): the diffusion model of every earlier stage trained on
     with offset noise (Guttenberg 2023: noise plus ``offset_noise`` x one Gaussian constant per volume
@@ -408,6 +405,9 @@ class _DiffusionFinetuner(_Pretrainer):
               file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# reconstruction quality
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def reconstruction_quality(base: BaseLDM, images: torch.Tensor, batch_size: int = 8,
                            device: str | torch.device = "cpu") -> dict[str, float]:
