@@ -1,7 +1,9 @@
 """The embedded synthetic brain population: whole-head T1w volumes built on real anatomy (MNI152 2009).
 
 SyntheticPopulation gives the subjects of one image shape, by index, and caches them on disk in
-blocks of BLOCK subjects (uint16 images), generating missing blocks in worker processes. One
+blocks of BLOCK subjects (uint16 images), generating missing blocks in worker processes. A block is
+one subject: a training subset is a prefix of a random permutation of the pool, so larger blocks
+made a 50-subject subset generate ~15 blocks of 32. One
 subject's draw (sex, age, head, ageing, layers, intensities, noise, and its scalars) is in
 datasets/subject_draw.py; the scalars' ranges and scaling (AGE_RANGE, VENTRICLE_RANGE_ML,
 BRAIN_RANGE_ML, scale_age, scale_volume, unscale) are defined there and re-exported here.
@@ -15,6 +17,7 @@ import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +33,7 @@ from .subject import DataError, Subject, skull_image
 from .subject_draw import (AGE_RANGE, BRAIN_RANGE_ML, VENTRICLE_RANGE_ML, _QUANT, _Generator, scale_age,
                            scale_volume, unscale)
 
-BLOCK = 32                          # subjects per cache file
+BLOCK = 1                           # subjects per cache file (see above)
 
 
 def subject_id(seed: int, index: int) -> str:
@@ -65,9 +68,14 @@ def _write_block(path: Path, indices: Sequence[int], generator: _Generator, seed
                semantics=np.stack(labels), scalars=np.stack(scalars))
 
 
+@lru_cache(maxsize=2)
+def _worker_generator(shape, cache_dir: str) -> _Generator:
+    return _Generator(load_reference(shape, cache_dir))
+
+
 def _worker_block(args) -> int:
     shape, seed, cache_dir, block, path = args
-    generator = _Generator(load_reference(shape, cache_dir))
+    generator = _worker_generator(shape, cache_dir)  # one per worker process, not one per block
     _write_block(Path(path), range(block * BLOCK, (block + 1) * BLOCK), generator, seed)
     return block
 

@@ -32,6 +32,29 @@ ORIENTATION_LETTER: dict[str, str] = {"axial": "A", "coronal": "C", "sagittal": 
 _WARNED: set[str] = set()
 
 
+class DeferredVolumes:
+    """Training arrays known by their shape, read only if a network must be trained on them.
+
+    A judge or in-domain extractor that is shipped or cached is found by (shape, ``data_id``) alone,
+    so reading hundreds of training volumes just to look it up would be waste. ``load()`` returns
+    the array (called at most once per training)."""
+
+    def __init__(self, shape: Sequence[int], load):
+        self.shape = tuple(int(n) for n in shape)
+        self._load = load
+
+    def load(self) -> Any:
+        array = self._load()
+        if tuple(np.shape(array)) != self.shape:  # the shape keyed the cache: it must be the truth
+            raise MetricError(f"deferred training data was declared {self.shape} but is {tuple(np.shape(array))}")
+        return array
+
+
+def materialise(x: Any) -> Any:
+    """``x`` itself, or the array a :class:`DeferredVolumes` stands for."""
+    return x.load() if isinstance(x, DeferredVolumes) else x
+
+
 def warn_once(key: str, message: str) -> None:
     """Issue ``message`` as a UserWarning the first time ``key`` is seen in this process."""
     if key in _WARNED:

@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .common import MetricError, array_digest, as_volumes, default_device, sha256_file, warn_once
+from .common import DeferredVolumes, MetricError, array_digest, as_volumes, default_device, sha256_file, warn_once
 from .extractor_weights import WEIGHT_FILES, build_pretrained_net, find_weights
 from .in_domain import InDomainConfig, in_domain_network
 
@@ -206,7 +206,7 @@ def train_in_domain(
     shipped_dirs: Sequence[str | Path] = (),
 ) -> FeatureExtractor:
     """The in-domain extractor ``kind`` ('2d' or '3d'), trained on ``train_volumes`` (N, 1, X, Y, Z) in
-    [0, 1] and cached under ``cache_dir/metrics/`` by a hash of (kind, data shape, ``data_id`` or the
+    [0, 1] (or :class:`metrics.common.DeferredVolumes` of them, with ``data_id``) and cached under ``cache_dir/metrics/`` by a hash of (kind, data shape, ``data_id`` or the
     data's content hash, config). Training: MSE autoencoder, Adam with a one-cycle schedule,
     random left-right flips, fixed seed; then per-feature standardisation statistics over training
     samples (see ``docs/METRICS.md``). A cache file that exists but cannot be loaded raises
@@ -214,7 +214,12 @@ def train_in_domain(
     if kind not in ("2d", "3d"):
         raise MetricError(f"in-domain extractor kind must be '2d' or '3d', got {kind!r}")
     cfg = config or InDomainConfig()
-    vols = as_volumes(train_volumes, "in-domain training volumes")
+    if isinstance(train_volumes, DeferredVolumes):  # read only if no shipped or cached network matches
+        if data_id is None:
+            raise MetricError("deferred in-domain training volumes need a data_id (the extractor's cache key)")
+        vols = train_volumes
+    else:
+        vols = as_volumes(train_volumes, "in-domain training volumes")
     if vols.shape[0] < 2:
         raise MetricError("in-domain extractors need at least 2 real training volumes to train on")
     did = data_id if data_id is not None else "sha:" + array_digest(vols)

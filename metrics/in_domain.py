@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from core.files import atomic_torch_save, file_lock, read_state_dict
 from core.loop import LoopSettings, TrainingLoop
 
-from .common import ORIENTATIONS, WeightsError, central_slice_indices, default_device, extract_slices, sha256_bytes, \
-    trained_weights_path
+from .common import ORIENTATIONS, DeferredVolumes, WeightsError, as_volumes, central_slice_indices, default_device, \
+    extract_slices, sha256_bytes, trained_weights_path
 from .extractor_nets import InDomainAutoEncoder
 
 
@@ -114,8 +114,8 @@ def train_autoencoder(kind: str, vols: torch.Tensor, cfg: InDomainConfig,
     return net.cpu(), losses
 
 
-def in_domain_network(kind: str, vols: torch.Tensor, cache_dir: str | Path, data_id: str, cfg: InDomainConfig,
-                      device: torch.device | str | None = None,
+def in_domain_network(kind: str, vols: torch.Tensor | DeferredVolumes, cache_dir: str | Path, data_id: str,
+                      cfg: InDomainConfig, device: torch.device | str | None = None,
                       shipped_dirs: Sequence[str | Path] = ()) -> tuple[InDomainAutoEncoder, Path]:
     """The trained autoencoder ``kind`` for ``vols`` and its weights file: shipped, else cached, else
     trained here and cached (atomically). A file that exists but cannot be loaded raises
@@ -138,8 +138,10 @@ def in_domain_network(kind: str, vols: torch.Tensor, cache_dir: str | Path, data
     return net, path
 
 
-def _train_and_save(kind: str, vols: torch.Tensor, data_id: str, cfg: InDomainConfig,
+def _train_and_save(kind: str, vols: torch.Tensor | DeferredVolumes, data_id: str, cfg: InDomainConfig,
                     device: torch.device | str | None, path: Path) -> None:
+    if isinstance(vols, DeferredVolumes):
+        vols = as_volumes(vols.load(), "in-domain training volumes")
     dev = torch.device(device) if device is not None else default_device()
     t0 = time.perf_counter()
     net, losses = train_autoencoder(kind, vols, cfg, dev)

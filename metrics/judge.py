@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from core.files import atomic_torch_save, file_lock, read_state_dict
 from core.loop import LoopSettings, TrainingLoop
 
-from .common import (MetricError, WeightsError, array_digest, as_label_maps, as_volumes, default_device, sha256_bytes,
-                     sha256_file, trained_weights_path)
+from .common import (DeferredVolumes, MetricError, WeightsError, array_digest, as_label_maps, as_volumes,
+                     default_device, materialise, sha256_bytes, sha256_file, trained_weights_path)
 from .dice import condition_to_labels, dice_score
 
 JUDGE_VERSION = 1
@@ -168,6 +168,17 @@ def judge_cache_key(num_classes: int, shape: Sequence[int], data_id: str, cfg: J
     return sha256_bytes(payload.encode(), 16)
 
 
+def _checked_training_data(images: Any, labels: Any, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Judge training images and labels as tensors, checked against each other and the class count."""
+    imgs = as_volumes(images, "judge training images")
+    labs = as_label_maps(labels, "judge training labels")
+    if imgs.shape != labs.shape:
+        raise MetricError(f"judge images {tuple(imgs.shape)} and labels {tuple(labs.shape)} differ in shape")
+    if labs.min() < 0 or labs.max() >= num_classes:
+        raise MetricError(f"judge labels lie in {int(labs.min())}..{int(labs.max())}, outside 0..{num_classes - 1}")
+    return imgs, labs
+
+
 def train_judge(
     images: Any,
     labels: Any,
@@ -181,20 +192,25 @@ def train_judge(
 ) -> Judge:
     """Train (or load from ``shipped_dirs`` or the cache, see :func:`metrics.common.trained_weights_path`)
     a judge on real ``images`` (N, 1, X, Y, Z) in [0, 1] with integer ``labels`` (N, 1, X, Y, Z) in
-    0..num_classes-1."""
+    0..num_classes-1. Both may be :class:`metrics.common.DeferredVolumes` (with ``data_id``): read
+    only if the judge must be trained."""
     cfg = config or JudgeConfig()
-    imgs = as_volumes(images, "judge training images")
-    labs = as_label_maps(labels, "judge training labels")
-    if imgs.shape != labs.shape:
-        raise MetricError(f"judge images {tuple(imgs.shape)} and labels {tuple(labs.shape)} differ in shape")
-    if labs.min() < 0 or labs.max() >= num_classes:
-        raise MetricError(f"judge labels lie in {int(labs.min())}..{int(labs.max())}, outside 0..{num_classes - 1}")
-    did = data_id if data_id is not None else "sha:" + array_digest(imgs) + array_digest(labs)
-    key = judge_cache_key(num_classes, tuple(imgs.shape), did, cfg)
+    if isinstance(images, DeferredVolumes):  # read only if no shipped or cached judge matches
+        if data_id is None:
+            raise MetricError("deferred judge training images need a data_id (the judge's cache key)")
+        shape, did, checked = images.shape, data_id, None
+    else:
+        checked = _checked_training_data(images, labels, num_classes)
+        shape = tuple(checked[0].shape)
+        did = data_id if data_id is not None else "sha:" + array_digest(checked[0]) + array_digest(checked[1])
+    key = judge_cache_key(num_classes, shape, did, cfg)
     path = trained_weights_path(f"judge-{num_classes}cls-{key}.pt", cache_dir, shipped_dirs)
     if not path.exists():
         with file_lock(path.with_suffix(".lock")):  # concurrent jobs: one trains, the others wait and load
             if not path.exists():
+                if checked is None:
+                    checked = _checked_training_data(materialise(images), materialise(labels), num_classes)
+                imgs, labs = checked
                 dev = torch.device(device) if device is not None else default_device()
                 t0 = time.perf_counter()
                 net, losses = _train(imgs, labs, num_classes, cfg, dev, progress)

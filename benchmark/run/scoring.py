@@ -15,9 +15,11 @@ from functools import cached_property
 
 import numpy as np
 
+from metrics.common import DeferredVolumes
 from metrics.cost import count_parameters, device_days
 from metrics.dice import condition_to_labels
 from metrics.extractors import InDomainConfig, get_extractors
+from metrics.frd import frd_unavailable
 from metrics.judge import JudgeConfig, train_judge
 from metrics.lpips_metric import load_lpips
 from metrics.protocol import score_generated
@@ -39,10 +41,19 @@ class SharedScoring:
         return cls(**values)
 
     @cached_property
+    def reference_count(self) -> int:
+        return min(len(self.ctx.data.splits.train_pool), int(self.settings.get("reference_volumes", 500)))
+
+    @cached_property
     def train_reference(self):
-        """Real training volumes that train the in-domain extractors and the judges."""
-        n = min(len(self.ctx.data.splits.train_pool), int(self.settings.get("reference_volumes", 500)))
-        return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:n])
+        """Real training volumes that train the in-domain extractors and the judges (read only when
+        one of them must be trained, or for FRD's brain mask)."""
+        return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:self.reference_count])
+
+    def deferred_reference(self, stack) -> DeferredVolumes:
+        """``stack(train_reference)``, an (n, 1, X, Y, Z) array read only if a network must be trained."""
+        shape = (self.reference_count, 1, *self.ctx.profile.image_shape)
+        return DeferredVolumes(shape, lambda: stack(self.train_reference))
 
     @cached_property
     def shipped_dirs(self) -> list:
@@ -54,18 +65,21 @@ class SharedScoring:
 
     @cached_property
     def data_id(self) -> str:
-        return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={len(self.train_reference)}"
+        return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={self.reference_count}"
 
     @cached_property
     def extractors(self):
-        images = np.stack([s.image for s in self.train_reference])
+        images = self.deferred_reference(lambda subjects: np.stack([s.image for s in subjects]))
         return get_extractors(weights_dir=self.ctx.weights_dir, cache_dir=self.ctx.cache_dir / "extractors",
                               train_volumes=images, data_id=self.data_id, device=self.ctx.device,
                               config=self.config("in_domain", InDomainConfig), shipped_dirs=self.shipped_dirs)
 
     @cached_property
     def brain_mask(self):
-        """FRD's mask: voxels where at least half the real training volumes have brain tissue (label > 0)."""
+        """FRD's mask: voxels where at least half the real training volumes have brain tissue (label > 0);
+        None when FRD cannot be computed here (its protocol then gives frd_unavailable's reason)."""
+        if frd_unavailable() is not None:
+            return None
         semantics = np.stack([s.semantics for s in self.train_reference])
         return (semantics[:, 0] > 0).mean(0) >= 0.5
 
@@ -89,9 +103,9 @@ class Scorer:
         dice = self.task.dice
         if dice is None:
             return None
-        subjects = self.shared.train_reference
-        images = np.stack([s.image for s in subjects])
-        labels = condition_to_labels(np.stack([getattr(s, dice.judge_labels) for s in subjects]), dice.classes)
+        images = self.shared.deferred_reference(lambda subjects: np.stack([s.image for s in subjects]))
+        labels = self.shared.deferred_reference(lambda subjects: condition_to_labels(
+            np.stack([getattr(s, dice.judge_labels) for s in subjects]), dice.classes))
         return train_judge(images, labels, dice.classes, self.ctx.cache_dir / "judges", data_id=self.shared.data_id,
                            config=self.shared.config("judge", JudgeConfig), device=self.ctx.device,
                            progress=self.ctx.progress, shipped_dirs=self.shared.shipped_dirs)
