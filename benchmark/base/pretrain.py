@@ -108,6 +108,17 @@ def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1).mean()
 
 
+def autoencoder_loss(ae, x: torch.Tensor, kl_weight: float,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage 1's loss of ``x``: L1 of the decoded posterior sample, plus ``kl_weight`` x KL; and
+    the two terms (detached) for the log."""
+    mu, sigma = ae.encode(x)
+    eps = torch.randn(mu.shape, generator=generator).to(x.device)
+    l1 = F.l1_loss(ae.decode(mu + sigma * eps).float(), x)
+    kl = kl_divergence(mu, sigma)
+    return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
+
+
 class _Pretrainer:
     def __init__(self, profile, cache_dir, device, progress: bool, callback: StepCallback | None):
         self.profile = profile
@@ -136,17 +147,11 @@ class _Pretrainer:
             latents = self._autoencoder_and_latents(base)
         base.scale_factor = float(latents["scale_factor"])
         diffusion_summary = self._train_diffusion(base, latents)
-
-        state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
-                      "key": base_model_key(self.profile)}, self.out / "model.pt")
         summary = {**_read_json(self.ae_dir / "summary.json"), "diffusion": diffusion_summary,
                    "seconds_this_call": round(time.time() - t_start, 1),
                    "parameters": base.num_parameters(), "scale_factor": base.scale_factor,
                    "autoencoder_dir": str(self.ae_dir)}
-        atomic_json(self.out / "summary.json", summary, indent=2)
-        atomic_write_text(self.out / "done", "pretraining finished\n")
-        (self.out / "diffusion.ckpt").unlink(missing_ok=True)
+        self._finish(base, summary, "diffusion.ckpt")
         ae = summary.get("autoencoder", {})
         print(
             f"base model: ready in {summary['seconds_this_call']:.0f} s (autoencoder {ae.get('steps')} steps "
@@ -181,6 +186,15 @@ class _Pretrainer:
         atomic_json(self.ae_dir / "summary.json", summary, indent=2)
         atomic_torch_save(latents, latents_path)
         return latents
+
+    def _finish(self, base: BaseLDM, summary: dict[str, Any], stage_checkpoint: str) -> None:
+        """Write the finished model, its summary and the ``done`` mark; the last stage's checkpoint goes."""
+        state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
+                           "key": base_model_key(self.profile)}, self.out / "model.pt")
+        atomic_json(self.out / "summary.json", summary, indent=2)
+        atomic_write_text(self.out / "done", "pretraining finished\n")
+        (self.out / stage_checkpoint).unlink(missing_ok=True)
 
     def _start_from(self, start_profile) -> BaseLDM:
         """A later stage's starting point: the base model of ``start_profile`` (shipped, cached or
@@ -242,12 +256,7 @@ class _Pretrainer:
             flip = torch.rand(batch, generator=gen) < 0.5  # left-right (X), CONVENTIONS.md
             x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(2), x).to(self.device)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-            mu, sigma = ae.encode(x)
-            eps = torch.randn(mu.shape, generator=gen).to(self.device)
-            rec = ae.decode(mu + sigma * eps)
-            l1 = F.l1_loss(rec.float(), x)
-            kl = kl_divergence(mu, sigma)
-            return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
+            return autoencoder_loss(ae, x, kl_weight, gen)
 
         ae.to(memory_format=torch.channels_last_3d)  # ~1.7x faster 3D convolutions on CPU
         try:
@@ -318,14 +327,9 @@ class _DecoderFinetuner(_Pretrainer):
         images, _ = load_images(self.profile, self.cache_dir, _pretrain_indices(self.profile),
                                 self.progress, "pretraining data")
         summary = self._train_decoder(base, images)
-        state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
-                      "key": base_model_key(self.profile)}, self.out / "model.pt")
         full = {**start_summary, "decoder_finetune": summary, "seconds_this_call": round(time.time() - t_start, 1),
                 "started_from": str(base_model_dir(start_profile, self.cache_dir))}
-        atomic_json(self.out / "summary.json", full, indent=2)
-        atomic_write_text(self.out / "done", "pretraining finished\n")
-        (self.out / "decoder.ckpt").unlink(missing_ok=True)
+        self._finish(base, full, "decoder.ckpt")
         print(f"base model: decoder fine-tuned in {summary['seconds']:.0f} s ({summary['steps']} steps, "
               f"L1 {summary.get('final_l1', float('nan')):.4f}); cached in {self.out}", file=sys.stderr, flush=True)
 
@@ -387,9 +391,6 @@ class _DiffusionFinetuner(_Pretrainer):
             p.requires_grad_(True)
         summary = self._train_diffusion(base, latents, stage="diffusion_finetune")
         base.freeze()
-        state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-        atomic_torch_save({"state_dict": state, "scale_factor": base.scale_factor,
-                           "key": base_model_key(self.profile)}, self.out / "model.pt")
         if start.get("source") == "shipped base model":  # its stages are in its provenance
             made = _read_json(Path(start["provenance"]))["base_model"]
             earlier = {**made["stages"], "parameters": made["parameters"], "scale_factor": made["scale_factor"]}
@@ -397,9 +398,7 @@ class _DiffusionFinetuner(_Pretrainer):
             earlier = _read_json(Path(start["path"]).parent / "summary.json")
         full = {**earlier, "diffusion_finetune": summary, "seconds_this_call": round(time.time() - t_start, 1),
                 "started_from": {k: start.get(k) for k in ("source", "path", "sha256")}}
-        atomic_json(self.out / "summary.json", full, indent=2)
-        atomic_write_text(self.out / "done", "pretraining finished\n")
-        (self.out / "diffusion_finetune.ckpt").unlink(missing_ok=True)
+        self._finish(base, full, "diffusion_finetune.ckpt")
         print(f"base model: diffusion trained on with offset noise in {summary['seconds']:.0f} s ({summary['steps']} "
               f"steps, MSE {summary.get('final_mse', float('nan')):.4f}); cached in {self.out}",
               file=sys.stderr, flush=True)

@@ -60,9 +60,7 @@ def time_autoencoder_step(base, profile, warmup: int, steps: int, device: str) -
     """Median seconds of one stage-1 pretraining step of (a copy of) the base autoencoder."""
     import copy
 
-    import torch.nn.functional as F
-
-    from benchmark.base.pretrain import kl_divergence
+    from benchmark.base.pretrain import autoencoder_loss
 
     ae = copy.deepcopy(base.autoencoder).train().to(device=device, memory_format=torch.channels_last_3d)
     for p in ae.parameters():
@@ -73,9 +71,7 @@ def time_autoencoder_step(base, profile, warmup: int, steps: int, device: str) -
     timer = StepTimer(warmup=warmup, device=device)
     for _ in range(warmup + steps):
         with timer.step():
-            mu, sigma = ae.encode(x)
-            loss = F.l1_loss(ae.decode(mu + sigma * torch.randn_like(mu)), x)
-            loss = loss + float(profile.autoencoder.kl_weight) * kl_divergence(mu, sigma)
+            loss, _ = autoencoder_loss(ae, x, float(profile.autoencoder.kl_weight))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
