@@ -97,11 +97,16 @@ def read_state_dict(path: str | Path, what: str, *, todo: str | None = None,
     return dict(blob)
 
 
+class LockHeld(RuntimeError):
+    """:func:`file_lock` with ``wait=False`` found the lock held by another process."""
+
+
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
+def file_lock(path: str | Path, wait: bool = True) -> Iterator[None]:
     """An exclusive ``fcntl.flock`` on ``path`` (created, with its folder, if missing) for the
-    duration of the block: a second process blocks until the first leaves it, so two processes never
-    build the same cached artefact at once. Without ``fcntl`` (not POSIX) the block runs unlocked.
+    duration of the block: a second process blocks until the first leaves it (or, with
+    ``wait=False``, gets :class:`LockHeld` at once), so two processes never build the same cached
+    artefact, or run the same run, at once. Without ``fcntl`` (not POSIX) the block runs unlocked.
     The lock file itself is left in place: deleting it would let a waiting process lock a file that
     a newcomer no longer sees."""
     try:
@@ -112,7 +117,10 @@ def file_lock(path: str | Path) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise LockHeld(f"{path} is locked by another process") from None
         try:
             yield
         finally:

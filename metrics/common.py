@@ -154,6 +154,15 @@ def trained_weights_path(name: str, cache_dir: str | Path, shipped_dirs: Sequenc
     return Path(cache_dir) / "metrics" / name
 
 
+def weights_remedy(path: str | Path, cache_dir: str | Path) -> str:
+    """What to do about a weights file from :func:`trained_weights_path` that cannot be loaded: a
+    cached one is retrained once deleted; a shipped one is restored from the repository."""
+    if Path(path).parent == Path(cache_dir) / "metrics":
+        return "delete the file and the suite will retrain it"
+    return (f"it ships with the suite: restore it (`git checkout -- {path}`), or delete it and the suite "
+            f"will train its own in {Path(cache_dir) / 'metrics'}")
+
+
 def sha256_bytes(data: bytes, prefix: int = 12) -> str:
     return hashlib.sha256(data).hexdigest()[:prefix]
 

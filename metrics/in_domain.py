@@ -23,7 +23,7 @@ from core.files import atomic_torch_save, file_lock, read_state_dict
 from core.loop import LoopSettings, TrainingLoop
 
 from .common import ORIENTATIONS, DeferredVolumes, WeightsError, as_volumes, central_slice_indices, default_device, \
-    extract_slices, sha256_bytes, trained_weights_path
+    extract_slices, sha256_bytes, trained_weights_path, weights_remedy
 from .extractor_nets import InDomainAutoEncoder
 
 
@@ -126,14 +126,14 @@ def in_domain_network(kind: str, vols: torch.Tensor | DeferredVolumes, cache_dir
         with file_lock(path.with_suffix(".lock")):  # concurrent jobs: one trains, the others wait and load
             if not path.exists():
                 _train_and_save(kind, vols, data_id, cfg, device, path)
-    todo = "delete the file and the suite will retrain it"
-    state = read_state_dict(path, "a cached in-domain extractor", todo=todo, keys=("state_dict",),
+    todo = weights_remedy(path, cache_dir)
+    state = read_state_dict(path, "an in-domain extractor", todo=todo, keys=("state_dict",),
                             error=WeightsError)
     try:
         net = InDomainAutoEncoder(2 if kind == "2d" else 3, cfg.channels_2d if kind == "2d" else cfg.channels_3d)
         net.load_state_dict(state, strict=True)
     except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"cached in-domain extractor {path} could not be loaded ({type(e).__name__}); "
+        raise WeightsError(f"in-domain extractor weights {path} could not be loaded ({type(e).__name__}); "
                            f"{todo}") from e
     return net, path
 

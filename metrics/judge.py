@@ -28,7 +28,8 @@ from core.files import atomic_torch_save, file_lock, read_state_dict
 from core.loop import LoopSettings, TrainingLoop
 
 from .common import (DeferredVolumes, MetricError, WeightsError, array_digest, as_label_maps, as_volumes,
-                     default_device, materialise, sha256_bytes, sha256_file, trained_weights_path)
+                     default_device, materialise, sha256_bytes, sha256_file, trained_weights_path,
+                     weights_remedy)
 from .dice import condition_to_labels, dice_score
 
 JUDGE_VERSION = 1
@@ -218,14 +219,14 @@ def train_judge(
                         "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
                         "device": str(dev)}
                 atomic_torch_save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, path)
-    todo = "delete the file and the suite will retrain it"
+    todo = weights_remedy(path, cache_dir)
     state = read_state_dict(path, "a trained judge", todo=todo, keys=("state_dict",), error=WeightsError)
     try:
         net = _build(num_classes, cfg)
         net.load_state_dict(state, strict=True)
         meta = json.loads(torch.load(path, map_location="cpu", weights_only=True)["meta"])
     except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"cached judge {path} could not be loaded ({type(e).__name__}); {todo}") from e
+        raise WeightsError(f"judge weights {path} could not be loaded ({type(e).__name__}); {todo}") from e
     return Judge(net, num_classes, cfg, sha256_file(path), str(path), meta, device)
 
 

@@ -114,6 +114,28 @@ def test_a_task_signalled_mid_training_is_requeued_and_resumes_from_its_checkpoi
     assert "Requeued" in logs or "requeue" in logs.lower(), logs[-2000:]
 
 
+def test_a_grid_submitted_twice_runs_each_run_once(in_process, cache, tmp_path):
+    """A second submission's task finds its run being run (the run's lock is held) and leaves it
+    alone, or finds it done and returns its record; neither redoes nor overwrites anything."""
+    from benchmark.run.executors import GridJob
+    from core.files import file_lock
+
+    spec = RunSpec.of("lv", "residual_shift", 2, 0)
+    ctx = _context(tmp_path / "twice", cache)
+    job = GridJob.from_context(ctx, [str(EXAMPLE_PLUGIN)])
+    with file_lock(ctx.run_dir(spec) / "run.lock"):  # the first submission's task, mid-run
+        left_alone = job(spec)
+    assert left_alone["status"] == "failed" and "being run by another process" in left_alone["error"]
+    assert not ctx.record_path(spec).exists()
+    first = job(spec)
+    assert first["status"] == "ok", first.get("error")
+    written = ctx.record_path(spec).stat().st_mtime_ns
+    assert job(spec) == read_record(ctx.record_path(spec))  # done: returned, not redone
+    assert ctx.record_path(spec).stat().st_mtime_ns == written
+    rerun = GridJob.from_context(ctx, [str(EXAMPLE_PLUGIN)], force=True)(spec)  # --force redoes it
+    assert rerun["status"] == "ok" and ctx.record_path(spec).stat().st_mtime_ns != written
+
+
 def test_three_processes_on_a_cold_cache_pretrain_the_base_model_once(tmp_path):
     cache = tmp_path / "cold-cache"
     procs = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -60,6 +61,12 @@ def test_corrupt_judge_cache_is_an_error(tmp_path, data):
         f.write(b"broken")
     with pytest.raises(WeightsError, match="delete the file"):
         train_judge(tr["image"][:2], tr["lv_mask"][:2], 2, tmp_path, config=cfg, device="cpu")
+    shipped = tmp_path / "shipped" / "metrics"  # a broken shipped file is restored, not retrained
+    shipped.mkdir(parents=True)
+    shutil.copy(j.source, shipped / os.path.basename(j.source))
+    with pytest.raises(WeightsError, match="ships with the suite: restore it"):
+        train_judge(tr["image"][:2], tr["lv_mask"][:2], 2, tmp_path / "fresh", config=cfg, device="cpu",
+                    shipped_dirs=[shipped.parent])
     with pytest.raises(MetricError):
         train_judge(tr["image"][:2], tr["semantics"][:2], 2, tmp_path, config=cfg)  # labels 0-4 for 2 classes
 

@@ -188,7 +188,7 @@ def submit_to_slurm(executor, specs, ctx, args) -> int:
         print(f"nothing to submit: all {len(specs)} runs of this grid are done in {out}; "
               f"python run_benchmark.py tables --out {out} rebuilds the tables")
         return 0
-    job = GridJob.from_context(ctx, args.plugin)
+    job = GridJob.from_context(ctx, args.plugin, args.force)
     job.device = args.device  # decided on the compute node (cuda when it has one), not on the login node
     jobs = executor.submit(job, todo)
     print(f"submitted {len(todo)} runs as Slurm job array {array_job_id(jobs)} ({len(specs) - len(todo)} already "

@@ -23,21 +23,37 @@ from tqdm.auto import tqdm
 from benchmark.run.records import library_versions, read_record, write_record
 from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
-from benchmark.run.status import running_marker, write_grid_plan
+from benchmark.run.status import RUN_LOCK, RUNNING, running_marker, write_grid_plan
+from core.files import LockHeld, file_lock
 from metrics.cost import device_name
 
 
 # ---- one run, anywhere ------------------------------------------------------------------
 
 
-def run_and_record(spec: RunSpec, ctx: RunContext) -> dict:
-    """Run ``spec`` and write its record (``ok`` or ``failed`` with the error); returns the record."""
+def run_and_record(spec: RunSpec, ctx: RunContext, force: bool = False) -> dict:
+    """Run ``spec`` and write its record (``ok`` or ``failed`` with the error); returns the record.
+    A run that another process is running now (a second submission of the same grid) is left to it,
+    and one already done is not redone unless ``force``: both are decided under the run's lock."""
     base_record = {
         "task": spec.task, "method": spec.method, "size": spec.size, "seed": spec.seed,
         "profile": ctx.profile.name, "config_hash": ctx.config_hash(spec),
         "versions": library_versions(), "device": device_name(ctx.device),
         "data": ctx.data.identity, "record_version": 1,
     }
+    run_dir = ctx.run_dir(spec)
+    try:
+        with file_lock(run_dir / RUN_LOCK, wait=False):
+            if not force and is_done(spec, ctx):
+                return read_record(ctx.record_path(spec))
+            return _run_and_write(spec, ctx, base_record)
+    except LockHeld:
+        return {**base_record, "status": "failed",
+                "error": f"{spec.name} is being run by another process ({run_dir / RUNNING} says where); this "
+                         "process left it alone (the grid was started twice?): its record appears when it ends"}
+
+
+def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
     started = time.time()
     with running_marker(ctx.run_dir(spec)):
         try:
@@ -79,14 +95,15 @@ class GridJob:
     device: str | None = None
     plugins: tuple[str, ...] = ()
     progress: bool = False
+    force: bool = False  # rerun runs that are done
     _local: RunContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_context(cls, ctx: RunContext, plugins: Sequence[str] = ()) -> "GridJob":
+    def from_context(cls, ctx: RunContext, plugins: Sequence[str] = (), force: bool = False) -> "GridJob":
         return cls(profile=ctx.profile.to_dict(), out_dir=str(ctx.out_dir), cache_dir=str(ctx.cache_dir),
                    weights_dir=str(ctx.weights_dir) if ctx.weights_dir else None,
                    manifest=str(ctx.manifest) if ctx.manifest else None, device=ctx.device,
-                   plugins=tuple(plugins), progress=ctx.progress, _local=ctx)
+                   plugins=tuple(plugins), progress=ctx.progress, force=force, _local=ctx)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -116,7 +133,7 @@ class GridJob:
         return _CONTEXTS[key]
 
     def __call__(self, spec: RunSpec) -> dict:
-        return run_and_record(spec, self.context())
+        return run_and_record(spec, self.context(), self.force)
 
 
 # ---- executors -------------------------------------------------------------------------------
@@ -233,7 +250,7 @@ def run_grid(specs: Iterable[RunSpec], ctx: RunContext, executor: Executor | Non
     skipped = [s.name for s in specs if s not in todo]
     summary = GridSummary(done=[], skipped=skipped, failed=[])
     executor = executor or InProcessExecutor()
-    job = GridJob.from_context(ctx, plugins)
+    job = GridJob.from_context(ctx, plugins, force)
     for spec, record in tqdm(executor.map(job, todo), total=len(todo), desc="grid", disable=not ctx.progress):
         if record["status"] == "ok":
             summary.done.append(spec.name)

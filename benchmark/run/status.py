@@ -21,6 +21,7 @@ from core.files import atomic_json, file_lock
 CHECKPOINT = "checkpoint.pt"
 PLAN = "grid.json"
 RUNNING = "running.json"
+RUN_LOCK = "run.lock"  # held by the process running the run (core.files.file_lock)
 STATES = ("done", "failed", "running", "interrupted", "pending")
 
 
