@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -78,6 +79,30 @@ def _worker_block(args) -> int:
     generator = _worker_generator(shape, cache_dir)  # one per worker process, not one per block
     _write_block(Path(path), range(block * BLOCK, (block + 1) * BLOCK), generator, seed)
     return block
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer (Linux): the worker is killed when the process that started it ends. A forked
+    worker shares its parent's file locks (the cache's, the base model's); orphaned by a killed run,
+    it would hold them for ever and the rerun would wait on them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc: no such guard
+        return
+    if os.getppid() != parent:  # the parent ended before the guard was set
+        os._exit(1)
+
+
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` generation processes. Fork on Linux: workers inherit the reference and need no
+    importable __main__ (spawn would re-run an unguarded script, and fails for stdin); they use numpy
+    and scipy only."""
+    if sys.platform.startswith("linux"):
+        return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
 
 
 class SyntheticPopulation:
@@ -177,11 +202,8 @@ class SyntheticPopulation:
     def _generate_in_pool(self, missing: list[int], bar) -> list[int]:
         """Generate blocks in worker processes; returns the blocks still missing if the pool failed."""
         jobs = [(self.shape, self.seed, str(self.cache_dir), b, str(self._block_path(b))) for b in missing]
-        # fork on Linux: workers inherit the reference and need no importable __main__ (spawn would
-        # re-run an unguarded script, and fails for stdin). The workers use numpy and scipy only.
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
         try:
-            with ProcessPoolExecutor(min(self.workers, len(missing)), mp_context=get_context(method)) as pool:
+            with _worker_pool(min(self.workers, len(missing))) as pool:
                 for _ in pool.map(_worker_block, jobs):
                     if bar is not None:
                         bar.update(BLOCK)

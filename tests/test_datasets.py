@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +18,7 @@ from datasets.splits import make_splits
 from datasets.subject import SEMANTIC_LABELS, DataError, Subject
 from datasets.synthetic import BLOCK, SyntheticPopulation
 from datasets.tasks import TASKS, degrade_axial, get_task
+from tests.paths import ROOT
 
 SHAPE = (32, 48, 32)  # the smoke profile's
 N_TREND = 96          # subjects for the age trends: three cache blocks
@@ -395,3 +399,40 @@ def test_data_workers_come_from_the_environment_or_default_to_two(monkeypatch, t
     monkeypatch.setenv("SCB_DATA_WORKERS", "many")
     with pytest.raises(DataError, match="SCB_DATA_WORKERS must be a positive whole number"):
         SyntheticPopulation((16, 32, 16), cache_dir=tmp_path)
+
+
+_KILLED_WHILE_GENERATING = """
+import sys, time
+from core.files import file_lock
+from datasets.synthetic import _worker_pool
+
+with file_lock(sys.argv[1]):  # as ensure() holds the cache's lock while its pool generates
+    pool = _worker_pool(1)
+    pool.submit(time.sleep, 120)  # a worker busy with a block
+    time.sleep(1)
+    print("generating", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers (and their guard) are Linux's")
+def test_a_killed_generator_leaves_no_worker_holding_its_locks(tmp_path):
+    """A forked worker shares its parent's file locks; killed with its parent, it frees them, so the
+    rerun of a killed grid does not wait for ever."""
+    import fcntl
+
+    lock = tmp_path / "lock"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_GENERATING, str(lock)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "generating"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while True:
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "an orphaned worker still holds the lock 20 s after its parent was killed"
+        time.sleep(0.2)
