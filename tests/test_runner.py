@@ -74,7 +74,11 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
         json.loads(path.read_text())
 
     rerun = run_cli(args, cache, out)
-    log = rerun.communicate()[0]
+    try:
+        log = rerun.communicate(timeout=900)[0]
+    except subprocess.TimeoutExpired:  # e.g. a lock still held by what the kill left behind
+        rerun.kill()
+        pytest.fail(f"the rerun after the kill did not finish in 15 minutes:\n{rerun.communicate()[0][-3000:]}")
     assert rerun.returncode == 0, log
     records = _records(out)
     references = {("lv", "reference", 0), ("lv", "reference_other", 0), ("lv", "brainldm", 0)}  # the three Dice rows
