@@ -83,8 +83,8 @@ def load_volume(sid: str, column: str, path: Path):
     try:
         volume = LoadImage(reader="NibabelReader", image_only=True, dtype=np.float32)(str(path))
     except Exception as err:  # the readers raise many kinds for a damaged or foreign file
-        raise DataError(f"subject '{sid}': the {column} file {path} cannot be read as NIfTI "
-                        f"({str(err).splitlines()[0][:160]}); re-export it as .nii or .nii.gz") from None
+        raise DataError(f"subject '{sid}': the {column} file {path} cannot be read as NIfTI or "
+                        f"MGH ({str(err).splitlines()[0][:160]}); re-export it as .nii.gz (or .mgz)") from None
     if volume.ndim == 4 and volume.shape[3] == 1:
         volume = volume[..., 0]
     if volume.ndim != 3:

@@ -76,6 +76,22 @@ def test_aseg_gives_the_suites_lv_mask_and_semantic_map(data, tmp_path):
         assert np.array_equal(s.image, b.image) and np.array_equal(s.skull, b.skull)
 
 
+def test_freesurfer_mgz_files_are_read_as_they_are(data, tmp_path):
+    """FreeSurfer writes aseg.mgz (and T1.mgz): read directly, no conversion to NIfTI needed."""
+    subjects, manifest = data
+    rows = _natural_rows(subjects, manifest.parent)
+    for row in rows:
+        for column in ("image", "aseg"):
+            nifti = nib.load(row[column])
+            row[column] = str(tmp_path / Path(row[column]).name.replace(".nii.gz", ".mgz"))
+            nib.save(nib.MGHImage(np.asarray(nifti.dataobj, dtype=np.float32 if column == "image" else np.int32),
+                                  nifti.affine), row[column])
+    back = load_manifest(_write(tmp_path / "m.csv", rows), SHAPE)
+    for s, b in zip(subjects, back):
+        assert np.array_equal(s.lv_mask, b.lv_mask) and np.array_equal(s.semantics, b.semantics)
+        np.testing.assert_allclose(s.image, b.image, atol=1e-6)
+
+
 def test_lv_labels_are_the_lateral_and_inferior_lateral_ventricles():
     labels = np.array([4, 43, 5, 44, 14, 15, 24, 31, 63, 2, 3])
     assert freesurfer.to_lv_mask(labels).tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
