@@ -18,7 +18,7 @@ venv: $(STAMP)
 
 # The main job: VCM at N = 50 on task lv with the shipped cpu base model and the cpu recipe, beside
 # the three reference rows (16 test subjects, a probe before training and at steps 150 and 300;
-# 18-19 minutes from a fresh clone on a slow 2-core machine, README "What to expect on CPU").
+# 11.5 to 18.5 minutes from a fresh clone on 2 cores, by the machine's speed: README "What to expect on CPU").
 # METHODS=vcm,ldm_finetune adds the fine-tuned LDM (~4 more minutes).
 METHODS ?= vcm
 benchmark: $(STAMP)
