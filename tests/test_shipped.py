@@ -69,6 +69,25 @@ def test_a_damaged_shipped_file_is_refused(tmp_path):
         shipped.verify(root / "smoke")
 
 
+def test_ship_writes_a_folder_that_verifies_and_is_found(cache, tmp_path):
+    """The `ship` command's writer on a tiny profile: every file in the provenance with its sha256, a
+    judge per class count and both in-domain extractors, and the folder is found by the base model's key."""
+    from benchmark.run.ship import ship
+
+    profile = tiny()
+    load_base_model(profile, cache, progress=False)  # pretrained into the cache, as `pretrain` does
+    out = ship(profile, cache, tmp_path / "shipped", {"MS-SSIM": 0.5}, command="pytest", notes="tiny")
+    record = shipped.provenance(out)
+    shipped.verify(out)
+    assert set(record["files"]) == {str(p.relative_to(out)) for p in out.rglob("*.pt")}
+    whats = {m["what"] for m in record["metrics"]}
+    assert {"Dice judge, task lv", "in-domain 2d feature extractor", "in-domain 3d feature extractor"} <= whats
+    assert len([w for w in whats if w.startswith("Dice judge")]) == 2  # 2 classes (lv) and 5 (semantic map)
+    assert record["base_model"]["quality"] == {"MS-SSIM": 0.5} and record["made_with"]["command"] == "pytest"
+    found, _ = shipped.find_base_model(base_model_key(profile), "smoke", root=tmp_path / "shipped")
+    assert found == out / shipped.BASE_MODEL_FILE
+
+
 # ---------------------------------------------------------------------------------------------
 # which model is used
 # ---------------------------------------------------------------------------------------------

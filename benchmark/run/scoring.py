@@ -92,8 +92,6 @@ class Scorer:
     def __init__(self, ctx, task):
         self.ctx = ctx
         self.task = task
-        if not hasattr(ctx, "shared_scoring"):
-            ctx.shared_scoring = SharedScoring(ctx)
         self.shared = ctx.shared_scoring
 
     @cached_property

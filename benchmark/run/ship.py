@@ -69,7 +69,7 @@ def ship(profile, cache_dir: Path, out_root: Path, quality: dict[str, Any], devi
     for task in judged.values():
         judge = ctx.scorer(task).judge
         networks.append((f"Dice judge, task {task.name}", judge.source, judge.meta))
-    for kind, ext in ctx.scorer(next(iter(TASKS.values()))).shared.extractors.items():  # shared by all tasks
+    for kind, ext in ctx.shared_scoring.extractors.items():
         networks.append((f"in-domain {kind} feature extractor", ext.source, {}))
     metrics = []
     for what, source, meta in networks:

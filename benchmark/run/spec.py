@@ -131,6 +131,13 @@ class RunContext:
     def test_subjects(self):
         return self.data.test_subjects(self.profile.sampling.n_test)
 
+    @cached_property
+    def shared_scoring(self):
+        """The extractors, LPIPS and training reference that every task's scorer shares."""
+        from benchmark.run.scoring import SharedScoring
+
+        return SharedScoring(self)
+
     def scorer(self, task: Task):
         from benchmark.run.scoring import Scorer
 
