@@ -160,10 +160,23 @@ def bands_above_zero(result: dict) -> int:
     return sum(1 for row in result.get("bands", []) if row.get("gap_ci_low", 0.0) > 0.0)
 
 
+NOISE_MSE_RATIO = "noise MSE / frozen"
+
+
+def noise_mse_ratio(result: dict) -> float | None:
+    """Own-condition noise MSE over the frozen base model's, geometric mean over the bands: about 1 for a
+    method that keeps the prior, far above 1 for one that has not learnt to denoise (diverged, or a model
+    trained from scratch that is still early)."""
+    ratios = [row["mse_own"] / row["mse_frozen"] for row in result.get("bands", [])
+              if "mse_own" in row and row.get("mse_frozen", 0.0) > 0.0]
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else None
+
+
 def summary_columns(result: dict) -> dict[str, float]:
-    """The probe's result as task-table columns (final checkpoint): the gap per band and the count of
-    bands whose CI excludes 0 from above."""
+    """The probe's result as task-table columns (final checkpoint): the gap per band, the count of
+    bands whose CI excludes 0 from above, and the noise MSE relative to the frozen model."""
     columns = {f"control gap {row['band']}": row["gap"] for row in result.get("bands", []) if "gap" in row}
     if columns:
         columns["control gap: bands CI>0"] = bands_above_zero(result)
+        columns[NOISE_MSE_RATIO] = noise_mse_ratio(result)
     return columns

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.engine.probe import NOISE_MSE_RATIO
 from benchmark.run.records import iter_records
 from datasets.tasks import TASKS, TaskError, get_task
 from metrics.suite import metric_of
@@ -38,9 +39,17 @@ DAGGER_NOTE = (f"{DAGGER} Fréchet distance computed with fewer volumes than fea
                "(covariances rank-deficient, the mean term dominates; protocol 'sample_size'): read it with the "
                "rel, recall and coverage columns")
 COLLAPSE_BELOW = 0.2  # recall or coverage (any feature space) under this: the row gets a warning
+NOT_DENOISING_ABOVE = 2.0  # noise MSE / frozen over this: the row gets a warning
 WARNING = "warning"
-WARNING_NOTE = (f"⚠ recall or coverage below {COLLAPSE_BELOW}: the samples cover little of the real data (e.g. a "
-                "collapsed generator making near copies); a low FD in this row is not better fidelity")
+WARNING_NOTES = {  # what a warning cell names -> the note under the table that explains it
+    ("Recall-", "Coverage-"): (
+        f"⚠ recall or coverage below {COLLAPSE_BELOW}: the samples cover little of the real data (e.g. a "
+        "collapsed generator making near copies); a low FD in this row is not better fidelity"),
+    (NOISE_MSE_RATIO,): (
+        f"⚠ {NOISE_MSE_RATIO} above {NOT_DENOISING_ABOVE:g}: at its final checkpoint the method predicts the noise "
+        "worse than the frozen base model it steers (training diverged, or a model trained from scratch is still "
+        "early); its Dice and FD measure a broken generator, not its control"),
+}
 
 
 def undersampled_columns(protocol: dict | None) -> str:
@@ -102,7 +111,7 @@ def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(PSEUDO_METHODS)}
     table = table.assign(_order=table.method.map(lambda m: order.get(m, len(order))))
     table = table.sort_values(["_order", "method", "size"], kind="stable").drop(columns="_order")
-    warnings = collapse_warnings(ok)
+    warnings = row_warnings(ok)
     if warnings is not None:
         table[WARNING] = [warnings.get((m, n), "") for m, n in zip(table["method"], table["size"])]
     table["method"] = table["method"].replace(PSEUDO_METHODS)
@@ -114,17 +123,23 @@ def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     return table
 
 
-def collapse_warnings(ok: pd.DataFrame) -> dict | None:
-    """(method, size) -> a warning where the mean recall or coverage over seeds is under ``COLLAPSE_BELOW``
-    in some feature space ("" where not); None when the records hold no recall or coverage."""
+def row_warnings(ok: pd.DataFrame) -> dict | None:
+    """(method, size) -> a warning ("" where none) from the means over seeds: recall or coverage under
+    ``COLLAPSE_BELOW`` in some feature space, or a noise MSE over ``NOT_DENOISING_ABOVE`` times the
+    frozen model's; None when the records hold none of these columns."""
     columns = [c for c in metric_columns(ok) if c.startswith(("Recall-", "Coverage-")) and ok[c].notna().any()]
-    if not columns:
+    has_ratio = NOISE_MSE_RATIO in ok and ok[NOISE_MSE_RATIO].notna().any()
+    if not columns and not has_ratio:
         return None
     out = {}
     for (method, size), runs in ok.groupby(["method", "size"]):
-        low = [f"{c} {v:.2f}" for c in columns for v in [pd.to_numeric(runs[c], errors="coerce").mean()]
-               if pd.notna(v) and v < COLLAPSE_BELOW]
-        out[(method, size)] = ("⚠ " + "; ".join(low)) if low else ""
+        def mean(column: str) -> float:
+            return pd.to_numeric(runs[column], errors="coerce").mean()
+
+        found = [f"{c} {mean(c):.2f}" for c in columns if mean(c) < COLLAPSE_BELOW]
+        if has_ratio and mean(NOISE_MSE_RATIO) > NOT_DENOISING_ABOVE:
+            found.append(f"{NOISE_MSE_RATIO} {mean(NOISE_MSE_RATIO):.3g}")
+        out[(method, size)] = ("⚠ " + "; ".join(found)) if found else ""
     return out
 
 
@@ -261,8 +276,9 @@ def write_table(table: pd.DataFrame, folder: Path, name: str, caption: str) -> l
     if daggers:
         marked.columns = [f"{m} {DAGGER}" if c in daggers else m for c, m in zip(table.columns, marked.columns)]
         notes.append(DAGGER_NOTE)
-    if WARNING in table and table[WARNING].astype(bool).any():
-        notes.append(WARNING_NOTE)
+    if WARNING in table:
+        cells = " ".join(table[WARNING].astype(str))
+        notes += [note for markers, note in WARNING_NOTES.items() if any(m in cells for m in markers)]
     markdown = marked.to_markdown(index=False) if not table.empty else "(no runs)"
     paths[1].write_text(f"**{caption}**\n\n" + markdown + "\n" + "".join(f"\n{n}\n" for n in notes))
     latex = table.to_latex(index=False, caption=caption, label=f"tab:{name}", escape=True) if not table.empty else ""
