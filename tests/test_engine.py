@@ -157,3 +157,16 @@ def test_training_settings_reject_impossible_micro_batches_and_precisions():
     with pytest.raises(ValueError, match="mixed_precision must be 'fp32' or 'bf16'"):
         TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16", **AUTHORS)
     assert TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16, **AUTHORS).micro_batch_size == 4
+
+
+def test_a_method_gets_its_own_learning_rate_where_the_profile_names_one():
+    from benchmark.profiles import Profile, load_profile
+
+    cpu = load_profile("cpu")
+    assert TrainSettings.from_profile(cpu, 50, "vcm").lr == float(cpu.training.lr) == 1e-3
+    assert TrainSettings.from_profile(cpu, 50, "t2i_adapter").lr == 1e-4  # diverges at 1e-3 (docs/CONTROL.md)
+    data = cpu.to_dict()
+    data["training"]["lr_by_method"] = {"t2i_adaptor": 1e-5}  # a typo in a profile file
+    typo = Profile(data)
+    with pytest.raises(ValueError, match="'t2i_adaptor', which is not a method; use one of: .*t2i_adapter"):
+        TrainSettings.from_profile(typo, 50, "vcm")

@@ -83,7 +83,7 @@ def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: i
     torch.manual_seed(stable_seed(seed, "init", name))
     method = cls(ctx.base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
     subjects = ctx.data.train_subjects(size)
-    settings = TrainSettings.from_profile(ctx.profile, len(subjects))
+    settings = TrainSettings.from_profile(ctx.profile, len(subjects), name)
     settings.steps = WARMUP + steps
     settings.warmup_steps = min(settings.warmup_steps, WARMUP)
     settings.checkpoint_every = 10**9  # only the final checkpoint, in a throw-away folder

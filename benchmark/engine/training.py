@@ -23,6 +23,7 @@ from core.loop import LoopSettings, TrainingDiverged, TrainingLoop  # TrainingDi
 from datasets.subject import Subject
 from datasets.tasks import Task
 from methods.base import FrozenLDM, Method
+from methods.registry import known_methods
 from metrics.cost import PeakMemory
 
 from benchmark.engine.latents import ConditionStore, LatentCache, scalar_batch, stable_seed
@@ -75,12 +76,20 @@ class TrainSettings:
         return warmup_then_cosine(self.steps, self.warmup_fraction, self.lr_floor)
 
     @classmethod
-    def from_profile(cls, profile, n_train: int) -> "TrainSettings":
+    def from_profile(cls, profile, n_train: int, method: str | None = None) -> "TrainSettings":
+        """The profile's training settings for ``method``: its ``training.lr_by_method`` entry replaces
+        ``training.lr`` where there is one (a method that diverges at the shared rate)."""
         t = profile.training
         steps = int(t.steps)
         if steps <= 0:  # paper protocol: epochs over the training set at the given minibatch
             steps = int(t.epochs) * math.ceil(n_train / int(t.batch_size))
-        return cls(steps, int(t.batch_size), float(t.lr), float(t.weight_decay),
+        lr_by_method = dict(t.get("lr_by_method") or {})
+        unknown = sorted(set(lr_by_method) - set(known_methods()))
+        if unknown:
+            raise ValueError(f"training.lr_by_method names {', '.join(map(repr, unknown))}, which is not a method; "
+                             f"use one of: {', '.join(known_methods())}")
+        lr = float(lr_by_method.get(method, t.lr))
+        return cls(steps, int(t.batch_size), lr, float(t.weight_decay),
                    int(t.warmup_steps), int(t.checkpoint_every), int(t.micro_batch_size), str(t.mixed_precision),
                    str(t.schedule), warmup_fraction=float(t.warmup_fraction), lr_floor=float(t.lr_floor),
                    flip_probability=float(t.flip_probability))

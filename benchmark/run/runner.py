@@ -36,7 +36,7 @@ def build_method(name: str, task: Task, ctx: RunContext, seed: int) -> BaseMetho
 
 
 def run_engine(spec: RunSpec, ctx: RunContext, n_train: int, probe="profile", stop_after: int | None = None):
-    return RunEngine(ctx, ctx.run_dir(spec), spec.seed, TrainSettings.from_profile(ctx.profile, n_train),
+    return RunEngine(ctx, ctx.run_dir(spec), spec.seed, TrainSettings.from_profile(ctx.profile, n_train, spec.method),
                      probe=probe, stop_after=stop_after)
 
 
@@ -118,7 +118,8 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
     gen_seconds = time.perf_counter() - gen_start
     if engine.train_result is not None:  # trained by the suite's loop: its cost, and the control probe
         train = engine.train_result
-        result = {"training": training_fields(info), "cost": ctx.scorer(task).cost(method, train, spec.size)}
+        result = {"training": {**training_fields(info), "lr": engine.settings.lr},
+                  "cost": ctx.scorer(task).cost(method, train, spec.size)}
         if engine.probe is not None:
             result["control_probe"] = {"protocol": engine.probe.describe(), "history": train.extra["control_probe"]}
     else:  # the method fitted itself
