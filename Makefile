@@ -19,7 +19,7 @@ venv: $(STAMP)
 # The main job: VCM at N = 50 on task lv with the shipped cpu base model and the cpu recipe, beside
 # the three reference rows (16 test subjects, a probe before training and at steps 150 and 300;
 # 11.5 to 18.5 minutes from a fresh clone on 2 cores, by the machine's speed: README "What to expect on CPU").
-# METHODS=vcm,ldm_finetune adds the fine-tuned LDM (~4 more minutes).
+# METHODS=vcm,ldm_finetune adds the fine-tuned LDM (~4 more minutes); METHODS=all: every method (~44 min, docs/CONTROL.md).
 METHODS ?= vcm
 benchmark: $(STAMP)
 	$(PY) run_benchmark.py --profile cpu --methods $(METHODS) --sizes 50 --task lv --seeds 0 \
