@@ -5,7 +5,7 @@ from pathlib import Path
 
 from benchmark.report.figures import write_figures
 from benchmark.run.records import iter_records
-from benchmark.report.tables import build_tables, records_frame
+from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, records_frame
 
 
 def _extractors(results_dir: Path) -> list[str]:
@@ -62,7 +62,9 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
               "gap (noise-prediction MSE with another subject's condition minus with its own, per timestep band, "
               "from the probe at the final checkpoint) is positive; \"control gap: bands CI>0\" counts the bands "
               "whose bootstrap 95% CI lies above 0. The ceiling is \"reference (real vs real)\", the floor "
-              "\"base model, unconditioned\".", ""]
+              "\"base model, unconditioned\". \"noise MSE / frozen\" is the method's own-condition noise MSE "
+              "over the frozen base model's at that probe: about 1 for a method that keeps the prior; a row "
+              f"above {NOT_DENOISING_ABOVE:g} is warned (the method diverged or has not yet learnt to denoise).", ""]
     lines += [f"![{p.stem}](figures/{p.name})" for p in figures if p.name.startswith("control_gap_")]
     lines += ["", "## Tables", ""]
     for name, table in tables.items():
