@@ -39,10 +39,11 @@ DAGGER_NOTE = (f"{DAGGER} Fréchet distance computed with fewer volumes than fea
                "(covariances rank-deficient, the mean term dominates; protocol 'sample_size'): read it with the "
                "rel, recall and coverage columns")
 COLLAPSE_BELOW = 0.2  # recall or coverage (any feature space) under this: the row gets a warning
+COLLAPSE_COLUMNS = ("Recall-", "Coverage-")  # the column stems COLLAPSE_BELOW applies to
 NOT_DENOISING_ABOVE = 2.0  # noise MSE / frozen over this: the row gets a warning
 WARNING = "warning"
 WARNING_NOTES = {  # what a warning cell names -> the note under the table that explains it
-    ("Recall-", "Coverage-"): (
+    COLLAPSE_COLUMNS: (
         f"⚠ recall or coverage below {COLLAPSE_BELOW}: the samples cover little of the real data (e.g. a "
         "collapsed generator making near copies); a low FD in this row is not better fidelity"),
     (NOISE_MSE_RATIO,): (
@@ -127,7 +128,7 @@ def row_warnings(ok: pd.DataFrame) -> dict | None:
     """(method, size) -> a warning ("" where none) from the means over seeds: recall or coverage under
     ``COLLAPSE_BELOW`` in some feature space, or a noise MSE over ``NOT_DENOISING_ABOVE`` times the
     frozen model's; None when the records hold none of these columns."""
-    columns = [c for c in metric_columns(ok) if c.startswith(("Recall-", "Coverage-")) and ok[c].notna().any()]
+    columns = [c for c in metric_columns(ok) if c.startswith(COLLAPSE_COLUMNS) and ok[c].notna().any()]
     has_ratio = NOISE_MSE_RATIO in ok and ok[NOISE_MSE_RATIO].notna().any()
     if not columns and not has_ratio:
         return None
