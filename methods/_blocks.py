@@ -22,11 +22,14 @@ baselines):
 - :func:`copy_matching_weights` — initialise a trainable copy from a frozen model: every
   tensor whose name and shape match is copied; returns what was copied and what was not.
 - :func:`widen_input_conv` — widen a ``Conv3d`` for extra input channels, the new weights zero.
+- :func:`precomputed_child` — stand a known output in for a submodule for one call (a condition
+  encoder computed once per sampling batch).
 - :func:`unet_kwargs` — the frozen UNet's kwargs, optionally without its cross-attention,
   filtered to what a MONAI constructor accepts; :func:`unet_context` — its context input.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -242,3 +245,25 @@ def widen_input_conv(conv: nn.Conv3d, extra: int) -> nn.Conv3d:
         if conv.bias is not None:
             wide.bias.copy_(conv.bias)
     return wide
+
+
+class _Precomputed(nn.Module):
+    def __init__(self, value: Any):
+        super().__init__()
+        self.value = value
+
+    def forward(self, *_args, **_kwargs) -> Any:
+        return self.value
+
+
+@contextlib.contextmanager
+def precomputed_child(parent: nn.Module, name: str, value: Any):
+    """Within the block, ``parent.<name>`` returns ``value`` instead of computing it: for a library
+    network (MONAI's ControlNet) whose forward computes a condition embedding that the caller already
+    has. The child is put back afterwards, whatever happens."""
+    child = getattr(parent, name)
+    setattr(parent, name, _Precomputed(value))
+    try:
+        yield
+    finally:
+        setattr(parent, name, child)

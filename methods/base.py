@@ -15,6 +15,7 @@ the base model is held by reference and is never registered as a submodule, so
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
@@ -182,10 +183,46 @@ class BaseMethod(nn.Module):
 
 class Method(BaseMethod):
     """A method that steers the frozen model's sampler: define ``predict_noise`` (and, optionally,
-    ``training_loss`` and ``prepare``); ``fit`` and ``generate`` hand it to the suite's engine."""
+    ``training_loss`` and ``prepare``); ``fit`` and ``generate`` hand it to the suite's engine.
+
+    A part of ``predict_noise`` that depends on the conditions alone (no timestep, no latent: VCM's
+    condition encoder, ControlNet's input-hint CNN, T2I-Adapter's features) may be wrapped in
+    :meth:`condition_features`. While the engine holds :meth:`reusing_condition_features` open
+    (sampling and the control probe, where the parameters are frozen and the same conditions come at
+    every DDIM step and draw), it is computed once per conditions object instead of at every call.
+    ``reuse_condition_features`` (the profile's ``speed.reuse_condition_features``) switches this off.
+    """
+
+    reuse_condition_features: bool = True
+    _feature_cache: dict | None = None
 
     def prepare(self, train_subjects: Sequence[Any]) -> None:
         """Optional hook, called once before training with the training subjects."""
+
+    @contextlib.contextmanager
+    def reusing_condition_features(self):
+        """Within this block (no gradients, parameters unchanged), :meth:`condition_features` computes
+        each feature once per conditions object."""
+        outer = self._feature_cache
+        self._feature_cache = {} if self.reuse_condition_features else None
+        try:
+            yield
+        finally:
+            self._feature_cache = outer
+
+    def condition_features(self, key: str, conditions: Conditions, compute: Callable[[], Any]) -> Any:
+        """``compute()``, a function of ``conditions`` alone, or its value from an earlier call with the
+        same conditions object (same tensors, unmodified) inside :meth:`reusing_condition_features`."""
+        cache = self._feature_cache
+        if cache is None or torch.is_grad_enabled():
+            return compute()
+        identity = tuple((id(t), t._version) for t in (*conditions.tensors.values(), *conditions.present.values()))
+        hit = cache.get((key, id(conditions)))
+        if hit is not None and hit[0] is conditions and hit[1] == identity:
+            return hit[2]
+        value = compute()
+        cache[(key, id(conditions))] = (conditions, identity, value)  # holding it keeps its id unique
+        return value
 
     def predict_noise(
         self, z_t: torch.Tensor, t: torch.Tensor, conditions: Conditions, scalars: torch.Tensor
@@ -212,7 +249,8 @@ class Method(BaseMethod):
         """The suite's DDIM sampler on ``predict_noise``."""
         if engine is None:
             raise ValueError(f"method '{self.name}' samples through the suite's engine; pass engine=")
-        return engine.sample(self.predict_noise, conditions, scalars, subjects)
+        with self.reusing_condition_features():
+            return engine.sample(self.predict_noise, conditions, scalars, subjects)
 
 
 class DirectMethod(BaseMethod):

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from monai.networks.nets import ControlNet as MonaiControlNet
 
-from methods._blocks import copy_matching_weights, downsampling_levels, unet_context, unet_kwargs
+from methods._blocks import copy_matching_weights, downsampling_levels, precomputed_child, unet_context, unet_kwargs
 from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
@@ -64,7 +64,13 @@ class ControlNet(Method):
     def residuals(self, z_t: torch.Tensor, t: torch.Tensor, conditions: Conditions, scalars: torch.Tensor):
         hint = conditions.stacked().to(dtype=z_t.dtype)
         context = unet_context(self.base, scalars) if self.cross_attention else None
-        return self.net(self.base.unet_input(z_t, scalars), timesteps=t, controlnet_cond=hint, context=context)
+        x = self.base.unet_input(z_t, scalars)
+        if self._feature_cache is None or torch.is_grad_enabled():
+            return self.net(x, timesteps=t, controlnet_cond=hint, context=context)
+        # Sampling or probe: the input-hint CNN depends on the condition alone; run it once per batch.
+        embedded = self.condition_features("hint", conditions, lambda: self.net.controlnet_cond_embedding(hint))
+        with precomputed_child(self.net, "controlnet_cond_embedding", embedded):
+            return self.net(x, timesteps=t, controlnet_cond=hint, context=context)
 
     def predict_noise(self, z_t, t, conditions, scalars):
         down, mid = self.residuals(z_t, t, conditions, scalars)

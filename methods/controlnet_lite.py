@@ -49,7 +49,8 @@ class LiteControlNetMethod(Method):
     def predict_noise(
         self, z_t: torch.Tensor, t: torch.Tensor, conditions: Conditions, scalars: torch.Tensor
     ) -> torch.Tensor:
-        down, mid = self.net(condition_input(conditions, self.condition_channels).to(z_t.dtype))
+        down, mid = self.condition_features(  # the residuals depend on the condition alone
+            "residuals", conditions, lambda: self.net(condition_input(conditions, self.condition_channels).to(z_t.dtype)))
         # Gradients flow through the frozen UNet (its parameters do not require grad) to the residuals.
         return self.base.unet(z_t, t, scalars, down_residuals=down, mid_residual=mid)
 

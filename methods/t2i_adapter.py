@@ -135,6 +135,6 @@ class T2IAdapter(Method):
     def predict_noise(
         self, z_t: torch.Tensor, t: torch.Tensor, conditions: Conditions, scalars: torch.Tensor
     ) -> torch.Tensor:
-        feats = self.features(conditions, z_t.dtype)
+        feats = self.condition_features("features", conditions, lambda: self.features(conditions, z_t.dtype))
         with add_to_level_outputs(self.base.diffusion, feats):
             return self.base.unet(z_t, t, scalars)

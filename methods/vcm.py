@@ -139,7 +139,7 @@ class VCM(Method):
     def modulation(self, z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
                    conditions: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma_t, beta_t), each at latent shape."""
-        cond = self.encode_conditions(conditions, z_t)
+        cond = self.condition_features("encoded", conditions, lambda: self.encode_conditions(conditions, z_t))
         if cond.shape[2:] != z_t.shape[2:]:
             raise MethodError(
                 f"VCM's condition encoder gave a grid {tuple(cond.shape[2:])} but the latent grid is "

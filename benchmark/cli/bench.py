@@ -18,20 +18,37 @@ by which timings of different machines and sessions are compared (they differ 3-
 the pretrained one (costs depend on the architecture, not on the weights), so the benchmark can
 run before pretraining; the output says which base was used.
 
+``--compare-off`` times every method twice in the same process, with the profile's ``speed``
+options and with all of them off (plain PyTorch), alternating per method so that drifts of a shared
+machine fall on both alike, and reports the ratio off/on per method and its geometric mean, for
+the training step, for sampling one batch (``sampling.batch_size`` subjects, ``sampling.ddim_steps``
+DDIM steps) and for a control-probe measurement at a checkpoint after the first (the first, which
+also computes the frozen model's errors, is reported beside it) (``--parts`` picks). It also reports how far
+the two agree: the first training losses (relative), the sampled volumes (largest absolute
+difference) and the probe's control gaps.
+
+``--profile-ops`` writes each method's top operators by self time (``torch.profiler``) for training
+steps, sampling and the probe, to ``<stem>-ops.md``.
+
 Writes ``<out>/methods-<profile>-<task>-<size>.json`` and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmark.engine.latents import LatentCache, stable_seed
+from benchmark.engine.latents import LatentCache, condition_batch, scalar_batch
+from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainSettings, train_method
+from benchmark.run.engine import RunEngine, control_probe
+from benchmark.run.runner import build_method
 from benchmark.cli import load_plugins, load_profile_from
 from benchmark.run.spec import RunContext
 from datasets.tasks import get_task
@@ -78,23 +95,133 @@ def time_autoencoder_step(base, profile, warmup: int, steps: int, device: str) -
     return timer.seconds_per_step
 
 
-def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: int) -> dict:
-    cls = get_method(name, task.name)
-    torch.manual_seed(stable_seed(seed, "init", name))
-    method = cls(ctx.base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
+PARTS = ("train", "sample", "probe")
+TOP_OPS = 15
+
+
+def _ops_table(prof, title: str) -> str:
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=TOP_OPS, max_name_column_width=44)
+    return f"### {title}\n\n```\n{table}\n```\n"
+
+
+@contextlib.contextmanager
+def _maybe_profile(enabled: bool, sink: list, title: str):
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    sink.append(_ops_table(prof, title))
+
+
+def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: int,
+                speed: SpeedOptions, parts=PARTS, ops: list | None = None) -> dict:
+    """Times ``parts`` of method ``name`` built with ``speed``; returns timings and what was computed
+    (first losses, the sampled batch, the probe's gaps), so that two settings can be compared."""
+    label = "on" if speed != SpeedOptions.off() else "off"
+    speed.apply_base(ctx.base)
+    method = build_method(name, task, ctx, seed, speed)
     subjects = ctx.data.train_subjects(size)
     settings = TrainSettings.from_profile(ctx.profile, len(subjects), name)
     settings.steps = WARMUP + steps
     settings.warmup_steps = min(settings.warmup_steps, WARMUP)
     settings.checkpoint_every = 10**9  # only the final checkpoint, in a throw-away folder
+    row: dict = {"trainable_parameters": count_parameters(method)["trainable"]}
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as run_dir:
-        wall = time.perf_counter()
-        result = train_method(method, ctx.base, subjects, task, settings, ctx.latents, Path(run_dir),
-                                     seed, ctx.device, progress=False)
-    return {"trainable_parameters": count_parameters(method)["trainable"],
-            "seconds_per_step": result.seconds_per_step,
-            "wall_seconds": round(time.perf_counter() - wall, 2),
-            "peak_memory": result.peak_memory}
+        if "train" in parts:
+            wall = time.perf_counter()
+            with _maybe_profile(ops is not None, ops if ops is not None else [], f"{name}, speed {label}: training"):
+                result = train_method(method, ctx.base, subjects, task, settings, ctx.latents, Path(run_dir),
+                                      seed, ctx.device, progress=False)
+            row.update(seconds_per_step=result.seconds_per_step, wall_seconds=round(time.perf_counter() - wall, 2),
+                       peak_memory=result.peak_memory, first_losses=result.losses[:WARMUP])
+        method.eval()
+        if "sample" in parts:
+            test = ctx.test_subjects()[: int(ctx.profile.sampling.batch_size)]
+            engine = RunEngine(ctx, Path(run_dir), seed, settings, probe=None)
+            conditions, scalars = condition_batch(task, test, device=ctx.device), scalar_batch(test, ctx.device)
+            start = time.perf_counter()
+            with _maybe_profile(ops is not None, ops if ops is not None else [], f"{name}, speed {label}: sampling"):
+                volumes = method.generate(conditions, scalars, test, engine)
+            row.update(sample_seconds=time.perf_counter() - start, sample_batch=len(test),
+                       ddim_steps=int(ctx.profile.sampling.ddim_steps), _volumes=volumes.detach().cpu())
+        if "probe" in parts:
+            probe = control_probe(task, ctx, seed)
+            if probe is None:
+                raise MethodError("the profile's probe is off (probe.enabled: false); leave 'probe' out of --parts")
+            probe.reuse_frozen = speed.reuse_frozen_prediction
+            start = time.perf_counter()
+            probe.measure(method)  # the first measurement of a run (before training)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            with _maybe_profile(ops is not None, ops if ops is not None else [], f"{name}, speed {label}: probe"):
+                measured = probe.measure(method)  # every later checkpoint
+            row.update(probe_seconds=time.perf_counter() - start, probe_first_seconds=first,
+                       probe_gaps=[band["gap"] for band in measured["bands"]],
+                       probe_mse_own=[band["mse_own"] for band in measured["bands"]])
+    return row
+
+
+def agreement(on: dict, off: dict) -> dict:
+    """How far the numbers computed with the speed options on and off differ."""
+    out = {}
+    if "first_losses" in on:
+        out["loss_max_rel_diff"] = max(abs(a - b) / max(abs(a), abs(b), 1e-12)
+                                       for a, b in zip(on["first_losses"], off["first_losses"]))
+    if "_volumes" in on:
+        out["sample_max_abs_diff"] = float((on["_volumes"] - off["_volumes"]).abs().max())
+    if "probe_gaps" in on:
+        out["probe_gap_max_abs_diff"] = max(abs(a - b) for a, b in zip(on["probe_gaps"], off["probe_gaps"]))
+        out["probe_mse_max_rel_diff"] = max(abs(a - b) / max(abs(a), abs(b), 1e-12)
+                                            for a, b in zip(on["probe_mse_own"], off["probe_mse_own"]))
+    return out
+
+
+TIMED = {"train": "seconds_per_step", "sample": "sample_seconds", "probe": "probe_seconds"}
+
+
+def geometric_mean(values) -> float | None:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def compare_markdown(report: dict) -> str:
+    parts = report["parts"]
+    lines = [f"# Speed options on vs off: profile `{report['profile']}`, task `{report['task']}`, size {report['size']}",
+             "", f"Device: {report['device']}; {report['torch_threads']} torch threads; batch size {report['batch_size']}; "
+             f"training: median of {report['steps']} steps after {report['warmup']} warm-up steps; sampling: one batch of "
+             f"{report['sample_batch']} subjects, {report['ddim_steps']} DDIM steps; probe: a measurement at a checkpoint after "
+             "the first (the first, with the frozen model's errors, in the JSON as probe_first_seconds).", "",
+             f"Machine speed: one base-autoencoder pretraining step (batch {report['autoencoder_batch_size']}) takes "
+             f"{report['autoencoder_step_seconds']:.3f} s.", "",
+             f"Options on: {', '.join(k for k, v in report['speed_on'].items() if v) or 'none'}.", "",
+             f"Command: `{report['command']}`", ""]
+    head = ["method"] + [f"{p} off (s)" for p in parts] + [f"{p} on (s)" for p in parts] + [f"{p} speed-up" for p in parts]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["methods"]:
+        if "error" in row:
+            lines.append(f"| {row['method']} | failed: {row['error']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [row["method"]]
+        cells += [f"{row['off'][TIMED[p]]:.3f}" for p in parts]
+        cells += [f"{row['on'][TIMED[p]]:.3f}" for p in parts]
+        cells += [f"{row['speedup'][p]:.2f}x" for p in parts]
+        lines.append("| " + " | ".join(cells) + " |")
+    gm = report["geometric_mean_speedup"]
+    lines.append("| **geometric mean** |" + " |" * (2 * len(parts)) + " | ".join(
+        f"**{gm[p]:.2f}x**" if gm.get(p) else "" for p in parts) + " |")
+    lines += ["", "Agreement of what was computed (options on vs off):", "",
+              "| method | first losses, max rel. diff | sampled volumes, max abs diff | probe gap, max abs diff | probe MSE, max rel. diff |",
+              "|---|---:|---:|---:|---:|"]
+    for row in report["methods"]:
+        if "agreement" in row:
+            a = row["agreement"]
+            lines.append(f"| {row['method']} | " + " | ".join(
+                f"{a[k]:.2e}" if k in a else "" for k in ("loss_max_rel_diff", "sample_max_abs_diff",
+                                                          "probe_gap_max_abs_diff", "probe_mse_max_rel_diff")) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict) -> str:
@@ -126,6 +253,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-base", action="store_true",
                    help="time a randomly initialised base model of the profile's architecture (no pretraining)")
+    p.add_argument("--compare-off", action="store_true",
+                   help="time every method with the profile's speed options and with all of them off, and report the ratios")
+    p.add_argument("--parts", default="train",
+                   help=f"with --compare-off: what to time, comma-separated from {', '.join(PARTS)} (default train)")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="write each method's top operators by self time (torch.profiler) to <stem>-ops.md")
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=run)
 
@@ -168,10 +301,18 @@ def run(args) -> int:
     report["autoencoder_step_seconds"] = time_autoencoder_step(ctx.base, profile, WARMUP, args.steps, ctx.device)
     print(f"machine speed: base autoencoder step {report['autoencoder_step_seconds']:.3f} s "
           f"(batch {report['autoencoder_batch_size']})", flush=True)
+    speed_on = SpeedOptions.from_profile(profile)
+    ops: list | None = [] if args.profile_ops else None
+    if args.compare_off:
+        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown or not parts:
+            raise MethodError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+        return _compare(args, ctx, task, names, report, rows, stem, speed_on, parts, ops)
     for name in names:
         frozen = time_frozen_forward(ctx.base, batch, WARMUP, args.steps, ctx.device)
         try:
-            row = time_method(name, ctx, task, args.size, args.steps, args.seed)
+            row = time_method(name, ctx, task, args.size, args.steps, args.seed, speed_on, ("train",), ops)
         except Exception as err:  # one failing method must not hide the others' numbers
             rows.append({"method": name, "error": f"{type(err).__name__}: {err}"})
         else:
@@ -183,6 +324,41 @@ def run(args) -> int:
         # Written after every method: an interrupted benchmark keeps what it measured.
         stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
         stem.with_suffix(".md").write_text(markdown(report))
+        _write_ops(stem, ops)
     print(f"wrote {stem}.json and {stem}.md")
     return 1 if any("error" in r for r in rows) else 0
 
+
+
+def _write_ops(stem: Path, ops: list | None) -> None:
+    if ops:
+        Path(f"{stem}-ops.md").write_text("# Top operators by self time\n\n" + "\n".join(ops))
+
+
+def _compare(args, ctx, task, names, report, rows, stem, speed_on, parts, ops) -> int:
+    stem = stem.with_name(stem.name + "-speed")
+    report.update(speed_on=speed_on.as_dict(), parts=parts, sample_batch=int(ctx.profile.sampling.batch_size),
+                  ddim_steps=int(ctx.profile.sampling.ddim_steps))
+    for name in names:
+        try:
+            on = time_method(name, ctx, task, args.size, args.steps, args.seed, speed_on, parts, ops)
+            off = time_method(name, ctx, task, args.size, args.steps, args.seed, SpeedOptions.off(), parts, ops)
+        except Exception as err:  # one failing method must not hide the others' numbers
+            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"})
+        else:
+            speedup = {p: off[TIMED[p]] / on[TIMED[p]] for p in parts}
+            row = {"method": name, "agreement": agreement(on, off), "speedup": speedup,
+                   "on": {k: v for k, v in on.items() if not k.startswith("_")},
+                   "off": {k: v for k, v in off.items() if not k.startswith("_")}}
+            rows.append(row)
+            print(f"{name:16s} " + "  ".join(f"{p} {off[TIMED[p]]:.3f} -> {on[TIMED[p]]:.3f} s ({speedup[p]:.2f}x)"
+                                             for p in parts), flush=True)
+        report["geometric_mean_speedup"] = {
+            p: geometric_mean(r["speedup"][p] for r in rows if "speedup" in r) for p in parts}
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        stem.with_suffix(".md").write_text(compare_markdown(report))
+        _write_ops(stem, ops)
+    gm = report["geometric_mean_speedup"]
+    print("geometric mean speed-up: " + ", ".join(f"{p} {gm[p]:.2f}x" for p in parts if gm.get(p)))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 1 if any("error" in r for r in rows) else 0

@@ -16,6 +16,7 @@ before it is visible in samples, and it says when during training control emerge
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +25,7 @@ import torch
 
 from datasets.subject import Subject
 from datasets.tasks import Task
-from methods.base import Conditions, FrozenLDM, Method
+from methods.base import FrozenLDM, Method
 
 DEFAULT_BANDS = 4        # equal bands of the training timesteps: [0, T/4), [T/4, T/2), ...
 DEFAULT_DRAWS = 2        # noise draws per subject and band
@@ -75,7 +76,7 @@ class ControlProbe:
 
     def __init__(self, base: FrozenLDM, task: Task, subjects: Sequence[Subject], latents: torch.Tensor,
                  seed: int = 0, bands: int = DEFAULT_BANDS, draws: int = DEFAULT_DRAWS, batch_size: int = 8,
-                 device: str = "cpu"):
+                 device: str = "cpu", reuse_frozen: bool = True):
         from benchmark.engine.latents import ConditionStore, scalar_batch
 
         if bands < 1 or draws < 1:
@@ -86,6 +87,8 @@ class ControlProbe:
         self.base, self.task, self.seed = base, task, int(seed)
         self.ids = [s.id for s in subjects]
         self.batch_size, self.device = int(batch_size), device
+        self.reuse_frozen = bool(reuse_frozen)  # the profile's speed.reuse_frozen_prediction
+        self._frozen_mse: torch.Tensor | None = None  # (bands, subjects), after the first measurement
         self.other = derangement(n, seed)
         total = int(base.train_scheduler.num_train_timesteps)
         edges = np.linspace(0, total, bands + 1).round().astype(int)
@@ -98,55 +101,67 @@ class ControlProbe:
         self.scalars = scalar_batch(subjects)
         self.conditions = ConditionStore(task, subjects)
 
-    def _mse(self, predict, index: np.ndarray, own: bool, band: int, draw: int) -> torch.Tensor:
-        """Per-subject MSE of ``predict`` on subjects ``index`` (their own or the deranged conditions)."""
-        idx = torch.from_numpy(index)
-        z0 = self.latents[idx]
-        noise = self.noise[band, draw][idx]
-        t = self.timesteps[band, draw][idx]
-        z_t = self.base.train_scheduler.add_noise(z0, noise, t)
-        cond_index = index if own else self.other[index]
-        conditions = self.conditions.batch(cond_index, device=self.device)
-        pred = predict(z_t.to(self.device), t.to(self.device), conditions, self.scalars[idx].to(self.device))
-        return ((pred.float().cpu() - noise) ** 2).flatten(1).mean(dim=1)
-
     @torch.no_grad()
     def measure(self, method: Method | None) -> dict:
         """MSE of the frozen model and of ``method`` (own and other condition) per band, and the gap.
 
-        With ``method=None`` only the frozen model's MSE is computed (the floor of the loss)."""
+        With ``method=None`` only the frozen model's MSE is computed (the floor of the loss).
+
+        Per batch of subjects the own and the deranged conditions are built once and every band and
+        draw reuses them, so a condition encoder that does not depend on time runs once per batch
+        (``Method.reusing_condition_features``), and the frozen model's prediction for one noisy latent
+        is computed once for the three predictions that need it (``reuse_frozen``); the frozen model's own
+        errors, the same at every checkpoint, are computed at the first measurement only (``reuse_frozen``)."""
         was_training = method.training if method is not None else False
         if method is not None:
             method.eval()
-
-        def frozen(z_t, t, conditions: Conditions, scalars):
-            return self.base.unet(z_t, t, scalars)
-
-        n = len(self.ids)
-        bands = []
+        n, n_bands, draws = len(self.ids), len(self.bands), int(self.noise.shape[1])
+        mse = {k: torch.zeros(n_bands, n) for k in ("frozen", "own", "other")}
+        # The frozen model and the probe's inputs never change: its errors are the same at every checkpoint.
+        known_frozen = self._frozen_mse if self.reuse_frozen else None
+        if known_frozen is not None:
+            mse["frozen"] = known_frozen.clone()
+        reuse_frozen = getattr(self.base, "reusing_predictions", None)
+        reusing = reuse_frozen(self.reuse_frozen) if reuse_frozen is not None else contextlib.nullcontext()
+        features = method.reusing_condition_features() if method is not None else contextlib.nullcontext()
         try:
-            for b, band in enumerate(self.bands):
-                per = {"frozen": torch.zeros(n), "own": torch.zeros(n), "other": torch.zeros(n)}
-                draws = self.noise.shape[1]
-                for d in range(draws):
-                    for start in range(0, n, self.batch_size):
-                        index = np.arange(start, min(n, start + self.batch_size))
-                        per["frozen"][index] += self._mse(frozen, index, True, b, d) / draws
-                        if method is not None:
-                            per["own"][index] += self._mse(method.predict_noise, index, True, b, d) / draws
-                            per["other"][index] += self._mse(method.predict_noise, index, False, b, d) / draws
-                row = {"band": band.label, "t_lo": band.lo, "t_hi": band.hi - 1,
-                       "mse_frozen": float(per["frozen"].mean())}
-                if method is not None:
-                    gap = (per["other"] - per["own"]).numpy().astype(np.float64)
-                    lo, hi = bootstrap_ci(gap, self.seed + b)
-                    row.update({"mse_own": float(per["own"].mean()), "mse_other": float(per["other"].mean()),
-                                "gap": float(gap.mean()), "gap_ci_low": lo, "gap_ci_high": hi})
-                bands.append(row)
+            with reusing, features:
+                for start in range(0, n, self.batch_size):
+                    index = np.arange(start, min(n, start + self.batch_size))
+                    idx = torch.from_numpy(index)
+                    own = self.conditions.batch(index, device=self.device)
+                    other = self.conditions.batch(self.other[index], device=self.device)
+                    scalars = self.scalars[idx].to(self.device)
+                    for b in range(n_bands):
+                        for d in range(draws):
+                            noise = self.noise[b, d][idx]
+                            t = self.timesteps[b, d][idx]
+                            z_t = self.base.train_scheduler.add_noise(self.latents[idx], noise, t).to(self.device)
+                            t = t.to(self.device)
+
+                            def error(pred: torch.Tensor) -> torch.Tensor:
+                                return ((pred.float().cpu() - noise) ** 2).flatten(1).mean(dim=1) / draws
+
+                            if known_frozen is None:
+                                mse["frozen"][b, idx] += error(self.base.unet(z_t, t, scalars))
+                            if method is not None:
+                                mse["own"][b, idx] += error(method.predict_noise(z_t, t, own, scalars))
+                                mse["other"][b, idx] += error(method.predict_noise(z_t, t, other, scalars))
         finally:
             if method is not None and was_training:
                 method.train()
-        return {"bands": bands, "subjects": n, "draws": int(self.noise.shape[1]), "seed": self.seed}
+        self._frozen_mse = mse["frozen"].clone()
+        bands = []
+        for b, band in enumerate(self.bands):
+            row = {"band": band.label, "t_lo": band.lo, "t_hi": band.hi - 1,
+                   "mse_frozen": float(mse["frozen"][b].mean())}
+            if method is not None:
+                gap = (mse["other"][b] - mse["own"][b]).numpy().astype(np.float64)
+                lo, hi = bootstrap_ci(gap, self.seed + b)
+                row.update({"mse_own": float(mse["own"][b].mean()), "mse_other": float(mse["other"][b].mean()),
+                            "gap": float(gap.mean()), "gap_ci_low": lo, "gap_ci_high": hi})
+            bands.append(row)
+        return {"bands": bands, "subjects": n, "draws": draws, "seed": self.seed}
 
     def describe(self) -> dict:
         return {"subjects": len(self.ids), "bands": [b.label for b in self.bands], "draws": int(self.noise.shape[1]),

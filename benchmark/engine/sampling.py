@@ -79,8 +79,9 @@ def sample_method(method: Method, base: FrozenLDM, subjects: Sequence[Subject], 
                   num_steps: int, batch_size: int, seed: int, device: str = "cpu",
                   progress: bool = True) -> np.ndarray:
     method.eval()
-    return sample(method.predict_noise, base, subjects, task, num_steps, batch_size, seed,
-                  device, progress, desc=f"sample {method.name}")
+    with method.reusing_condition_features():
+        return sample(method.predict_noise, base, subjects, task, num_steps, batch_size, seed,
+                      device, progress, desc=f"sample {method.name}")
 
 
 def sample_unconditioned(base: FrozenLDM, subjects: Sequence[Subject], task: Task, num_steps: int,

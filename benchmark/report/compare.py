@@ -17,9 +17,10 @@ from typing import Any, Iterator
 
 from benchmark.run.records import read_record
 
-# Record fields (at any depth) that measure the machine rather than the method.
+# Record fields (at any depth) that measure the machine rather than the method; ``speed`` (the options
+# that change how fast the same numbers come) too, so that a grid run with them on and off compares.
 MEASUREMENT_KEYS = re.compile(r"(seconds|wall|elapsed|finished_at|started_at|peak_memory|device_days|"
-                              r"gpu_days|per_step|_at$|^device$)", re.IGNORECASE)
+                              r"gpu_days|per_step|_at$|^device$|^speed$)", re.IGNORECASE)
 
 
 def _same_path(a: str, b: str) -> bool:

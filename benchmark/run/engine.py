@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from benchmark.engine.sampling import sample_batch
+from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainResult, TrainSettings, train_method
 from datasets.tasks import Task
 
@@ -26,7 +27,7 @@ def control_probe(task: Task, ctx, seed: int):
     latents = ctx.latents.get(test, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
     return ControlProbe(ctx.base, task, test, latents, seed=seed, bands=int(cfg.bands),
                         draws=int(cfg.draws), batch_size=int(ctx.profile.sampling.batch_size),
-                        device=ctx.device)
+                        device=ctx.device, reuse_frozen=SpeedOptions.from_profile(ctx.profile).reuse_frozen_prediction)
 
 
 class RunEngine:

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from benchmark.engine.speed import SpeedOptions
 from benchmark.run.records import library_versions, read_record, write_record
 from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
@@ -40,6 +41,7 @@ def run_and_record(spec: RunSpec, ctx: RunContext, force: bool = False) -> dict:
         "profile": ctx.profile.name, "config_hash": ctx.config_hash(spec),
         "versions": library_versions(), "device": device_name(ctx.device),
         "data": ctx.data.identity, "record_version": 1,
+        "speed": SpeedOptions.from_profile(ctx.profile).as_dict(),
     }
     run_dir = ctx.run_dir(spec)
     try:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
 from benchmark.engine.sampling import sample_unconditioned
+from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainSettings
 from benchmark.run.engine import RunEngine, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
 from benchmark.run.spec import RunContext, RunKind, RunSpec
@@ -26,13 +27,15 @@ from methods.registry import get_method
 # ---- building and training a method ------------------------------------------------------
 
 
-def build_method(name: str, task: Task, ctx: RunContext, seed: int) -> BaseMethod:
-    """Method ``name`` for ``task``, with the same initial weights per seed; a method that does not use
-    the base model gets ``base=None`` (the base model is then never loaded for it)."""
+def build_method(name: str, task: Task, ctx: RunContext, seed: int, speed: SpeedOptions | None = None) -> BaseMethod:
+    """Method ``name`` for ``task``, with the same initial weights per seed, set up with the profile's
+    speed options (or ``speed``); a method that does not use the base model gets ``base=None`` (the
+    base model is then never loaded for it)."""
     cls = get_method(name, task)
     base = ctx.base if cls.uses_base_model else None  # loaded before seeding: same weights either way
     torch.manual_seed(stable_seed(seed, "init", name))
-    return cls(base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
+    method = cls(base, task.modalities, ctx.profile.methods.get(name, {})).to(ctx.device)
+    return (speed or SpeedOptions.from_profile(ctx.profile)).apply(method)
 
 
 def run_engine(spec: RunSpec, ctx: RunContext, n_train: int, probe="profile", stop_after: int | None = None):

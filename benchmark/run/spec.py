@@ -111,8 +111,12 @@ class RunContext:
     def base(self):
         from benchmark.base.cache import load_base_model
 
-        return load_base_model(self.profile, self.cache_dir, weights_dir=self.weights_dir,
+        from benchmark.engine.speed import SpeedOptions
+
+        base = load_base_model(self.profile, self.cache_dir, weights_dir=self.weights_dir,
                                device=self.device, progress=self.progress)
+        SpeedOptions.from_profile(self.profile).apply_base(base)
+        return base
 
     @cached_property
     def base_hash(self) -> str:
@@ -152,8 +156,11 @@ class RunContext:
         return self.out_dir / "records" / f"{spec.name}.json"
 
     def config_hash(self, spec: RunSpec) -> str:
+        """What makes the run's numbers: the profile (less its ``speed`` section, which changes only how
+        fast the same numbers come), the run, the code version, the data and the weights."""
+        profile = {k: v for k, v in self.profile.to_dict().items() if k != "speed"}
         blob = json.dumps(
-            {"profile": self.profile.to_dict(), "spec": spec.identity(), "code": CODE_VERSION,
+            {"profile": profile, "spec": spec.identity(), "code": CODE_VERSION,
              "data": self.data.identity, "weights": str(self.weights_dir)},
             sort_keys=True, default=str,
         )
