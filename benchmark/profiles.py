@@ -100,6 +100,24 @@ def _apply_override(data: dict, override: str) -> None:
     node[leaf] = value
 
 
+RECIPES = ("tuned", "profile", "paper")
+# training.recipe: paper -- the paper's protocol (VCM B.2) for every method alike, whatever the profile says.
+PAPER_RECIPE = {
+    "training": {"lr": 5.0e-5, "lr_by_method": {}, "budget": "epochs", "epochs": 10000},
+    "methods": {name: {"l1_weight": 1.0, "head_norm": "instance"} for name in ("vcm", "mcm", "mcm_l")},
+}
+
+
+def _apply_paper_recipe(data: dict) -> None:
+    for section, values in PAPER_RECIPE.items():
+        for key, value in values.items():
+            target = data.setdefault(section, {})
+            if isinstance(value, dict) and section == "methods":
+                target.setdefault(key, {}).update(value)
+            else:
+                target[key] = copy.deepcopy(value)
+
+
 def load_profile(name: str, overrides: Iterable[str] = ()) -> Profile:
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
@@ -109,6 +127,11 @@ def load_profile(name: str, overrides: Iterable[str] = ()) -> Profile:
     for override in overrides:
         _apply_override(data, override)
     data["name"] = name
+    recipe = (data.get("training") or {}).get("recipe", "profile")
+    if recipe not in RECIPES:
+        raise ProfileError(f"profile '{name}': training.recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "paper":
+        _apply_paper_recipe(data)
     shape = data.get("image_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise ProfileError(f"profile '{name}': image_shape must be three positive integers, got {shape!r}")

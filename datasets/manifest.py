@@ -166,6 +166,29 @@ def load_manifest(csv_path, grid) -> list[Subject]:
     return subjects
 
 
+SPLIT_VALUES = ("train", "validation", "test")
+
+
+def read_split_column(csv_path) -> dict[str, str] | None:
+    """The optional ``split`` column of a manifest (id -> ``train`` / ``validation`` / ``test``), or None
+    when there is no such column. A row with another value stops with the row's subject named."""
+    csv_path = Path(csv_path).expanduser()
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        if "split" not in header:
+            return None
+        splits = {}
+        for row in reader:
+            sid, value = (row.get("id") or "").strip(), (row.get("split") or "").strip().lower()
+            if value not in SPLIT_VALUES:
+                raise DataError(f"subject '{sid}' in {csv_path}: split '{value}' is not one of "
+                                f"{', '.join(SPLIT_VALUES)}; fill the split column of every row")
+            splits[sid] = value
+    return splits
+
+
 def export_subjects(subjects, out_dir) -> Path:
     """Write each subject as NIfTI (<id>_image.nii.gz, _lv_mask, _semantics, _skull) plus manifest.csv.
 

@@ -5,6 +5,7 @@
     status    list the runs of a results folder: done, running, failed, interrupted, pending
     compare   are two results folders the same, run for run, apart from timings?
     train     one method, one size: the control probe at every checkpoint, then samples
+    tune      the same tuning budget for every method, scored on validation subjects: a recipe file
     pretrain  pretrain (or load) the profile's base model; --eval measures its autoencoder
     ship      write benchmark/shipped/<profile>/ from the networks pretrained for a profile
     data      summary | export of the profile's synthetic population
@@ -76,16 +77,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by what the user asked for: printed as one line, exit status 2."""
     from benchmark.base.keys import BaseModelError
     from benchmark.base.shipped import ShippedError
+    from benchmark.engine.recipes import RecipeError
     from benchmark.profiles import ProfileError
     from benchmark.run.grid import GridError
     from datasets.subject import DataError
     from methods.registry import MethodError
 
-    return ProfileError, MethodError, DataError, BaseModelError, GridError, ShippedError
+    return ProfileError, MethodError, DataError, BaseModelError, GridError, ShippedError, RecipeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmark.cli import bench, bench_scoring, data, pretrain, run, sample, train
+    from benchmark.cli import bench, bench_scoring, data, pretrain, run, sample, train, tune
 
     parser = argparse.ArgumentParser(
         prog="run_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_flags()
-    for module in (run, train, pretrain, data, sample, bench, bench_scoring):
+    for module in (run, train, tune, pretrain, data, sample, bench, bench_scoring):
         module.register(sub, common)
     return parser
 

@@ -139,7 +139,7 @@ def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: i
                        peak_memory=result.peak_memory, first_losses=result.losses[:WARMUP])
         method.eval()
         if "sample" in parts:
-            test = ctx.test_subjects()[: int(ctx.profile.sampling.batch_size)]
+            test = ctx.data.validation_subjects(int(ctx.profile.sampling.batch_size))  # timing only; never test subjects
             engine = RunEngine(ctx, Path(run_dir), seed, settings, probe=None)
             conditions, scalars = condition_batch(task, test, device=ctx.device), scalar_batch(test, ctx.device)
             start = time.perf_counter()

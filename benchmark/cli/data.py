@@ -35,7 +35,7 @@ def _check_n(args) -> None:
 def _population(args):
     profile = load_profile_from(args)
     d = profile.data
-    splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed)
+    splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed, d.validation_set)
     pop = SyntheticPopulation(tuple(profile.image_shape), seed=d.seed, cache_dir=args.cache_dir, progress=True)
     return profile, splits, pop
 

@@ -1,4 +1,5 @@
-"""Train one method on one training-set size, follow its control probe, and sample the test subjects.
+"""Train one method on one training-set size, follow its control probe, and sample validation subjects
+(a recipe check: choices are never made on test subjects).
 
     python run_benchmark.py train --task lv --method vcm --size 50 --profile smoke
     python run_benchmark.py train --task lv --method vcm --size 50 --profile cpu --no-sampling \
@@ -83,13 +84,13 @@ def run(args) -> int:
     if args.no_sampling:
         print(f"{summary}; {time.perf_counter() - started:.0f} s total; outputs in {run_dir}")
         return 0
-    test = ctx.test_subjects()
     s = profile.sampling
-    generated = sample_method(method, ctx.base, test, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
-    save_samples(run_dir, test, generated, task)
-    save_real(out, test)
-    figure = montage(run_dir / "samples.npz", out / "runs" / "real_test.npz", spec.name, run_dir / "montage.png")
-    print(f"{summary}, {len(test)} test volumes sampled in {time.perf_counter() - started:.0f} s total; "
+    subjects = ctx.data.validation_subjects(min(int(s.n_test), len(ctx.data.splits.validation)))
+    generated = sample_method(method, ctx.base, subjects, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
+    save_samples(run_dir, subjects, generated, task)
+    real = save_real(out, subjects, "real_validation")
+    figure = montage(run_dir / "samples.npz", real, spec.name, run_dir / "montage.png")
+    print(f"{summary}, {len(subjects)} validation volumes sampled in {time.perf_counter() - started:.0f} s total; "
           f"outputs in {run_dir} (montage {figure.name})")
     return 0
 

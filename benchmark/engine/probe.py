@@ -1,6 +1,6 @@
 """The control probe: does a method use its spatial condition? Cheap enough for every checkpoint.
 
-On held-out test subjects, with the clean latents, noise and timesteps fixed by seed, the probe asks
+On validation subjects (never test subjects), with the clean latents, noise and timesteps fixed by seed, the probe asks
 for the noise prediction of
 
 * the frozen base model (no spatial condition),

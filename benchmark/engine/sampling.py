@@ -59,17 +59,24 @@ def sample(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "sample",
+    condition_subjects: Sequence[Subject] | None = None,
 ) -> np.ndarray:
     """DDIM-sample one volume per subject, conditioned on its conditions and scalars.
 
     ``predict_noise(z_t, t, conditions, scalars)`` is a method's (or the base model's)
-    noise prediction. Returns (N, 1, X, Y, Z) float32 in [0, 1].
+    noise prediction. ``condition_subjects`` (one per subject) gives the spatial conditions instead
+    (another subject's: the swapped-condition null), with each subject's own noise and scalars.
+    Returns (N, 1, X, Y, Z) float32 in [0, 1].
     """
+    if condition_subjects is not None and len(condition_subjects) != len(subjects):
+        raise ValueError(f"{len(condition_subjects)} condition subjects for {len(subjects)} subjects; give one each")
+    givers = subjects if condition_subjects is None else condition_subjects
     out = []
     batches = range(0, len(subjects), batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         chunk = subjects[start : start + batch_size]
-        volumes = sample_batch(predict_noise, base, chunk, condition_batch(task, chunk, device=device),
+        conditions = condition_batch(task, givers[start : start + batch_size], device=device)
+        volumes = sample_batch(predict_noise, base, chunk, conditions,
                                scalar_batch(chunk, device), num_steps, seed, device)
         out.append(volumes.clamp(0, 1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, *base.image_shape), np.float32)
@@ -77,11 +84,11 @@ def sample(
 
 def sample_method(method: Method, base: FrozenLDM, subjects: Sequence[Subject], task: Task,
                   num_steps: int, batch_size: int, seed: int, device: str = "cpu",
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, condition_subjects: Sequence[Subject] | None = None) -> np.ndarray:
     method.eval()
     with method.reusing_condition_features():
         return sample(method.predict_noise, base, subjects, task, num_steps, batch_size, seed,
-                      device, progress, desc=f"sample {method.name}")
+                      device, progress, desc=f"sample {method.name}", condition_subjects=condition_subjects)
 
 
 def sample_unconditioned(base: FrozenLDM, subjects: Sequence[Subject], task: Task, num_steps: int,

@@ -27,6 +27,7 @@ from methods.registry import known_methods
 from metrics.cost import PeakMemory
 
 from benchmark.engine.latents import ConditionStore, LatentCache, scalar_batch, stable_seed
+from benchmark.engine.recipes import load_recipe
 
 # Learning-rate schedules of method training (training.schedule): "authors" = the VCM authors'
 # warm-up of 1/30 of the run from lr/10 to lr, then cosine to lr/10; "linear" = training.warmup_steps
@@ -76,23 +77,43 @@ class TrainSettings:
         return warmup_then_cosine(self.steps, self.warmup_fraction, self.lr_floor)
 
     @classmethod
-    def from_profile(cls, profile, n_train: int, method: str | None = None) -> "TrainSettings":
-        """The profile's training settings for ``method``: its ``training.lr_by_method`` entry replaces
-        ``training.lr`` where there is one (a method that diverges at the shared rate)."""
+    def from_profile(cls, profile, n_train: int, method: str | None = None, task: str | None = None,
+                     chosen: dict | None = None) -> "TrainSettings":
+        """The profile's training settings for ``method``: the tuned recipe's choice for ``method`` on
+        ``task`` where there is one (``benchmark/recipes``; or ``chosen``, dotted keys), else its
+        ``training.lr_by_method`` entry, else ``training.lr``. Steps follow ``training.budget``."""
         t = profile.training
-        steps = int(t.steps)
-        if steps <= 0:  # paper protocol: epochs over the training set at the given minibatch
-            steps = int(t.epochs) * math.ceil(n_train / int(t.batch_size))
+        steps = budget_steps(profile, n_train)
         lr_by_method = dict(t.get("lr_by_method") or {})
         unknown = sorted(set(lr_by_method) - set(known_methods()))
         if unknown:
             raise ValueError(f"training.lr_by_method names {', '.join(map(repr, unknown))}, which is not a method; "
                              f"use one of: {', '.join(known_methods())}")
-        lr = float(lr_by_method.get(method, t.lr))
+        if chosen is None:
+            recipe = load_recipe(profile, task) if task is not None and method is not None else None
+            chosen = recipe.chosen(method) if recipe is not None else {}
+        lr = float(chosen.get("training.lr", lr_by_method.get(method, t.lr)))
         return cls(steps, int(t.batch_size), lr, float(t.weight_decay),
                    int(t.warmup_steps), int(t.checkpoint_every), int(t.micro_batch_size), str(t.mixed_precision),
                    str(t.schedule), warmup_fraction=float(t.warmup_fraction), lr_floor=float(t.lr_floor),
                    flip_probability=float(t.flip_probability))
+
+
+BUDGETS = ("steps", "epochs")
+
+
+def budget_steps(profile, n_train: int) -> int:
+    """Training steps at ``n_train`` subjects by ``training.budget``: ``steps``, the same at every N (what
+    a fixed compute buys); ``epochs``, epochs x ceil(N / batch_size) (the paper's rule)."""
+    t = profile.training
+    budget = t.get("budget", "steps" if int(t.steps) > 0 else "epochs")
+    if budget not in BUDGETS:
+        raise ValueError(f"training.budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if budget == "steps":
+        if int(t.steps) < 1:
+            raise ValueError(f"training.budget is 'steps' but training.steps is {t.steps}; give a positive number")
+        return int(t.steps)
+    return int(t.epochs) * math.ceil(n_train / int(t.batch_size))
 
 
 @dataclass

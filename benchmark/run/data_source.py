@@ -5,11 +5,49 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.manifest import load_manifest
+from datasets.manifest import load_manifest, read_split_column
 from datasets.manifest_geometry import Grid
-from datasets.splits import Splits, make_splits
+from datasets.splits import VALIDATION_START, Splits, make_splits
 from datasets.subject import DataError, Subject
 from datasets.synthetic import SyntheticPopulation
+
+
+def manifest_splits(manifest, subjects: list[Subject], d) -> tuple[Splits, str]:
+    """The splits of a manifest's subjects and the rule that made them.
+
+    With a ``split`` column (``train`` / ``validation`` / ``test``), the rows say: the training pool is
+    the ``train`` rows in a seeded order (at most ``data.train_pool``). Without it, a seeded
+    permutation of the rows: the first ``data.test_set`` (a fifth of the rows if there are too few)
+    are the test set, the next ones the training pool, and the validation set is taken from the end
+    (``data.validation_set``, at most a tenth of the rows), so the test set and the pool's order are
+    the ones a manifest got before there was a validation split."""
+    n = len(subjects)
+    rng = np.random.default_rng(d.seed)
+    column = read_split_column(manifest)
+    if column is not None:
+        index = {s.id: i for i, s in enumerate(subjects)}
+        by_split = {name: [index[sid] for sid, split in column.items() if split == name]
+                    for name in ("train", "validation", "test")}
+        if not by_split["train"] or not by_split["test"]:
+            raise DataError(f"manifest {manifest}: its split column names {len(by_split['train'])} train and "
+                            f"{len(by_split['test'])} test rows; at least one of each is needed")
+        pool = [by_split["train"][i] for i in rng.permutation(len(by_split["train"]))][: d.train_pool]
+        splits = Splits(pretrain=(), train_pool=tuple(pool), test=tuple(by_split["test"]),
+                        validation=tuple(by_split["validation"]))
+        return splits, f"manifest split column: {len(pool)} train, {len(by_split['validation'])} validation, " \
+                       f"{len(by_split['test'])} test"
+    n_test = min(d.test_set, n // 5) if n < d.train_pool + d.test_set else d.test_set
+    n_val = min(d.validation_set, n // 10)
+    if n_test < 1 or n - n_test - n_val < 1:
+        raise DataError(f"manifest {manifest} lists {n} subjects; at least 5 are needed (one test subject for "
+                        "every four training subjects), or give a split column (train / validation / test)")
+    order = rng.permutation(n)
+    test = tuple(int(i) for i in order[:n_test])
+    validation = tuple(int(i) for i in order[n - n_val:]) if n_val else ()
+    pool = tuple(int(i) for i in order[n_test : n - n_val][: d.train_pool])
+    return (Splits(pretrain=(), train_pool=pool, test=test, validation=validation),
+            f"seeded permutation of the rows (seed {d.seed}): {n_test} test, {len(pool)} train, "
+            f"{n_val} validation from the end")
 
 
 class DataSource:
@@ -21,23 +59,16 @@ class DataSource:
         d = profile.data
         if manifest is None:
             self.population = SyntheticPopulation(shape, seed=d.seed, cache_dir=cache_dir)
-            self.splits: Splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed)
+            self.splits: Splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed, d.validation_set)
             self._real: list[Subject] | None = None
             self.identity = f"synthetic(seed={d.seed})"
+            self.split_rule = (f"synthetic indices: test 0-{d.test_set - 1}, training pool next {d.train_pool} "
+                               f"(seeded order), pretraining pool next {d.pretrain_pool}, validation "
+                               f"{VALIDATION_START}-{VALIDATION_START + d.validation_set - 1}")
         else:
             grid = Grid.from_settings(shape, d.voxel_mm, d.field_of_view_mm, d.field_of_view_centre_mm)
             self._real = load_manifest(manifest, grid)
-            n = len(self._real)
-            n_test = min(d.test_set, n // 5) if n < d.train_pool + d.test_set else d.test_set
-            if n_test < 1 or n - n_test < 1:
-                raise DataError(
-                    f"manifest {manifest} lists {n} subjects; at least 2 are needed (training and test)"
-                )
-            # A fixed permutation: the first subjects form the test set, the rest the pool.
-            order = np.random.default_rng(d.seed).permutation(n)
-            test = tuple(int(i) for i in order[:n_test])
-            pool = tuple(int(i) for i in order[n_test:][: d.train_pool])
-            self.splits = Splits(pretrain=(), train_pool=pool, test=test)
+            self.splits, self.split_rule = manifest_splits(manifest, self._real, d)
             self.identity = f"manifest({Path(manifest).resolve()})"
 
     def subjects(self, indices) -> list[Subject]:
@@ -50,4 +81,15 @@ class DataSource:
 
     def test_subjects(self, n: int | None = None) -> list[Subject]:
         indices = self.splits.test if n is None else self.splits.test[:n]
+        return self.subjects(indices)
+
+    def validation_subjects(self, n: int | None = None) -> list[Subject]:
+        """The first ``n`` validation subjects: where every choice is made (tuning, plateaus, the probe)."""
+        if not self.splits.validation:
+            raise DataError("there are no validation subjects: set data.validation_set in the profile, or give the "
+                            "manifest a split column with validation rows")
+        if n is not None and n > len(self.splits.validation):
+            raise DataError(f"{n} validation subjects asked for, but the validation set has "
+                            f"{len(self.splits.validation)}; raise data.validation_set or ask for fewer")
+        indices = self.splits.validation if n is None else self.splits.validation[:n]
         return self.subjects(indices)

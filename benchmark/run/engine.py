@@ -17,15 +17,16 @@ from datasets.tasks import Task
 
 
 def control_probe(task: Task, ctx, seed: int):
-    """The profile's control probe (``probe`` section) on the first test subjects, or None when off."""
+    """The profile's control probe (``probe`` section) on the first validation subjects (never test
+    subjects: the probe's history informs choices), or None when off."""
     from benchmark.engine.probe import ControlProbe
 
     cfg = ctx.profile.probe
     if not cfg.enabled:
         return None
-    test = ctx.test_subjects()[: int(cfg.subjects)]
-    latents = ctx.latents.get(test, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
-    return ControlProbe(ctx.base, task, test, latents, seed=seed, bands=int(cfg.bands),
+    subjects = ctx.data.validation_subjects(int(cfg.subjects))
+    latents = ctx.latents.get(subjects, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
+    return ControlProbe(ctx.base, task, subjects, latents, seed=seed, bands=int(cfg.bands),
                         draws=int(cfg.draws), batch_size=int(ctx.profile.sampling.batch_size),
                         device=ctx.device, reuse_frozen=SpeedOptions.from_profile(ctx.profile).reuse_frozen_prediction)
 

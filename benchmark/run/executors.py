@@ -42,6 +42,8 @@ def run_and_record(spec: RunSpec, ctx: RunContext, force: bool = False) -> dict:
         "versions": library_versions(), "device": device_name(ctx.device),
         "data": ctx.data.identity, "record_version": 1,
         "speed": SpeedOptions.from_profile(ctx.profile).as_dict(),
+        "recipe": ctx.recipe(spec) or {"source": f"profile (training.recipe: {ctx.profile.training.get('recipe', 'profile')})"},
+        "splits": ctx.data.split_rule,
     }
     run_dir = ctx.run_dir(spec)
     try:

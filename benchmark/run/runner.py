@@ -39,7 +39,8 @@ def build_method(name: str, task: Task, ctx: RunContext, seed: int, speed: Speed
 
 
 def run_engine(spec: RunSpec, ctx: RunContext, n_train: int, probe="profile", stop_after: int | None = None):
-    return RunEngine(ctx, ctx.run_dir(spec), spec.seed, TrainSettings.from_profile(ctx.profile, n_train, spec.method),
+    return RunEngine(ctx, ctx.run_dir(spec), spec.seed,
+                     TrainSettings.from_profile(ctx.profile, n_train, spec.method, spec.task),
                      probe=probe, stop_after=stop_after)
 
 
@@ -228,9 +229,10 @@ def save_samples(run_dir: Path, subjects, generated: np.ndarray, task) -> None:
                 volumes=generated.astype(np.float16), **conditions)
 
 
-def save_real(out_dir: Path, subjects) -> None:
-    """The real test volumes once per results folder, for montages beside the generated ones."""
-    path = out_dir / "runs" / "real_test.npz"
+def save_real(out_dir: Path, subjects, name: str = "real_test") -> Path:
+    """The real volumes of ``subjects`` once per results folder, for montages beside the generated ones."""
+    path = out_dir / "runs" / f"{name}.npz"
     if not path.is_file():
         atomic_npz(path, ids=np.array([s.id for s in subjects]), volumes=stack_images(subjects).astype(np.float16),
                     lv_mask=np.stack([s.lv_mask for s in subjects]).astype(np.uint8))
+    return path

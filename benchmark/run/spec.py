@@ -155,13 +155,24 @@ class RunContext:
     def record_path(self, spec: RunSpec) -> Path:
         return self.out_dir / "records" / f"{spec.name}.json"
 
+    def recipe(self, spec: RunSpec) -> dict | None:
+        """The tuned recipe this run uses (path, sha256, the settings chosen for its method), or None."""
+        from benchmark.engine.recipes import load_recipe
+
+        recipe = load_recipe(self.profile, spec.task)
+        return recipe.describe(spec.trained().method) if recipe is not None else None
+
     def config_hash(self, spec: RunSpec) -> str:
         """What makes the run's numbers: the profile (less its ``speed`` section, which changes only how
         fast the same numbers come), the run, the code version, the data and the weights."""
         profile = {k: v for k, v in self.profile.to_dict().items() if k != "speed"}
+        identity = {"profile": profile, "spec": spec.identity(), "code": CODE_VERSION,
+                    "data": self.data.identity, "weights": str(self.weights_dir)}
+        recipe = self.recipe(spec)
+        if recipe is not None:  # a retuned recipe makes a different run; none keeps older hashes valid
+            identity["recipe"] = recipe["sha256"]
         blob = json.dumps(
-            {"profile": profile, "spec": spec.identity(), "code": CODE_VERSION,
-             "data": self.data.identity, "weights": str(self.weights_dir)},
+            identity,
             sort_keys=True, default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
