@@ -81,27 +81,32 @@ def _worker_block(args) -> int:
     return block
 
 
-def _die_with_parent(parent: int) -> None:
-    """Pool initializer (Linux): the worker is killed when the process that started it ends. A forked
-    worker shares its parent's file locks (the cache's, the base model's); orphaned by a killed run,
-    it would hold them for ever and the rerun would wait on them."""
+def _die_with_parent(parent: int | None) -> None:
+    """Pool initializer (Linux): the worker is killed when the process that started it ends. A worker
+    that outlived a killed run could hold the cache's file locks, and the rerun would wait on them.
+    ``parent``: the pid the worker must still have as its parent (None: the forkserver, which itself
+    ends when the process that started it ends)."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not glibc: no such guard
         return
-    if os.getppid() != parent:  # the parent ended before the guard was set
+    if parent is not None and os.getppid() != parent:  # the parent ended before the guard was set
         os._exit(1)
 
 
 def _worker_pool(workers: int) -> ProcessPoolExecutor:
-    """``workers`` generation processes. Fork on Linux: workers inherit the reference and need no
-    importable __main__ (spawn would re-run an unguarded script, and fails for stdin); they use numpy
-    and scipy only."""
+    """``workers`` generation processes (numpy and scipy only; each loads the reference from the cache).
+
+    On Linux they are forked from a forkserver: a clean process started once, before any of this
+    process's threads existed, that imports this module only. A plain fork of a process whose other
+    threads (torch's, ITK's after FRD has run) may hold a lock at that moment can leave a worker
+    waiting on it for ever (seen: a worker blocked on a futex after FRD, hanging the grid)."""
     if sys.platform.startswith("linux"):
-        return ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_die_with_parent,
-                                   initargs=(os.getpid(),))
+        context = get_context("forkserver")
+        context.set_forkserver_preload(["datasets.synthetic"])
+        return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(None,))
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
 
 

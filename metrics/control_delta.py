@@ -16,6 +16,7 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
+CONTROL_DELTA = "Control Δ"  # the column name
 
 
 def _resampled_means(values: np.ndarray, strata: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
@@ -54,3 +55,32 @@ def follows_condition(delta: dict) -> str:
     if not np.isfinite(delta.get("ci_low", float("nan"))):
         return "n/a"
     return "yes" if delta["ci_low"] > 0 else "no"
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down; monotone; capped at 1), in the input order. NaN stays NaN."""
+    p = np.asarray(p_values, dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(p))
+    adjusted = np.full(len(p), np.nan)
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+def bootstrap_mean(values: Sequence[float], seed: int = 0, strata: Sequence | None = None,
+                   resamples: int = RESAMPLES, level: float = LEVEL) -> dict:
+    """Mean of ``values`` (NaNs left out) with a stratified percentile bootstrap interval."""
+    v = np.asarray(values, dtype=np.float64)
+    groups = np.zeros(len(v), dtype=np.int64) if strata is None else np.asarray(strata)
+    keep = np.isfinite(v)
+    v, groups = v[keep], groups[keep]
+    if len(v) < 2:
+        return {"mean": float(v.mean()) if len(v) else float("nan"), "ci_low": float("nan"), "ci_high": float("nan"),
+                "n": int(len(v))}
+    means = _resampled_means(v, groups, np.random.default_rng([0xB007, int(seed)]), resamples)
+    alpha = (1.0 - level) / 2
+    return {"mean": float(v.mean()), "ci_low": float(np.quantile(means, alpha)),
+            "ci_high": float(np.quantile(means, 1.0 - alpha)), "n": int(len(v))}

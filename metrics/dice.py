@@ -97,3 +97,23 @@ def dice_score(pred: Any, target: Any, num_classes: int) -> dict[str, Any]:
             "n_volumes_scored": int(valid.sum()),
         },
     }
+
+
+@torch.no_grad()
+def volume_error(pred: Any, target: Any, num_classes: int) -> list[float]:
+    """Per volume: the relative error of each foreground class's volume, |V(pred) - V(target)| / V(target),
+    averaged over the classes present in the target (NaN for a target without foreground). For the LV
+    mask, how far the segmented ventricles' volume is from the condition's, whatever their overlap."""
+    p = as_label_maps(pred, "predicted label maps")
+    t = as_label_maps(target, "reference label maps")
+    if p.shape != t.shape:
+        raise MetricError(f"label maps differ in shape: {tuple(p.shape)} vs {tuple(t.shape)}")
+    out = []
+    for pv, tv in zip(p, t):
+        errors = []
+        for c in range(1, num_classes):
+            reference = float((tv == c).sum())
+            if reference > 0:
+                errors.append(abs(float((pv == c).sum()) - reference) / reference)
+        out.append(float(np.mean(errors)) if errors else float("nan"))
+    return out

@@ -32,8 +32,8 @@ def frd_unavailable() -> str | None:
         import frd_score  # noqa: F401
         import radiomics  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure is a reason
-        return (f"frd-score cannot be imported ({type(err).__name__}: {err}); install the 'frd' extra "
-                "(pip install frd-score; pyradiomics may need pip install --no-build-isolation pyradiomics)")
+        return (f"frd-score cannot be imported ({type(err).__name__}: {err}); it is a dependency of the suite: "
+                "reinstall it (pip install -e .; frd-score and pyradiomics-bhklab)")
     return None
 
 

@@ -106,5 +106,6 @@ def msssim_fidelity(fake: Any, real: Any) -> dict[str, Any]:
     v = msssim_pairs(f, r, params)
     return {
         "MS-SSIM fidelity": float(v.mean()),
+        "MS-SSIM fidelity per volume": [float(x) for x in v.reshape(-1)],
         "protocol": _protocol(params, n_generated_volumes=int(f.shape[0]), n_real_volumes=int(r.shape[0])),
     }

@@ -19,7 +19,11 @@ Columns (present when their inputs are):
   unavailable, the reason is in ``protocol["LPIPS"]["reason"]``
 * ``MS-SSIM diversity``; ``MS-SSIM fidelity`` (with ``ground_truth``)
 * ``PSNR``, ``SSIM`` (with ``ground_truth``)
-* ``Dice`` (with ``judge`` and ``conditions``: a task whose condition a judge recovers)
+* ``Dice`` and ``volume error`` (with ``judge`` and ``conditions``: a task whose condition a judge recovers)
+
+``"per_volume"`` holds the per-volume values behind the means (Dice, volume error, MS-SSIM / LPIPS-free
+fidelity, PSNR, SSIM), in the order of the volumes, so that intervals and paired comparisons can be
+computed from a record later.
 
 What a task reports is its suite (:func:`metrics.suite.metric_suite`); metrics know no task names:
 ``task`` is only a label written into the protocol, the caller passes what a task implies (Dice
@@ -32,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from .common import MetricError, as_volumes
-from .dice import condition_to_labels
+from .dice import condition_to_labels, dice_score, volume_error
 from .extractors import FeatureExtractor
 from .fd_context import DEFAULT_RESAMPLES, DEFAULT_SPLIT_SEED, context_2d, context_3d
 from .frd import frd
@@ -146,6 +150,7 @@ def score_generated(
     exts = _extractor_list(extractors)
 
     row: dict[str, Any] = {}
+    per_volume: dict[str, list] = {}
     proto: dict[str, Any] = {
         "task": task,
         "n_generated_volumes": int(fake_t.shape[0]),
@@ -219,6 +224,7 @@ def score_generated(
     if gt_t is not None:
         r = timed("MS-SSIM fidelity", lambda: msssim_fidelity(fake_t, gt_t))
         row["MS-SSIM fidelity"] = r["MS-SSIM fidelity"]
+        per_volume["MS-SSIM fidelity"] = r["MS-SSIM fidelity per volume"]
         ms_proto["fidelity"] = r["protocol"]
     proto["MS-SSIM"] = ms_proto
 
@@ -227,9 +233,11 @@ def score_generated(
         r = timed("PSNR", lambda: psnr(fake_t, gt_t))
         row["PSNR"] = r["PSNR"]
         proto["PSNR"] = r["protocol"]
+        per_volume["PSNR"] = r["PSNR per volume"]
         r = timed("SSIM", lambda: ssim(fake_t, gt_t))
         row["SSIM"] = r["SSIM"]
         proto["SSIM"] = r["protocol"]
+        per_volume["SSIM"] = r["SSIM per volume"]
 
     # Dice
     if judge is not None and conditions is not None:
@@ -244,11 +252,19 @@ def score_generated(
             raise MetricError(
                 f"conditions {tuple(labels.shape)} must pair one to one with generated volumes {tuple(fake_t.shape)}"
             )
-        r = timed("Dice", lambda: judge.dice(fake_t, labels))
+        segmented = timed("segmentation", lambda: judge.segment(fake_t))
+        r = timed("Dice", lambda: dice_score(segmented, labels, classes))
         row["Dice"] = r["Dice"]
-        proto["Dice"] = {**r["protocol"], "per_class": r["Dice per class"]}
+        proto["Dice"] = {**r["protocol"], "judge": judge.describe(), "per_class": r["Dice per class"]}
+        per_volume["Dice"] = r["Dice per volume"]
+        per_volume["volume error"] = volume_error(segmented, labels, classes)
+        errors = [v for v in per_volume["volume error"] if v == v]
+        row["volume error"] = float(sum(errors) / len(errors)) if errors else None
+        proto["volume error"] = {"definition": "|V(judge's segmentation) - V(condition)| / V(condition) per foreground "
+                                               "class present in the condition, mean over classes, then over volumes"}
 
     row["protocol"] = proto
+    row["per_volume"] = per_volume
     return row
 
 

@@ -63,9 +63,11 @@ def test_local_jobs_2_writes_the_same_records_as_jobs_1(in_process, cache, tmp_p
     seconds_two = time.perf_counter() - started
     assert proc.returncode == 0, log
     # Each of the 2 workers computes with 1 CPU thread where the single process used 2: CPU kernels
-    # then sum in another order, so numbers agree to float rounding, not bit for bit.
-    both, diffs = compare_folders(reference, out, tolerance=1e-5, absolute=1e-6)
-    assert len(both) == 5 and not diffs, diffs
+    # then sum in another order, so numbers agree to float rounding, not bit for bit. FRD bins voxel
+    # intensities for its radiomics, so a rounding difference can move a voxel to the next bin: its
+    # relative differences reach ~2e-4 (measured), the others ~1e-5.
+    both, diffs = compare_folders(reference, out, tolerance=1e-3, absolute=1e-6)
+    assert len(both) == 6 and not diffs, diffs
     print(f"5-run grid: --jobs 1 {seconds_one:.0f} s, --jobs 2 {seconds_two:.0f} s (wall, warm cache)")
 
 

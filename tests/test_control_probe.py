@@ -127,21 +127,22 @@ def test_learning_rate_schedules():
         TrainSettings(10, 4, 1e-4, 0.0, 0, 5, schedule="cosine", **AUTHORS)
 
 
-def test_judged_tasks_get_three_reference_rows_first(tmp_path):
+def test_judged_tasks_get_four_reference_rows_first(tmp_path):
     from benchmark.report.figures import control_gap_curves
     from benchmark.run.grid import build_specs
-    from benchmark.report.tables import OTHER_ROW, REFERENCE_ROW, BASE_ROW, records_frame, task_table
+    from benchmark.report.tables import AUTOENCODER_ROW, OTHER_ROW, REFERENCE_ROW, BASE_ROW, records_frame, task_table
 
     profile = load_profile("smoke")
     specs = build_specs(["lv", "multimodal", "sr4"], "vcm", [10], [0], profile, validation=False)
     for task in ("lv", "multimodal"):
-        assert {s.method for s in specs if s.task == task} == {"reference", "reference_other", "brainldm", "vcm"}
+        assert {s.method for s in specs if s.task == task} == {"reference", "autoencoder", "reference_other",
+                                                               "brainldm", "vcm"}
     assert {s.method for s in specs if s.task == "sr4"} == {"reference", "vcm"}
 
     history = [{"step": step, "bands": [{"band": "t0-499", "gap": g, "gap_ci_low": g - 1e-3, "gap_ci_high": g + 1e-3}]}
                for step, g in ((0, 0.0), (50, 2e-3), (100, 5e-3))]
     records = [("reference", 0, 0.9, None), ("vcm", 10, 0.5, history), ("brainldm", 0, 0.3, None),
-               ("reference_other", 0, 0.2, None)]
+               ("reference_other", 0, 0.2, None), ("autoencoder", 0, 0.8, None)]
     (tmp_path / "records").mkdir()
     for method, size, dice, hist in records:
         rec = {"task": "lv", "method": method, "size": size, "seed": 0, "status": "ok", "metrics": {"Dice": dice}}
@@ -150,8 +151,8 @@ def test_judged_tasks_get_three_reference_rows_first(tmp_path):
             rec["metrics"].update(summary_columns(hist[-1]))
         (tmp_path / "records" / f"{method}.json").write_text(json.dumps(rec))
     table = task_table(records_frame(tmp_path), "lv")
-    assert list(table.method) == [REFERENCE_ROW, OTHER_ROW, BASE_ROW, "vcm"]
-    assert list(table.Dice) == ["0.9", "0.2", "0.3", "0.5"]
+    assert list(table.method) == [REFERENCE_ROW, AUTOENCODER_ROW, OTHER_ROW, BASE_ROW, "vcm"]
+    assert list(table.Dice) == ["0.9", "0.8", "0.2", "0.3", "0.5"]
     assert table["control gap: bands CI>0"].iloc[-1] == "1"
     path = control_gap_curves(tmp_path, "lv", tmp_path)
     assert path is not None and path.stat().st_size > 1000

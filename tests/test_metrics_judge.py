@@ -81,11 +81,9 @@ def test_multimodal_judge_has_five_classes(tmp_path, data):
 
 
 def test_dice_on_synthetic_population(tmp_path):
-    """Measure the judge on the suite's own synthetic population when that package is present."""
-    try:
-        from datasets.synthetic import SyntheticPopulation
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"datasets.synthetic is not importable yet ({type(e).__name__}: {e})")
+    """Measure the judge on the suite's own synthetic population (an import error fails the test)."""
+    from datasets.synthetic import SyntheticPopulation
+
     pop = SyntheticPopulation(SHAPE, seed=0, cache_dir=tmp_path)
     subs = pop.subjects(range(24))
     img = np.stack([s.image for s in subs])

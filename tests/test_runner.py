@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from benchmark.run.records import iter_records
@@ -68,7 +69,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the grid finished before it could be killed:\n{proc.stdout.read()}"
     before = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
-    assert 2 <= len(before) < 7
+    assert 2 <= len(before) < 8
     # Every record on disk is whole, even right after a kill.
     for path in (out / "records").glob("*.json"):
         json.loads(path.read_text())
@@ -81,7 +82,8 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
         pytest.fail(f"the rerun after the kill did not finish in 15 minutes:\n{rerun.communicate()[0][-3000:]}")
     assert rerun.returncode == 0, log
     records = _records(out)
-    references = {("lv", "reference", 0), ("lv", "reference_other", 0), ("lv", "brainldm", 0)}  # the three Dice rows
+    references = {("lv", "reference", 0), ("lv", "autoencoder", 0), ("lv", "reference_other", 0),
+                  ("lv", "brainldm", 0)}  # the four Dice rows
     assert set(records) == references | {("lv", m, n) for m in ("residual_shift", "vcm") for n in (2, 4)}
     assert all(r["status"] == "ok" for r in records.values()), log
     for name, mtime in before.items():  # finished runs were not redone
@@ -93,6 +95,10 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert record["cost"]["trainable_parameters"] > 0 and record["cost"]["seconds_per_step"] > 0
     assert any(k.startswith("FID-3D [") for k in record["metrics"]) and "Dice" in record["metrics"]
     assert record["protocol"]["n_generated_volumes"] == 3
+    # per-subject values, and the method's own swapped-condition null
+    assert len(record["per_subject"]["ids"]) == 3 and len(record["per_subject"]["Dice swapped"]) == 3
+    assert record["metrics"]["Control Δ"] == pytest.approx(
+        np.nanmean(np.array(record["per_subject"]["Dice"]) - np.array(record["per_subject"]["Dice swapped"])))
     # the control probe: before training and at every checkpoint (3 steps, checkpoint every step)
     history = record["control_probe"]["history"]
     assert [h["step"] for h in history] == [0, 1, 2, 3] and len(history[-1]["bands"]) == 4

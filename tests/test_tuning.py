@@ -145,7 +145,8 @@ def test_a_run_uses_the_recipe_and_records_its_sha256(tmp_path, monkeypatch):
 
 
 def _trial(lr, delta, eligible=True, dice=0.5):
-    return {"lr": lr, "eligible": eligible, "dice_own": dice, "seconds": 1.0, "status": "ok",
+    return {"lr": lr, "eligible": eligible, "dice_own": dice, "seconds": 1.0, "status": "ok", "steps": 60, "size": 50,
+            "seed": 0,
             "control_delta": {"mean": delta, "ci_low": delta - 0.1, "ci_high": delta + 0.1}}
 
 
@@ -181,7 +182,7 @@ def test_tune_gives_every_method_the_same_trials_and_picks_the_known_best_lr(tmp
     tune_module.tune(ctx, get_task("lv"), ["vcm"], tmp_path / "trials", "test", recipe_root=tmp_path / "recipes",
                      trial_runner=toy_trial)
     assert seen == []
-    assert json.loads((tmp_path / "trials" / "vcm" / "lr0.0003" / "trial.json").read_text())["lr"] == 3e-4
+    assert json.loads((tmp_path / "recipes" / "smoke" / "lv-trials" / "vcm__lr0.0003.json").read_text())["lr"] == 3e-4
 
 
 def test_tune_never_reads_a_test_subject(tmp_path, monkeypatch):

@@ -62,3 +62,13 @@ def load_recipe(profile, task: str, root: Path | None = None) -> Recipe | None:
         raise RecipeError(f"recipe {path} was made for profile {data.get('profile')!r}, task {data.get('task')!r}, "
                           f"not {profile.name!r}, {task!r}; move it or rerun tune")
     return Recipe(path, hashlib.sha256(raw).hexdigest(), data)
+
+
+def tuning_hours(profile_name: str, task: str, method: str, root: Path | None = None) -> float | None:
+    """Wall-clock hours the committed recipe spent tuning ``method`` on ``task`` (None: not tuned)."""
+    path = recipe_path(profile_name, task, root)
+    if not path.is_file():
+        return None
+    entry = ((yaml.safe_load(path.read_text()) or {}).get("methods") or {}).get(method) or {}
+    seconds = entry.get("trial_seconds")
+    return None if seconds is None else float(seconds) / 3600

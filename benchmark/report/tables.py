@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.engine.probe import NOISE_MSE_RATIO
+from benchmark.engine.recipes import tuning_hours
 from benchmark.run.records import iter_records
 from datasets.tasks import TASKS, TaskError, get_task
 from metrics.suite import metric_of
@@ -23,7 +24,9 @@ PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "results" / "paper_refer
 REFERENCE_ROW = "reference (real vs real)"  # real volumes against their own conditions: the Dice ceiling
 OTHER_ROW = "real, another subject's condition"  # a perfect generator that ignores its condition
 BASE_ROW = "base model, unconditioned"  # no spatial control: the Dice its anatomical prior alone reaches
-PSEUDO_METHODS = {"reference": REFERENCE_ROW, "reference_other": OTHER_ROW, "brainldm": BASE_ROW}
+AUTOENCODER_ROW = "autoencoder reconstruction"  # test volumes encoded and decoded: what a latent generator can reach
+PSEUDO_METHODS = {"reference": REFERENCE_ROW, "autoencoder": AUTOENCODER_ROW, "reference_other": OTHER_ROW,
+                  "brainldm": BASE_ROW}
 VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
     "brainldm": ("brainldm", 0),
     "ldm_finetune": ("ldm_finetune", 50),
@@ -32,7 +35,7 @@ VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
 }
 
 
-FIXED = ("task", "method", "size", "seed", "status", "error", "device")
+FIXED = ("task", "method", "size", "seed", "status", "error", "device", "profile")
 UNDERSAMPLED = "undersampled FD"  # records_frame: "|"-joined FD columns computed with fewer volumes than features
 DAGGER = "†"
 DAGGER_NOTE = (f"{DAGGER} Fréchet distance computed with fewer volumes than feature dimensions in at least one run "
@@ -224,6 +227,15 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     devices = ok.groupby("method")["device"].first().reset_index()
     table = table.merge(devices, on="method")
     table.columns = [c.removeprefix("cost: ") for c in table.columns]
+    # the tuning budget beside the training cost: the same trials for every method (benchmark/recipes)
+    pairs = ok[["profile", "task", "method"]].drop_duplicates() if "profile" in ok else pd.DataFrame()
+    hours = {}
+    for _, row in pairs.iterrows():
+        h = tuning_hours(str(row.profile), str(row.task), str(row.method))
+        if h is not None:
+            hours[row.method] = hours.get(row.method, 0.0) + h
+    if hours:
+        table["tuning wall hours"] = table["method"].map(hours)
     reference = paper_reference("table5_cost.csv")
     if not reference.empty:
         table = table.merge(reference.drop(columns=["source"]), on="method", how="left")

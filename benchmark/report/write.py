@@ -5,6 +5,7 @@ from pathlib import Path
 
 from benchmark.report.figures import write_figures
 from benchmark.run.records import iter_records
+from benchmark.report.headline import HEADLINE_NOTE, headline_table, per_subject_frame
 from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, records_frame
 
 
@@ -49,6 +50,12 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed. "
                      f"Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
+    subjects = per_subject_frame(results_dir)
+    for task in sorted(frame.task.dropna().unique()) if not frame.empty else []:
+        headline = headline_table(frame, subjects, task)
+        if headline.empty or not headline["Control Δ [95% CI] follows?"].ne("–").any():
+            continue
+        lines += ["", f"## Headline: task `{task}`", "", headline.to_markdown(index=False), "", HEADLINE_NOTE]
     lines += ["", "## Feature extractors and protocol", ""]
     extractors = _extractors(results_dir)
     lines += [f"- {e}" for e in extractors] or ["- (no scored runs yet)"]
@@ -56,17 +63,20 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
               "extractors are never in one column. The paper's numbers (columns `paper_…`) come "
               "from ADNI/UK Biobank data and the RadImageNet/MedicalNet extractors.", ""]
     lines += ["## Reading control", "",
-              "A method follows its condition only where the table shows it above the row "
-              "\"real, another subject's condition\" (real test volumes scored against a derangement of the "
-              "test conditions: what a perfect generator that ignores its condition reaches) and its control "
-              "gap (noise-prediction MSE with another subject's condition minus with its own, per timestep band, "
-              "from the probe at the final checkpoint) is positive; \"control gap: bands CI>0\" counts the bands "
-              "whose bootstrap 95% CI lies above 0. The ceiling is \"reference (real vs real)\", the floor "
-              "\"base model, unconditioned\". \"noise MSE / frozen\" is the method's own-condition noise MSE "
+              "Each method is sampled twice from the same noise and scalars: with each test subject's own "
+              "condition and with another test subject's (a fixed derangement), and both sets are scored against "
+              "the own condition. Control Δ is the paired difference of the two Dice values; a method follows "
+              "its condition when its Holm-corrected one-sided bootstrap p is at most 0.05 and the 95% CI lies "
+              "above 0 (the headline tables). The rows \"reference (real vs real)\" (real volumes, own condition), "
+              "\"autoencoder reconstruction\" (the ceiling a latent generator can reach), \"real, another "
+              "subject's condition\" and \"base model, unconditioned\" are context. The control gap (noise-"
+              "prediction MSE with another subject's condition minus with its own, per timestep band, from the "
+              "probe on validation subjects at the final checkpoint) says when control emerged; \"control gap: "
+              "bands CI>0\" counts the bands whose bootstrap 95% CI lies above 0. \"noise MSE / frozen\" is the method's own-condition noise MSE "
               "over the frozen base model's at that probe: about 1 for a method that keeps the prior; a row "
               f"above {NOT_DENOISING_ABOVE:g} is warned (the method diverged or has not yet learnt to denoise).", ""]
     lines += [f"![{p.stem}](figures/{p.name})" for p in figures if p.name.startswith("control_gap_")]
-    lines += ["", "## Tables", ""]
+    lines += ["", "## Tables (appendix: every column)", ""]
     for name, table in tables.items():
         if table is None or table.empty:
             continue

@@ -1,7 +1,7 @@
 """Which runs a command asks for."""
 from __future__ import annotations
 
-from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, RunKind, RunSpec
+from benchmark.run.spec import AUTOENCODER, BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, RunKind, RunSpec
 from datasets.tasks import get_task
 from methods.registry import resolve_methods
 
@@ -27,7 +27,8 @@ def build_specs(tasks, methods: str, sizes, seeds, profile, validation: bool = T
         names = resolve_methods(methods, task)
         for seed in seeds:
             specs.append(RunSpec(task.name, REFERENCE, 0, seed, RunKind.REFERENCE))
-            if task.dice is not None:  # ceiling (above), a generator that ignores its condition, the floor
+            if task.dice is not None:  # ceilings (real, autoencoder), a generator ignoring its condition, the floor
+                specs.append(RunSpec(task.name, AUTOENCODER, 0, seed, RunKind.AUTOENCODER))
                 specs.append(RunSpec(task.name, REFERENCE_OTHER, 0, seed, RunKind.REFERENCE_OTHER))
                 specs.append(RunSpec(task.name, BASE_UNCONDITIONED, 0, seed, RunKind.BASE_UNCONDITIONED))
             specs += [RunSpec(task.name, m, size, seed, RunKind.METHOD) for size in sizes for m in names]

@@ -22,6 +22,7 @@ from core.files import atomic_npz
 from datasets.tasks import Task, get_task
 from methods.base import BaseMethod
 from methods.registry import get_method
+from metrics.control_delta import CONTROL_DELTA, paired_difference
 
 
 # ---- building and training a method ------------------------------------------------------
@@ -63,12 +64,12 @@ def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
 
 
 def run_reference(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
-    """Real test volumes scored as if generated, against real training volumes."""
+    """Real test volumes scored as if generated (against the same real set as every row)."""
     wall = time.perf_counter()
     test = ctx.test_subjects()
-    real = ctx.data.train_subjects(min(len(test), len(ctx.data.splits.train_pool)))
-    metrics, protocol = ctx.scorer(task).score(stack_images(test), test, task, real_reference=real)
-    return {"metrics": metrics, "protocol": protocol, "cost": {"wall_seconds": time.perf_counter() - wall}}
+    metrics, protocol, per_subject = ctx.scorer(task).score(stack_images(test), test, task, paired=False)
+    return {"metrics": metrics, "protocol": protocol, "per_subject": per_subject,
+            "cost": {"wall_seconds": time.perf_counter() - wall}}
 
 
 def run_reference_other(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
@@ -78,10 +79,29 @@ def run_reference_other(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
     wall = time.perf_counter()
     test = ctx.test_subjects()
     other = derangement(len(test), spec.seed)
-    metrics, protocol = ctx.scorer(task).dice(stack_images(test), [test[j] for j in other])
+    metrics, protocol, per_volume = ctx.scorer(task).dice(stack_images(test), [test[j] for j in other])
     protocol["row"] = "real test volumes against another test subject's condition (a fixed derangement)"
     protocol["derangement"] = other.tolist()
-    return {"metrics": metrics, "protocol": protocol, "cost": {"wall_seconds": time.perf_counter() - wall}}
+    return {"metrics": metrics, "protocol": protocol, "per_subject": {"ids": [s.id for s in test], "Dice": per_volume},
+            "cost": {"wall_seconds": time.perf_counter() - wall}}
+
+
+def run_autoencoder(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
+    """The ceiling a latent generator can reach: each test volume encoded to its posterior mean and
+    decoded, scored like a method's samples."""
+    wall = time.perf_counter()
+    test = ctx.test_subjects()
+    batch = int(ctx.profile.sampling.batch_size)
+    base = ctx.base  # loaded (or pretrained) before gradients are switched off
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(test), batch):
+            images = torch.from_numpy(stack_images(test[start : start + batch])).to(ctx.device)
+            mu, _ = base.encode(images)
+            out.append(base.decode(mu).clamp(0, 1).float().cpu().numpy())
+    result = {"cost": {"trainable_parameters": 0},
+              "control_probe": {"not_applicable": "the autoencoder's reconstruction has no condition to follow"}}
+    return finish(spec, task, ctx, test, np.concatenate(out), task, result, wall)
 
 
 def run_base_unconditioned(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
@@ -120,6 +140,13 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
     gen_start = time.perf_counter()
     generated = generate(method, test, sample_task, engine, ctx)
     gen_seconds = time.perf_counter() - gen_start
+    swapped = None
+    if task.dice is not None and spec.kind is RunKind.METHOD:  # the method's own null: another subject's condition
+        from benchmark.engine.probe import derangement
+
+        other = derangement(len(test), spec.seed)
+        torch.manual_seed(stable_seed(spec.seed, "sampling"))
+        swapped = (other, generate(method, test, sample_task, engine, ctx, [test[j] for j in other]))
     if engine.train_result is not None:  # trained by the suite's loop: its cost, and the control probe
         train = engine.train_result
         result = {"training": {**training_fields(info), "lr": engine.settings.lr},
@@ -130,10 +157,11 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
         result = direct_fields(method, info, ctx, fit_seconds, gen_seconds, len(test), memory.summary())
         result["control_probe"] = {"not_applicable": f"{spec.method} generates volumes directly; it has no noise "
                                                      "prediction to probe"}
-    return finish(spec, task, ctx, test, generated, sample_task, result, wall)
+    return finish(spec, task, ctx, test, generated, sample_task, result, wall, swapped)
 
 
 RUNS = {
+    RunKind.AUTOENCODER: run_autoencoder,
     RunKind.METHOD: run_method,
     RunKind.SPHERE_VALIDATION: run_method,
     RunKind.REFERENCE: run_reference,
@@ -145,25 +173,42 @@ RUNS = {
 # ---- shared steps ---------------------------------------------------------------------------
 
 
-def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunContext) -> np.ndarray:
-    """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1]."""
+def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunContext,
+             condition_subjects=None) -> np.ndarray:
+    """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1].
+    ``condition_subjects`` (one per test subject) gives the spatial conditions instead, each subject
+    keeping its own noise and scalars: the swapped-condition null."""
     batch_size = ctx.profile.sampling.batch_size
+    givers = test if condition_subjects is None else condition_subjects
     out = []
-    for start in tqdm(range(0, len(test), batch_size), desc=f"generate {method.name}", disable=not ctx.progress,
-                      leave=False):
+    desc = f"generate {method.name}" + ("" if condition_subjects is None else " (swapped conditions)")
+    for start in tqdm(range(0, len(test), batch_size), desc=desc, disable=not ctx.progress, leave=False):
         chunk = test[start : start + batch_size]
-        volumes = method.generate(condition_batch(task, chunk, device=ctx.device), scalar_batch(chunk, ctx.device),
-                                  chunk, engine)
+        conditions = condition_batch(task, givers[start : start + batch_size], device=ctx.device)
+        volumes = method.generate(conditions, scalar_batch(chunk, ctx.device), chunk, engine)
         out.append(volumes.detach().clamp(0, 1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
 
 
 def finish(spec: RunSpec, task: Task, ctx: RunContext, test, generated: np.ndarray, conditions_used,
-           result: dict, wall: float) -> dict:
-    """Save the samples, score them, add the probe's summary columns and the wall time."""
+           result: dict, wall: float, swapped=None) -> dict:
+    """Save the samples, score them, add the probe's summary columns, the Control Δ of the swapped-condition
+    samples (``swapped``: the derangement and the volumes) and the wall time."""
     save_samples(ctx.run_dir(spec), test, generated, conditions_used)
     save_real(ctx.out_dir, test)
-    result["metrics"], result["protocol"] = ctx.scorer(task).score(generated, test, conditions_used)
+    result["metrics"], result["protocol"], result["per_subject"] = ctx.scorer(task).score(generated, test, conditions_used)
+    if swapped is not None:
+        other, volumes = swapped
+        result["per_subject"]["Dice swapped"] = ctx.scorer(task).dice(volumes, test)[2]
+        delta = paired_difference(result["per_subject"]["Dice"], result["per_subject"]["Dice swapped"], seed=spec.seed)
+        result["metrics"].update({CONTROL_DELTA: delta["mean"], f"{CONTROL_DELTA} CI low": delta["ci_low"],
+                                  f"{CONTROL_DELTA} CI high": delta["ci_high"], f"{CONTROL_DELTA} p": delta["p_value"],
+                                  "Dice swapped": float(np.nanmean(result["per_subject"]["Dice swapped"]))})
+        result["protocol"][CONTROL_DELTA] = {
+            "definition": "Dice(own condition) - Dice(another test subject's condition) of the method's samples, "
+                          "both scored against each subject's own condition; the same initial noise and scalars",
+            "derangement": other.tolist(), "bootstrap": "percentile, 2000 resamples over subjects",
+            "verdict": "follows its condition when the 95% CI lies above 0 (tables: Holm-corrected across methods)"}
     history = result.get("control_probe", {}).get("history")
     if history and spec.kind is not RunKind.SPHERE_VALIDATION:
         from benchmark.engine.probe import summary_columns

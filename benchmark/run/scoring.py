@@ -1,7 +1,10 @@
 """Glue between a grid and ``metrics/``: which volumes are compared with which, per task.
 
-Generated volumes of the test subjects are scored against the real test volumes; the reference
-row scores the real test volumes against real training volumes. Feature extractors (pretrained
+Every row's Fréchet distances (FID-2D/3D, FRD, precision/recall) compare its volumes with **one real
+set that no row was conditioned on**: the validation subjects (:meth:`SharedScoring.fd_real_set`).
+The reference row (real test volumes) is then the floor of FD, and a method that returned each test
+subject's ground truth would score exactly that floor, not below it. How close a volume is to its
+own subject is measured by the paired columns (fidelity, PSNR/SSIM) and by Dice. Feature extractors (pretrained
 when their weights are in --weights-dir, else in-domain ones trained on the training pool) and
 the LPIPS model are shared by every task of a grid; the Dice judge is trained per task. What is
 scored follows the task's definition (``datasets.tasks``): Dice against its Dice condition with the
@@ -49,6 +52,13 @@ class SharedScoring:
         """Real training volumes that train the in-domain extractors and the judges (read only when
         one of them must be trained, or for FRD's brain mask)."""
         return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:self.reference_count])
+
+    @cached_property
+    def fd_real_set(self):
+        """The real volumes every row's Fréchet distances are measured against: the validation subjects
+        (as many as the test rows have, when there are enough), so that no row was conditioned on them."""
+        n = min(len(self.ctx.data.splits.validation), int(self.ctx.profile.sampling.n_test))
+        return self.ctx.data.validation_subjects(n)
 
     def deferred_reference(self, stack) -> DeferredVolumes:
         """``stack(train_reference)``, an (n, 1, X, Y, Z) array read only if a network must be trained."""
@@ -108,30 +118,37 @@ class Scorer:
                            config=self.shared.config("judge", JudgeConfig), device=self.ctx.device,
                            progress=self.ctx.progress, shipped_dirs=self.shared.shipped_dirs)
 
-    def score(self, volumes: np.ndarray, subjects, conditions_task, real_reference=None) -> tuple[dict, dict]:
-        """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions."""
-        real = np.stack([s.image for s in (real_reference if real_reference is not None else subjects)])
+    def score(self, volumes: np.ndarray, subjects, conditions_task, paired: bool = True) -> tuple[dict, dict, dict]:
+        """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions: (columns,
+        protocol, per-volume values with the subjects' ids). ``paired=False`` (the reference row: the
+        volumes are the subjects' own) leaves out the fidelity columns against ground truth."""
+        real = np.stack([s.image for s in self.shared.fd_real_set])
         needs = {m.needs for m in self.task.metrics}
         conditions, classes = None, None
         if "judge" in needs:
             conditions = np.stack([conditions_task.conditions(s)[self.task.dice.condition] for s in subjects])
             classes = self.task.dice.classes
-        paired = "ground truth" in needs and real_reference is None
+        paired = "ground truth" in needs and paired
         ground_truth = np.stack([s.image for s in subjects]) if paired else None
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
                               lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask)
         protocol = row.pop("protocol")
-        return row, protocol
+        protocol["fd_real_set"] = {"split": "validation", "n": len(self.shared.fd_real_set),
+                                   "why": "one real set no row was conditioned on, the same for every row"}
+        per_volume = {"ids": [s.id for s in subjects], **row.pop("per_volume")}
+        return row, protocol, per_volume
 
-    def dice(self, volumes: np.ndarray, condition_subjects) -> tuple[dict, dict]:
-        """Only the judge's Dice of ``volumes`` against the conditions of ``condition_subjects``
-        (the row of real volumes scored against another subject's condition)."""
+    def dice(self, volumes: np.ndarray, condition_subjects) -> tuple[dict, dict, list[float]]:
+        """Only the judge's Dice of ``volumes`` against the conditions of ``condition_subjects`` (the row of
+        real volumes scored against another subject's condition; the swapped-condition samples):
+        (columns, protocol, Dice per volume)."""
         dice = self.task.dice
         labels = condition_to_labels(np.stack([self.task.conditions(s)[dice.condition] for s in condition_subjects]),
                                      dice.classes)
         result = self.judge.dice(volumes, labels)
-        return {"Dice": result["Dice"]}, {"Dice": {**result["protocol"], "per_class": result["Dice per class"]}}
+        return ({"Dice": result["Dice"]}, {"Dice": {**result["protocol"], "per_class": result["Dice per class"]}},
+                result["Dice per volume"])
 
     def cost(self, method, train, size: int) -> dict:
         params = count_parameters(method)

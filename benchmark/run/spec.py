@@ -23,6 +23,7 @@ CODE_VERSION = "1"  # bump when a change invalidates finished runs
 REFERENCE = "reference"         # real test volumes against real training volumes
 REFERENCE_OTHER = "reference_other"  # real test volumes against another test subject's condition (Dice)
 BASE_UNCONDITIONED = "brainldm"  # the frozen base model alone
+AUTOENCODER = "autoencoder"     # test volumes through the base autoencoder: the ceiling of a latent generator
 SPHERE_SUFFIX = "+sphere"        # a method sampled with sphere masks (out of distribution)
 
 
@@ -34,10 +35,11 @@ class RunKind(Enum):
     REFERENCE_OTHER = "reference_other"      # real test volumes, Dice against another subject's condition
     BASE_UNCONDITIONED = "base_unconditioned"  # the frozen base model sampled without spatial condition
     SPHERE_VALIDATION = "sphere_validation"  # a trained method sampled with sphere masks (Table 6)
+    AUTOENCODER = "autoencoder"              # test volumes encoded and decoded: what a latent generator can reach
 
 
 _PSEUDO = {REFERENCE: RunKind.REFERENCE, REFERENCE_OTHER: RunKind.REFERENCE_OTHER,
-           BASE_UNCONDITIONED: RunKind.BASE_UNCONDITIONED}
+           BASE_UNCONDITIONED: RunKind.BASE_UNCONDITIONED, AUTOENCODER: RunKind.AUTOENCODER}
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ The rule: among the trials that qualify, the one with the largest mean Control �
 quantity the benchmark's verdict is about: how much a method's samples follow their own condition
 rather than any plausible one); Dice(own) is kept beside it. When no trial qualifies the method keeps
 the profile's settings and the recipe says why. Each trial's record is written as it ends (an
-interrupted tune resumes with the trials it has), and the recipe file gathers them with the search
-space, seed, commit, command and cost.
+interrupted tune resumes with the trials it has; they are kept beside the recipe, in
+``<task>-trials/``, with their per-subject values), and the recipe file gathers them with the search
+space, seed, commit, command and cost. A recipe names the methods tuned so far; ``run`` uses the
+profile's settings for a method it does not name, and its record says so.
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ from benchmark.run.spec import RunContext
 from core.files import atomic_json
 from datasets.tasks import Task
 from metrics.control_delta import paired_difference
-from metrics.dice import condition_to_labels
 from metrics.cost import device_name
 
 SELECTION_RULE = ("largest mean Control Δ = Dice(own condition) − Dice(another validation subject's condition) of "
@@ -63,10 +64,7 @@ def tuning_settings(ctx: RunContext) -> dict:
 
 def per_subject_dice(ctx: RunContext, task: Task, volumes: np.ndarray, condition_subjects) -> np.ndarray:
     """The judge's Dice of each volume against the condition of the matching subject."""
-    dice = task.dice
-    labels = condition_to_labels(np.stack([task.conditions(s)[dice.condition] for s in condition_subjects]),
-                                 dice.classes)
-    return np.asarray(ctx.scorer(task).judge.dice(volumes, labels)["Dice per volume"], dtype=np.float64)
+    return np.asarray(ctx.scorer(task).dice(volumes, condition_subjects)[2], dtype=np.float64)
 
 
 def run_trial(ctx: RunContext, task: Task, name: str, lr: float, cfg: dict, trial_dir: Path,
@@ -137,6 +135,11 @@ def _commit() -> str:
         return "unknown"
 
 
+def trial_records_dir(recipe: Path) -> Path:
+    """Where a recipe's trial records live (committed beside it, so an interrupted tune resumes anywhere)."""
+    return recipe.parent / f"{recipe.stem}-trials"
+
+
 def tune(ctx: RunContext, task: Task, names: Sequence[str], out_dir: Path, command: str,
          recipe_root: Path | None = None, progress: bool = False,
          trial_runner: Callable[..., dict] = run_trial) -> Path:
@@ -156,17 +159,21 @@ def tune(ctx: RunContext, task: Task, names: Sequence[str], out_dir: Path, comma
     methods = {}
     if existing and all(existing.get(k) == protocol[k] for k in ("size", "steps", "search_space", "seed")):
         methods = dict(existing.get("methods") or {})  # methods tuned earlier under the same protocol
+    trials_dir = trial_records_dir(path)
     for name in names:
         trials = []
         for lr in cfg["learning_rates"]:
-            trial_dir = out_dir / name / f"lr{lr:g}"
-            record = trial_dir / "trial.json"
+            trial_dir = out_dir / name / f"lr{lr:g}"  # checkpoints (not committed)
+            record = trials_dir / f"{name}__lr{lr:g}.json"  # the evidence, per-subject values included
             if record.is_file():
-                trials.append(json.loads(record.read_text()))
-                continue
+                trial = json.loads(record.read_text())
+                if all(trial.get(k) == v for k, v in (("steps", protocol["steps"]), ("size", cfg["size"]),
+                                                       ("seed", cfg["seed"]))):
+                    trials.append(trial)
+                    continue
             torch.manual_seed(0)
             trial = json.loads(json.dumps(trial_runner(ctx, task, name, lr, cfg, trial_dir, progress), default=float))
-            trial_dir.mkdir(parents=True, exist_ok=True)
+            trials_dir.mkdir(parents=True, exist_ok=True)
             atomic_json(record, trial)
             trials.append(trial)
             delta = trial.get("control_delta", {}).get("mean")

@@ -1,0 +1,154 @@
+"""Rankings that are evidence: paired intervals, the per-method swapped-condition null, Holm, the
+autoencoder ceiling, per-subject values in records and tables, one real set for every Fréchet row."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.profiles import load_profile
+from benchmark.report.headline import headline_table, per_subject_frame
+from benchmark.report.tables import records_frame
+from datasets.tasks import get_task
+from metrics.control_delta import bootstrap_mean, follows_condition, holm, paired_difference
+from metrics.dice import dice_score, volume_error
+
+
+def test_paired_bootstrap_equals_a_direct_computation():
+    own = np.array([0.6, 0.5, 0.7, 0.4, 0.65, 0.55])
+    swapped = np.array([0.3, 0.45, 0.5, 0.42, 0.35, 0.5])
+    result = paired_difference(own, swapped, seed=3, resamples=500)
+    diff = own - swapped
+    rng = np.random.default_rng([0xD1FF, 3])
+    means = diff[rng.integers(0, len(diff), (500, len(diff)))].mean(axis=1)
+    assert result["mean"] == pytest.approx(diff.mean())
+    assert result["ci_low"] == pytest.approx(np.quantile(means, 0.025))
+    assert result["ci_high"] == pytest.approx(np.quantile(means, 0.975))
+    assert result["p_value"] == pytest.approx(max(np.mean(means <= 0), 1 / 500))
+    # stratified by seed: every resample keeps each seed's subjects
+    strata = np.array([0, 0, 0, 1, 1, 1])
+    stratified = paired_difference(own, swapped, seed=3, strata=strata, resamples=500)
+    assert stratified["mean"] == pytest.approx(diff.mean())
+    assert stratified["ci_low"] <= diff.mean() <= stratified["ci_high"]
+    assert bootstrap_mean(own)["mean"] == pytest.approx(own.mean())
+
+
+def test_holm_matches_known_adjusted_p_values():
+    # p = (0.01, 0.04, 0.03, 0.005), m = 4: sorted 0.005*4, 0.01*3, 0.03*2, 0.04*1 -> 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, float("nan")])[0] == pytest.approx(0.5) and np.isnan(holm([0.5, float("nan")])[1])
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def _masks(n=8, shape=(12, 12, 12), seed=0):
+    """Distinct blob masks per subject."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, 1, *shape), np.uint8)
+    for i in range(n):
+        c = rng.integers(3, 9, 3)
+        r = rng.integers(2, 4)
+        masks[i, 0, c[0] - r:c[0] + r, c[1] - r:c[1] + r, c[2] - r:c[2] + r] = 1
+    return masks
+
+
+def _judged(volumes, masks):
+    """A perfect judge stand-in: it reads the mask back from a volume by thresholding."""
+    return np.asarray(dice_score((volumes > 0.5).astype(np.uint8), masks, 2)["Dice per volume"])
+
+
+def test_an_oracle_that_ignores_its_condition_gets_no_and_one_that_paints_it_gets_yes():
+    masks = _masks()
+    other = np.roll(np.arange(len(masks)), 1)  # a derangement
+    anatomy = np.random.default_rng(1).random(masks.shape) * 0.4  # below the judge's threshold
+    # ignores its condition: the same volume whatever condition it is given
+    ignorer = anatomy + 0.6 * masks[0]
+    delta = paired_difference(_judged(ignorer, masks), _judged(ignorer, masks))
+    assert delta["ci_low"] <= 0 <= delta["ci_high"] and follows_condition(delta) == "no"
+    # paints the condition it is given
+    own, swapped = anatomy + 0.6 * masks, anatomy + 0.6 * masks[other]
+    delta = paired_difference(_judged(own, masks), _judged(swapped, masks))
+    assert delta["ci_low"] > 0 and follows_condition(delta) == "yes"
+
+
+def test_volume_error_is_zero_for_the_condition_itself_and_relative_otherwise():
+    masks = _masks(3)
+    assert volume_error(masks, masks, 2) == [0.0, 0.0, 0.0]
+    grown = masks.copy()
+    grown[0, 0, 0, 0, 0] = 1  # one more voxel
+    assert volume_error(grown, masks, 2)[0] == pytest.approx(1 / masks[0].sum())
+
+
+def _record(folder, method, size, seed, dice, swapped=None, extra=None):
+    ids = [f"s{i}" for i in range(len(dice))]
+    per = {"ids": ids, "Dice": list(dice)}
+    if swapped is not None:
+        per["Dice swapped"] = list(swapped)
+    rec = {"task": "lv", "method": method, "size": size, "seed": seed, "status": "ok",
+           "metrics": {"Dice": float(np.mean(dice)), **(extra or {})}, "per_subject": per}
+    (folder / "records").mkdir(parents=True, exist_ok=True)
+    (folder / "records" / f"lv__{method}__n{size}__s{seed}.json").write_text(json.dumps(rec))
+
+
+def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        own = rng.uniform(0.5, 0.7, 16)
+        _record(tmp_path, "vcm", 50, seed, own, own - rng.uniform(0.1, 0.2, 16))   # follows
+        same = rng.uniform(0.3, 0.5, 16)
+        _record(tmp_path, "mcm", 50, seed, same, same + rng.normal(0, 0.01, 16))  # does not
+        _record(tmp_path, "autoencoder", 0, seed, rng.uniform(0.8, 0.9, 16))
+    frame, subjects = records_frame(tmp_path), per_subject_frame(tmp_path)
+    assert len(subjects) == 2 * 3 * 16 and set(subjects.seed) == {0, 1}
+    table = headline_table(frame, subjects, "lv")
+    rows = dict(zip(table.method, table["Control Δ [95% CI] follows?"]))
+    assert rows["vcm, N=50"].endswith("yes") and rows["mcm, N=50"].endswith("no")
+    assert table.method.iloc[0] == "autoencoder reconstruction (ceiling)"
+    assert len(table.columns) <= 9 and table.seeds.tolist() == [2, 2, 2]
+    # the same values give the same table again (nothing but the records is read)
+    assert headline_table(records_frame(tmp_path), per_subject_frame(tmp_path), "lv").equals(table)
+
+
+@pytest.fixture(scope="module")
+def scoring_ctx(tmp_path_factory):
+    from benchmark.run.spec import RunContext
+
+    profile = load_profile("smoke", ["sampling.n_test=4", "data.validation_set=4"])
+    cache = tmp_path_factory.mktemp("cache")
+    return RunContext(profile, cache / "out", cache, progress=False)
+
+
+def test_an_exact_copy_of_the_ground_truth_gets_the_reference_rows_fd_not_less(scoring_ctx):
+    """Every Fréchet row compares with the same real set (validation subjects), so a method that returns
+    each test subject's ground truth is scored exactly as the real-volume reference row."""
+    task = get_task("sr4")
+    test = scoring_ctx.test_subjects()
+    real = np.stack([s.image for s in test])
+    scorer = scoring_ctx.scorer(task)
+    reference, protocol, _ = scorer.score(real, test, task, paired=False)
+    copy, _, per_subject = scorer.score(real.copy(), test, task)
+    fd_columns = [c for c in reference if c.startswith(("FID", "FRD")) and reference[c] is not None]
+    assert fd_columns
+    for c in fd_columns:
+        assert copy[c] == pytest.approx(reference[c]), c
+    assert protocol["fd_real_set"]["split"] == "validation"
+    assert per_subject["ids"] == [s.id for s in test] and len(per_subject["PSNR"]) == len(test)
+
+
+def test_the_autoencoder_ceiling_row_is_in_every_judged_grid():
+    from benchmark.run.grid import build_specs
+
+    specs = build_specs(["lv", "multimodal", "sr8"], "vcm", [10], [0, 1], load_profile("smoke"), validation=False)
+    for task in ("lv", "multimodal"):
+        assert {s.seed for s in specs if s.task == task and s.method == "autoencoder"} == {0, 1}
+    assert not any(s.task == "sr8" and s.method == "autoencoder" for s in specs)
+
+
+def test_the_autoencoder_run_scores_reconstructions(scoring_ctx):
+    from benchmark.run.runner import execute_run
+    from benchmark.run.spec import RunSpec
+
+    result = execute_run(RunSpec.of("lv", "autoencoder", 0, 0), scoring_ctx)
+    assert "Dice" in result["metrics"] and len(result["per_subject"]["Dice"]) == 4
+    assert result["per_subject"]["volume error"] and "not_applicable" in result["control_probe"]
+    with torch.no_grad():
+        assert np.isfinite(result["metrics"]["Dice"])
