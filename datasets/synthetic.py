@@ -19,13 +19,13 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from core.files import atomic_npz, file_lock
+from core.processes import worker_context
 
 # GENERATOR_VERSION is re-exported: other parts key their own caches on it.
 from .anatomy import GENERATOR_VERSION, load_reference, source_version
@@ -97,17 +97,12 @@ def _die_with_parent(parent: int | None) -> None:
 
 
 def _worker_pool(workers: int) -> ProcessPoolExecutor:
-    """``workers`` generation processes (numpy and scipy only; each loads the reference from the cache).
-
-    On Linux they are forked from a forkserver: a clean process started once, before any of this
-    process's threads existed, that imports this module only. A plain fork of a process whose other
-    threads (torch's, ITK's after FRD has run) may hold a lock at that moment can leave a worker
-    waiting on it for ever (seen: a worker blocked on a futex after FRD, hanging the grid)."""
-    if sys.platform.startswith("linux"):
-        context = get_context("forkserver")
-        context.set_forkserver_preload(["datasets.synthetic"])
+    """``workers`` generation processes (numpy and scipy only; each loads the reference from the cache),
+    from :func:`core.processes.worker_context`: never a plain fork of this process and its threads."""
+    context = worker_context()
+    if context.get_start_method() == "forkserver":
         return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(None,))
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    return ProcessPoolExecutor(workers, mp_context=context)
 
 
 class SyntheticPopulation:

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from core.processes import worker_context
+
 from .common import as_volumes
 
 
@@ -52,6 +54,20 @@ def _write(volumes: np.ndarray, mask: np.ndarray, folder: Path, prefix: str) -> 
     return images, masks
 
 
+def _compute_frd_in_clean_workers(frd_score, paths, masks) -> float:
+    """``frd_score.compute_frd`` with its feature pool from :func:`core.processes.worker_context`: the
+    package's own ``multiprocessing.Pool`` forks this process, whose torch threads can leave the
+    forked worker waiting on a lock for ever (seen: a grid hung in FRD)."""
+    import frd_score.frd as module
+
+    plain = module.mp
+    module.mp = worker_context()
+    try:
+        return frd_score.compute_frd(paths, paths_masks=masks, num_workers=1)
+    finally:
+        module.mp = plain
+
+
 def frd(real: Any, fake: Any, brain_mask: Any) -> dict[str, Any]:
     """``{"FRD": value or None, "protocol": {...}}`` of generated ``fake`` against ``real`` volumes."""
     reason = frd_unavailable()
@@ -75,7 +91,7 @@ def frd(real: Any, fake: Any, brain_mask: Any) -> dict[str, Any]:
             logging.getLogger("radiomics").setLevel(logging.ERROR)
             fi, fm = _write(fake_t.numpy(), mask, Path(tmp), "gen")
             ri, rm = _write(real_t.numpy(), mask, Path(tmp), "real")
-            value = float(frd_score.compute_frd([fi, ri], paths_masks=[fm, rm], num_workers=1))
+            value = float(_compute_frd_in_clean_workers(frd_score, [fi, ri], [fm, rm]))
     except Exception as err:  # noqa: BLE001 - the reason goes into the protocol, never a fake number
         return {"FRD": None, "protocol": {**proto, "available": False,
                                            "reason": f"frd-score failed: {type(err).__name__}: {err}"}}

@@ -153,7 +153,7 @@ def test_three_processes_on_a_cold_cache_pretrain_the_base_model_once(tmp_path):
         logs.append(proc.communicate(timeout=900)[0])
         assert proc.returncode == 0, logs[-1][-3000:]
         records = list(iter_records(out))
-        assert len(records) == 4 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+        assert len(records) == 5 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     pretrained = [log for log in logs if "base model: ready in" in log]
     assert len(pretrained) == 1, f"{len(pretrained)} processes pretrained the base model"
     assert sum("base model: loaded from" in log for log in logs) == 2
