@@ -123,13 +123,18 @@ def test_score_generated_columns_and_protocol(data, lv_judge, lpips_model):
                           judge=lv_judge, task="lv", lpips=lpips_model, settings=st)
     expected = {"FID-A [fixed-2d]", "FID-C [fixed-2d]", "FID-S [fixed-2d]", "FID-2D mean [fixed-2d]",
                 "FID-3D [fixed-3d]", "LPIPS diversity", "LPIPS fidelity", "MS-SSIM diversity",
-                "MS-SSIM fidelity", "PSNR", "SSIM", "Dice", "protocol"}
+                "MS-SSIM fidelity", "PSNR", "SSIM", "Dice", "volume error", "protocol"}
     # each Fréchet column also relative to real-vs-real, and precision/recall/density/coverage per feature space
     expected |= {f"{c} rel [fixed-2d]" for c in ("FID-A", "FID-C", "FID-S", "FID-2D mean")} | {"FID-3D rel [fixed-3d]"}
     expected |= {f"{m}-{d}D [fixed-{d}d]" for m in ("Precision", "Recall", "Density", "Coverage") for d in (2, 3)}
     expected.add("FRD")  # None here: no brain mask given (the protocol says why)
-    assert set(row) == expected
+    assert set(row) - {"per_volume"} == expected
     assert row["FRD"] is None and row["protocol"]["FRD"]
+    # the per-volume values behind the means, in the order of the volumes
+    per = row["per_volume"]
+    assert set(per) == {"Dice", "volume error", "MS-SSIM fidelity", "PSNR", "SSIM"}
+    assert all(len(v) == 6 for v in per.values())
+    assert row["Dice"] == pytest.approx(np.nanmean(per["Dice"]))
     assert all(isinstance(row[k], float) for k in expected - {"protocol", "FRD"})
     p = row["protocol"]
     assert p["n_generated_volumes"] == 6 and p["n_real_reference_volumes"] == 8

@@ -88,7 +88,7 @@ def test_a_new_task_runs_through_the_runner(lv_coarse, tmp_path):
     summary = run_grid(specs, ctx)
     assert summary.ok, summary.line()
     records = {r["method"]: r for r in iter_records(tmp_path / "out")}
-    assert set(records) == {"reference", "reference_other", "brainldm", "residual_shift"}
+    assert set(records) == {"reference", "autoencoder", "reference_other", "brainldm", "residual_shift"}
     run = records["residual_shift"]
     assert run["status"] == "ok" and run["task"] == "lv_coarse" and run["protocol"]["task"] == "lv_coarse"
     assert {"Dice", "LPIPS diversity", "MS-SSIM diversity"} <= set(run["metrics"])

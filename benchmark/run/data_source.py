@@ -18,9 +18,10 @@ def manifest_splits(manifest, subjects: list[Subject], d) -> tuple[Splits, str]:
     With a ``split`` column (``train`` / ``validation`` / ``test``), the rows say: the training pool is
     the ``train`` rows in a seeded order (at most ``data.train_pool``). Without it, a seeded
     permutation of the rows: the first ``data.test_set`` (a fifth of the rows if there are too few)
-    are the test set, the next ones the training pool, and the validation set is taken from the end
-    (``data.validation_set``, at most a tenth of the rows), so the test set and the pool's order are
-    the ones a manifest got before there was a validation split."""
+    are the test set, the next ``data.train_pool`` the training pool, and the validation set is taken
+    from the rows left over, at the end (up to ``data.validation_set``), so the test set and the pool
+    are the ones a manifest got before there was a validation split. A manifest with no rows left
+    has no validation subjects: see :meth:`DataSource.held_out_subjects`."""
     n = len(subjects)
     rng = np.random.default_rng(d.seed)
     column = read_split_column(manifest)
@@ -37,7 +38,7 @@ def manifest_splits(manifest, subjects: list[Subject], d) -> tuple[Splits, str]:
         return splits, f"manifest split column: {len(pool)} train, {len(by_split['validation'])} validation, " \
                        f"{len(by_split['test'])} test"
     n_test = min(d.test_set, n // 5) if n < d.train_pool + d.test_set else d.test_set
-    n_val = min(d.validation_set, n // 10)
+    n_val = min(d.validation_set, max(0, n - n_test - d.train_pool))  # only rows the pool leaves unused
     if n_test < 1 or n - n_test - n_val < 1:
         raise DataError(f"manifest {manifest} lists {n} subjects; at least 5 are needed (one test subject for "
                         "every four training subjects), or give a split column (train / validation / test)")
@@ -82,6 +83,16 @@ class DataSource:
     def test_subjects(self, n: int | None = None) -> list[Subject]:
         indices = self.splits.test if n is None else self.splits.test[:n]
         return self.subjects(indices)
+
+    def held_out_subjects(self, n: int) -> tuple[list[Subject], str]:
+        """Up to ``n`` subjects that no run trains or is scored on, for the control probe and the real
+        set of the Fréchet distances: the validation subjects; where there are fewer than 2 (a small
+        manifest without a split column) the last subjects of the training pool, never test subjects.
+        Returns the subjects and which split they are from."""
+        if len(self.splits.validation) >= 2:
+            return self.validation_subjects(min(n, len(self.splits.validation))), "validation"
+        pool = self.splits.train_pool
+        return self.subjects(pool[max(0, len(pool) - n):]), "training pool (tail): no validation subjects"
 
     def validation_subjects(self, n: int | None = None) -> list[Subject]:
         """The first ``n`` validation subjects: where every choice is made (tuning, plateaus, the probe)."""

@@ -24,7 +24,7 @@ def control_probe(task: Task, ctx, seed: int):
     cfg = ctx.profile.probe
     if not cfg.enabled:
         return None
-    subjects = ctx.data.validation_subjects(int(cfg.subjects))
+    subjects, _ = ctx.data.held_out_subjects(int(cfg.subjects))
     latents = ctx.latents.get(subjects, progress=False)[:, 0, 0]  # plain (not mirrored) posterior means
     return ControlProbe(ctx.base, task, subjects, latents, seed=seed, bands=int(cfg.bands),
                         draws=int(cfg.draws), batch_size=int(ctx.profile.sampling.batch_size),

@@ -54,11 +54,15 @@ class SharedScoring:
         return self.ctx.data.subjects(self.ctx.data.splits.train_pool[:self.reference_count])
 
     @cached_property
+    def fd_real(self):
+        """(subjects, split) of the real set of every Fréchet distance."""
+        return self.ctx.data.held_out_subjects(int(self.ctx.profile.sampling.n_test))
+
+    @property
     def fd_real_set(self):
         """The real volumes every row's Fréchet distances are measured against: the validation subjects
         (as many as the test rows have, when there are enough), so that no row was conditioned on them."""
-        n = min(len(self.ctx.data.splits.validation), int(self.ctx.profile.sampling.n_test))
-        return self.ctx.data.validation_subjects(n)
+        return self.fd_real[0]
 
     def deferred_reference(self, stack) -> DeferredVolumes:
         """``stack(train_reference)``, an (n, 1, X, Y, Z) array read only if a network must be trained."""
@@ -134,7 +138,7 @@ class Scorer:
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
                               lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask)
         protocol = row.pop("protocol")
-        protocol["fd_real_set"] = {"split": "validation", "n": len(self.shared.fd_real_set),
+        protocol["fd_real_set"] = {"split": self.shared.fd_real[1], "n": len(self.shared.fd_real_set),
                                    "why": "one real set no row was conditioned on, the same for every row"}
         per_volume = {"ids": [s.id for s in subjects], **row.pop("per_volume")}
         return row, protocol, per_volume
