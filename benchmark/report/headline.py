@@ -50,8 +50,12 @@ def _interval(stats: dict, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} [{stats['ci_low']:.{digits}f}, {stats['ci_high']:.{digits}f}]"
 
 
-def _mean(runs: pd.DataFrame, column: str) -> float:
-    return float(pd.to_numeric(runs[column], errors="coerce").mean()) if column in runs else float("nan")
+def _mean(runs: pd.DataFrame, column: str | None) -> float:
+    return float(pd.to_numeric(runs[column], errors="coerce").mean()) if column and column in runs else float("nan")
+
+
+def _cell(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if np.isfinite(value) else "–"
 
 
 def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -83,13 +87,11 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> 
             row["_p"] = p
             row["_ci_low"] = delta.get("ci_low", float("nan"))
             row["_size"] = size
-            row["volume error"] = f"{_mean(runs, 'volume error'):.3f}" if "volume error" in runs else "–"
-            row[fid.replace(" mean", "") if fid else "FID-2D rel"] = f"{_mean(runs, fid):.2f}" if fid else "–"
-            row["MS-SSIM diversity"] = f"{_mean(runs, 'MS-SSIM diversity'):.3f}" if "MS-SSIM diversity" in runs else "–"
-            ratio = _mean(runs, NOISE_MSE_RATIO)
-            row[NOISE_MSE_RATIO] = f"{ratio:.2f}" if np.isfinite(ratio) else "–"
-            sps = _mean(runs, "cost: seconds_per_step")
-            row["s/step"] = f"{sps:.3f}" if np.isfinite(sps) else "–"
+            row["volume error"] = _cell(_mean(runs, "volume error"), 3)
+            row[fid.replace(" mean", "") if fid else "FID-2D rel"] = _cell(_mean(runs, fid), 2)
+            row["MS-SSIM diversity"] = _cell(_mean(runs, "MS-SSIM diversity"), 3)
+            row[NOISE_MSE_RATIO] = _cell(_mean(runs, NOISE_MSE_RATIO), 2)
+            row["s/step"] = _cell(_mean(runs, "cost: seconds_per_step"), 3)
             row["seeds"] = int(runs.seed.nunique())
             rows.append(row)
     table = pd.DataFrame(rows)
