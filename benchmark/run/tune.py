@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +40,7 @@ from benchmark.engine.sampling import sample_method
 from benchmark.engine.training import TrainingDiverged, TrainSettings, train_method
 from benchmark.run.engine import control_probe
 from benchmark.run.runner import build_method
+from benchmark.run.ship import _git_commit  # one place for the commit a file was made at
 from benchmark.run.spec import RunContext
 from core.files import atomic_json
 from datasets.tasks import Task
@@ -127,14 +127,6 @@ def select(trials: Sequence[dict]) -> tuple[dict, str]:
                                          f"Dice(own) {best['dice_own']:.3f}")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def trial_records_dir(recipe: Path) -> Path:
     """Where a recipe's trial records live (committed beside it, so an interrupted tune resumes anywhere)."""
     return recipe.parent / f"{recipe.stem}-trials"
@@ -184,7 +176,7 @@ def tune(ctx: RunContext, task: Task, names: Sequence[str], out_dir: Path, comma
         methods[name] = {"chosen": chosen, "why": why, "trial_seconds": round(sum(t["seconds"] for t in trials), 1),
                          "trials": [{k: v for k, v in t.items() if not k.endswith("_per_subject") and k not in
                                      ("validation_ids", "derangement")} for t in trials]}
-        recipe = {**protocol, "commit": _commit(), "command": command, "device": device_name(ctx.device),
+        recipe = {**protocol, "commit": _git_commit(), "command": command, "device": device_name(ctx.device),
                   "torch_threads": torch.get_num_threads(),
                   "tuning_cost": {"wall_hours": round(sum(m["trial_seconds"] for m in methods.values()) / 3600, 3),
                                   "note": "wall-clock hours of all trials on the device above"},
