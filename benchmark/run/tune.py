@@ -77,7 +77,8 @@ def run_trial(ctx: RunContext, task: Task, name: str, lr: float, cfg: dict, tria
     settings.checkpoint_every = settings.steps  # the probe before training and at the end only
     method = build_method(name, task, ctx, seed)
     probe = control_probe(task, ctx, seed)
-    trial = {"method": name, "lr": lr, "steps": settings.steps, "size": cfg["size"], "seed": seed}
+    trial = {"method": name, "lr": lr, "steps": settings.steps, "size": cfg["size"], "seed": seed,
+             "device": device_name(ctx.device)}  # per trial: one recipe may gather trials from several machines
     try:
         result = train_method(method, ctx.base, subjects, task, settings, ctx.latents, trial_dir, seed,
                               ctx.device, progress=progress, probe=probe)
@@ -174,12 +175,18 @@ def tune(ctx: RunContext, task: Task, names: Sequence[str], out_dir: Path, comma
                   f"{trial['seconds']:.0f} s", flush=True)
         chosen, why = select(trials)
         methods[name] = {"chosen": chosen, "why": why, "trial_seconds": round(sum(t["seconds"] for t in trials), 1),
+                         "device": " + ".join(sorted({t.get("device", "unknown") for t in trials})),
                          "trials": [{k: v for k, v in t.items() if not k.endswith("_per_subject") and k not in
                                      ("validation_ids", "derangement")} for t in trials]}
+        hours: dict[str, float] = {}
+        for entry in methods.values():
+            hours[entry.get("device", "unknown")] = hours.get(entry.get("device", "unknown"), 0.0) + entry["trial_seconds"] / 3600
         recipe = {**protocol, "commit": _git_commit(), "command": command, "device": device_name(ctx.device),
                   "torch_threads": torch.get_num_threads(),
-                  "tuning_cost": {"wall_hours": round(sum(m["trial_seconds"] for m in methods.values()) / 3600, 3),
-                                  "note": "wall-clock hours of all trials on the device above"},
+                  "tuning_cost": {"wall_hours": round(sum(hours.values()), 3),
+                                  "wall_hours_by_device": {d: round(h, 3) for d, h in sorted(hours.items())},
+                                  "note": "wall-clock hours of all trials; each method's entry names the device its "
+                                          "trials ran on ('device' above is the last tune's)"},
                   "methods": methods}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("# Made by `python run_benchmark.py tune` (benchmark/run/tune.py); do not edit by hand.\n"
