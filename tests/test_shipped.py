@@ -154,3 +154,47 @@ def test_decoder_finetuning_changes_only_the_decoder(cache):
     summary = json.loads((base_model_dir(tiny(*DECODER), cache) / "summary.json").read_text())
     assert summary["decoder_finetune"]["steps"] == 3
     assert torch.isfinite(torch.tensor(summary["decoder_finetune"]["final_l1"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the data identity that keys shipped and cached judges
+# ---------------------------------------------------------------------------------------------
+class WouldTrain(Exception):
+    """Raised where a judge would be trained: the lookup found no shipped or cached judge for the data."""
+
+
+def _would_train(*args, **kwargs):
+    raise WouldTrain
+
+
+def _lv_judge(tmp_path, overrides=()):
+    from benchmark.run.spec import RunContext
+    from datasets.tasks import get_task
+
+    ctx = RunContext(load_profile("smoke", list(overrides)), tmp_path / "out", tmp_path / "cache", device="cpu",
+                     progress=False)
+    return ctx.scorer(get_task("lv")).judge
+
+
+def test_today_s_data_is_served_the_shipped_judge(tmp_path, monkeypatch):
+    import metrics.judge
+
+    monkeypatch.setattr(metrics.judge, "materialise", _would_train)
+    judge = _lv_judge(tmp_path)
+    assert Path(judge.source).parent == shipped.SHIPPED_ROOT / "smoke" / "metrics"
+    assert judge.meta["data_id"].startswith("synthetic(seed=0, synth-mni152-v3)|")
+
+
+@pytest.mark.parametrize("change", ["generator", "split sizes"])
+def test_changed_data_is_never_served_a_stale_shipped_judge(change, tmp_path, monkeypatch):
+    import benchmark.run.data_source
+    import metrics.judge
+
+    monkeypatch.setattr(metrics.judge, "materialise", _would_train)
+    overrides = []
+    if change == "generator":
+        monkeypatch.setattr(benchmark.run.data_source, "GENERATOR_VERSION", "synth-mni152-v999")
+    else:  # another test-set size moves the training pool, so the judge's subjects differ
+        overrides = [f"data.test_set={load_profile('smoke').data.test_set + 1}"]
+    with pytest.raises(WouldTrain):
+        _lv_judge(tmp_path, overrides)

@@ -9,7 +9,7 @@ from datasets.manifest import load_manifest, read_split_column
 from datasets.manifest_geometry import Grid
 from datasets.splits import VALIDATION_START, Splits, make_splits
 from datasets.subject import DataError, Subject
-from datasets.synthetic import SyntheticPopulation
+from datasets.synthetic import GENERATOR_VERSION, SyntheticPopulation
 
 
 def manifest_splits(manifest, subjects: list[Subject], d) -> tuple[Splits, str]:
@@ -62,7 +62,8 @@ class DataSource:
             self.population = SyntheticPopulation(shape, seed=d.seed, cache_dir=cache_dir)
             self.splits: Splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed, d.validation_set)
             self._real: list[Subject] | None = None
-            self.identity = f"synthetic(seed={d.seed})"
+            # the generator version is part of it: a changed population is new data (new caches, judges)
+            self.identity = f"synthetic(seed={d.seed}, {GENERATOR_VERSION})"
             self.split_rule = (f"synthetic indices: test 0-{d.test_set - 1}, training pool next {d.train_pool} "
                                f"(seeded order), pretraining pool next {d.pretrain_pool}, validation "
                                f"{VALIDATION_START}-{VALIDATION_START + d.validation_set - 1}")

@@ -13,12 +13,13 @@ as plain parameters.
 """
 from __future__ import annotations
 
+import json
 import math
 from functools import cached_property
 
 import numpy as np
 
-from metrics.common import DeferredVolumes
+from metrics.common import DeferredVolumes, sha256_bytes
 from metrics.cost import count_parameters, device_days
 from metrics.dice import condition_to_labels
 from metrics.extractors import InDomainConfig, get_extractors
@@ -79,7 +80,12 @@ class SharedScoring:
 
     @cached_property
     def data_id(self) -> str:
-        return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={self.reference_count}"
+        """What the judges and in-domain extractors were trained on (their cache and shipped-file key): the
+        data source with its generator version, the grid, and which subjects (a digest of their indices, so
+        other split sizes or seeds that pick other subjects never find a judge trained on the old ones)."""
+        indices = [int(i) for i in self.ctx.data.splits.train_pool[:self.reference_count]]
+        digest = sha256_bytes(json.dumps(indices).encode(), 16)
+        return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={self.reference_count}|subjects={digest}"
 
     @cached_property
     def extractors(self):
