@@ -185,23 +185,47 @@ def test_tune_gives_every_method_the_same_trials_and_picks_the_known_best_lr(tmp
     assert json.loads((tmp_path / "recipes" / "smoke" / "lv-trials" / "vcm__lr0.0003.json").read_text())["lr"] == 3e-4
 
 
-def test_tune_never_reads_a_test_subject(tmp_path, monkeypatch):
-    """A real (tiny) tune at smoke: training, the probe, sampling and the judge, with test subjects poisoned."""
+@pytest.fixture
+def no_test_subjects(monkeypatch):
+    """Every read of a test subject fails the test."""
     test_ids = set(make_splits(0, 500, 104, seed=0).test)
     real_subjects = DataSource.subjects
 
     def guarded(self, indices):
         indices = list(indices)
-        assert not test_ids & set(indices), "tune read a test subject"
+        assert not test_ids & set(indices), "a test subject was read"
         return real_subjects(self, indices)
 
     monkeypatch.setattr(DataSource, "subjects", guarded)
-    monkeypatch.setattr(DataSource, "test_subjects", lambda self, n=None: pytest.fail("tune asked for the test set"))
-    profile = load_profile("smoke", ["training.steps=2", "training.batch_size=2", "tuning.size=4",
-                                     "tuning.validation_subjects=2", "probe.subjects=2", "sampling.ddim_steps=2",
-                                     "tuning.learning_rates=[1.0e-3]", "tuning.max_noise_mse_ratio=1.0e9"])
+    monkeypatch.setattr(DataSource, "test_subjects", lambda self, n=None: pytest.fail("the test set was asked for"))
+
+
+TINY = ["training.steps=2", "training.batch_size=2", "tuning.size=4", "tuning.validation_subjects=2", "probe.subjects=2",
+        "sampling.ddim_steps=2"]
+
+
+def test_tune_never_reads_a_test_subject(tmp_path, no_test_subjects):
+    """A real (tiny) tune at smoke: training, the probe, sampling and the judge, with test subjects poisoned."""
+    profile = load_profile("smoke", TINY + ["tuning.learning_rates=[1.0e-3]", "tuning.max_noise_mse_ratio=1.0e9"])
     ctx = RunContext(profile, tmp_path / "out", tmp_path / "cache", progress=False)
     path = tune_module.tune(ctx, get_task("lv"), ["controlnet_mlp"], tmp_path / "trials", "test",
                             recipe_root=tmp_path / "recipes")
     trial = yaml.safe_load(path.read_text())["methods"]["controlnet_mlp"]["trials"][0]
     assert trial["status"] == "ok" and "control_delta" in trial
+
+
+def test_plateau_measures_on_validation_subjects_at_every_checkpoint_and_resumes(tmp_path, no_test_subjects):
+    from benchmark.run.plateau import plateau
+
+    ctx = RunContext(load_profile("smoke", TINY), tmp_path / "out", tmp_path / "cache", progress=False)
+    figure = plateau(ctx, get_task("lv"), ["controlnet_mlp"], [4], tmp_path / "curves", steps=2, every=1, subjects=2,
+                     seed=0, command="test")
+    record = json.loads((tmp_path / "curves" / "lv__controlnet_mlp__n4.json").read_text())
+    assert [p["step"] for p in record["points"]] == [0, 1, 2] and record["budget_steps"] == 2
+    assert all(p["control_delta"]["n"] == 2 and len(p["probe_gap"]) > 0 for p in record["points"])
+    assert figure.is_file()
+    # a second call finds the curve and only redraws the figure
+    before = (tmp_path / "curves" / "lv__controlnet_mlp__n4.json").stat().st_mtime_ns
+    plateau(ctx, get_task("lv"), ["controlnet_mlp"], [4], tmp_path / "curves", steps=2, every=1, subjects=2,
+            seed=0, command="test")
+    assert (tmp_path / "curves" / "lv__controlnet_mlp__n4.json").stat().st_mtime_ns == before

@@ -6,6 +6,7 @@
     compare   are two results folders the same, run for run, apart from timings?
     train     one method, one size: the control probe at every checkpoint, then samples
     tune      the same tuning budget for every method, scored on validation subjects: a recipe file
+    plateau   validation Dice and the probe gap against training steps: has the budget converged?
     pretrain  pretrain (or load) the profile's base model; --eval measures its autoencoder
     ship      write benchmark/shipped/<profile>/ from the networks pretrained for a profile
     data      summary | export of the profile's synthetic population
@@ -87,7 +88,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmark.cli import bench, bench_scoring, data, pretrain, run, sample, train, tune
+    from benchmark.cli import bench, bench_scoring, data, plateau, pretrain, run, sample, train, tune
 
     parser = argparse.ArgumentParser(
         prog="run_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_flags()
-    for module in (run, train, tune, pretrain, data, sample, bench, bench_scoring):
+    for module in (run, train, tune, plateau, pretrain, data, sample, bench, bench_scoring):
         module.register(sub, common)
     return parser
 
