@@ -13,7 +13,9 @@ from pathlib import Path
 
 from benchmark.cli import load_plugins, load_profile_from
 from benchmark.run.spec import RunContext
-from benchmark.run.tune import tune
+from benchmark.engine.recipes import recipe_path
+from benchmark.engine.training import TrainSettings
+from benchmark.run.tune import summary, tune
 from datasets.tasks import get_task
 from methods.base import Method
 from methods.registry import MethodError, get_method, resolve_methods
@@ -26,6 +28,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="all", help="'all' (every method the suite trains for the task) or a list")
     p.add_argument("--out", default=None, help="trial records (default results/tune/<profile>-<task>)")
     p.add_argument("--recipe-dir", default=None, help="where the recipe file goes (default benchmark/recipes)")
+    p.add_argument("--show", action="store_true", help="print the committed recipe as a table; run nothing")
     p.set_defaults(func=run)
 
 
@@ -33,6 +36,12 @@ def run(args) -> int:
     profile = load_profile_from(args)
     load_plugins(args)
     task = get_task(args.task)
+    if args.show:
+        path = recipe_path(profile.name, task.name, Path(args.recipe_dir) if args.recipe_dir else None)
+        if not path.is_file():
+            raise SystemExit(f"no recipe for profile {profile.name}, task {task.name}: {path} does not exist; run tune")
+        print(summary(path, lambda name: TrainSettings.from_profile(profile, 50, name, task.name, chosen={}).lr))
+        return 0
     names = resolve_methods(args.methods, task.name)
     if args.methods.strip() == "all":  # methods trained by the suite's loop: the ones a recipe steers
         names = [n for n in names if issubclass(get_method(n), Method)]

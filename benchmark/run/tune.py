@@ -192,3 +192,21 @@ def tune(ctx: RunContext, task: Task, names: Sequence[str], out_dir: Path, comma
         path.write_text("# Made by `python run_benchmark.py tune` (benchmark/run/tune.py); do not edit by hand.\n"
                         + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=120))
     return path
+
+
+def summary(path: Path, profile_lr: Callable[[str], float]) -> str:
+    """A Markdown table of a recipe file: each method's chosen lr beside ``profile_lr(method)`` (what it
+    trains at without the recipe), the validation evidence, the device and the tuning hours."""
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    lines = [f"Recipe `{path}` (profile {recipe.get('profile')}, task {recipe.get('task')}, N = {recipe.get('size')}, "
+             f"{recipe.get('steps')} steps, seed {recipe.get('seed')}, {recipe.get('validation_subjects')} validation "
+             f"subjects; commit {str(recipe.get('commit'))[:10]})", "",
+             "| method | lr chosen | lr without the recipe | why (validation) | device | tuning hours |",
+             "|---|---|---|---|---|---|"]
+    for name, entry in (recipe.get("methods") or {}).items():
+        lr = (entry.get("chosen") or {}).get("training.lr")
+        lines.append(f"| {name} | {'–' if lr is None else f'{lr:g}'} | {profile_lr(name):g} | {entry.get('why')} | "
+                     f"{entry.get('device', recipe.get('device'))} | {entry.get('trial_seconds', 0) / 3600:.3f} |")
+    cost = recipe.get("tuning_cost") or {}
+    lines += ["", f"Total: {cost.get('wall_hours')} wall-hours ({cost.get('wall_hours_by_device', {})})."]
+    return "\n".join(lines)
