@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: benchmark smoke test test-slow venv clean
+.PHONY: benchmark smoke study test test-slow venv clean
 
 # pip byte-compiles what it installs on one core; compileall does it on all of them (~30 s less here).
 $(STAMP): pyproject.toml
@@ -31,6 +31,11 @@ benchmark: $(STAMP)
 # Every method at every size on the smoke profile: the machinery in minutes, no control to see.
 smoke: $(STAMP)
 	$(PY) run_benchmark.py --profile smoke --methods all --sizes 10,50,500 --task lv --seeds 0 --out results/smoke
+
+# The study of record (studies/cpu.yaml): runs what is missing (days on 2 cores; resumable), then rebuilds
+# studies/cpu/ (records, tables, figures, REPORT.md). With the committed records present it runs nothing.
+study: $(STAMP)
+	$(PY) run_benchmark.py study studies/cpu.yaml
 
 # The fast suite. Tests marked `slow` sample the shipped cpu base model (a few minutes on 2 cores)
 # and run with `make test-slow`.

@@ -198,6 +198,9 @@ def score_generated(
         r = timed("FRD", lambda: frd(real_t, fake_t, brain_mask))
         row["FRD"] = r["FRD"]
         proto["FRD"] = r["protocol"]
+    else:
+        row["FRD"] = None
+        proto["FRD"] = {"available": False, "reason": "not computed: turned off (the profile's metrics.frd is false)"}
 
     # LPIPS
     lp = lpips if lpips is not None else LPIPSModel(None, "no LPIPS model was passed to score_generated", None, None)

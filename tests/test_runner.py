@@ -23,6 +23,9 @@ TINY = [
     "sampling.ddim_steps=2", "sampling.n_test=3", "sampling.batch_size=3",
     "metrics.reference_volumes=8", "metrics.judge.steps=2", "metrics.in_domain.steps_2d=2",
     "metrics.in_domain.steps_3d=2",
+    # the costly parts of a run that other tests cover: FRD (a fixed sqrtm per row, tests/test_metrics_prdc.py)
+    # and a probe of 16 subjects x 2 draws (tests/test_control_probe.py)
+    "metrics.frd=false", "probe.subjects=4", "probe.draws=1",
 ]
 
 FAILING_PLUGIN = '''
@@ -95,6 +98,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert record["cost"]["trainable_parameters"] > 0 and record["cost"]["seconds_per_step"] > 0
     assert any(k.startswith("FID-3D [") for k in record["metrics"]) and "Dice" in record["metrics"]
     assert record["protocol"]["n_generated_volumes"] == 3
+    assert record["metrics"]["FRD"] is None and "metrics.frd is false" in record["protocol"]["FRD"]["reason"]
     # per-subject values, and the method's own swapped-condition null
     assert len(record["per_subject"]["ids"]) == 3 and len(record["per_subject"]["Dice swapped"]) == 3
     assert record["metrics"]["Control Δ"] == pytest.approx(

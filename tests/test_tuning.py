@@ -125,6 +125,11 @@ def test_a_run_uses_the_recipe_and_records_its_sha256(tmp_path, monkeypatch):
     assert used["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert used["chosen"] == {"training.lr": 3e-4}
     assert ctx.config_hash(spec) != without  # a retuned recipe is another run
+    tuned = ctx.config_hash(spec)
+    _write_recipe(tmp_path / "recipes", methods={"vcm": {"chosen": {"training.lr": 3e-4}},
+                                                 "mcm": {"chosen": {"training.lr": 1e-3}}})
+    assert ctx.config_hash(spec) == tuned  # tuning another method leaves this run's records valid
+    path = _write_recipe(tmp_path / "recipes")
     assert TrainSettings.from_profile(profile, 10, "vcm", "lv").lr == 3e-4
     assert TrainSettings.from_profile(profile, 10, "mcm", "lv").lr == profile.training.lr  # not in the recipe
     # the record of a run keeps it

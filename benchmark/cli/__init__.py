@@ -88,7 +88,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmark.cli import bench, bench_scoring, data, plateau, pretrain, run, sample, train, tune
+    from benchmark.cli import bench, bench_scoring, data, plateau, pretrain, run, sample, study, train, tune
 
     parser = argparse.ArgumentParser(
         prog="run_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_flags()
-    for module in (run, train, tune, plateau, pretrain, data, sample, bench, bench_scoring):
+    for module in (run, study, train, tune, plateau, pretrain, data, sample, bench, bench_scoring):
         module.register(sub, common)
     return parser
 

@@ -26,7 +26,7 @@ from metrics.extractors import InDomainConfig, get_extractors
 from metrics.frd import frd_unavailable
 from metrics.judge import JudgeConfig, train_judge
 from metrics.lpips_metric import load_lpips
-from metrics.protocol import score_generated
+from metrics.protocol import ScoringSettings, score_generated
 
 
 class SharedScoring:
@@ -97,8 +97,9 @@ class SharedScoring:
     @cached_property
     def brain_mask(self):
         """FRD's mask: voxels where at least half the real training volumes have brain tissue (label > 0);
-        None when FRD cannot be computed here (its protocol then gives frd_unavailable's reason)."""
-        if frd_unavailable() is not None:
+        None when FRD cannot be computed here (its protocol then gives frd_unavailable's reason) or the
+        profile turns it off (``metrics.frd: false``)."""
+        if frd_unavailable() is not None or not self.settings.get("frd", True):
             return None
         semantics = np.stack([s.semantics for s in self.train_reference])
         return (semantics[:, 0] > 0).mean(0) >= 0.5
@@ -142,7 +143,8 @@ class Scorer:
         ground_truth = np.stack([s.image for s in subjects]) if paired else None
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
-                              lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask)
+                              lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask,
+                              settings=ScoringSettings(frd=bool(self.shared.settings.get("frd", True))))
         protocol = row.pop("protocol")
         protocol["fd_real_set"] = {"split": self.shared.fd_real[1], "n": len(self.shared.fd_real_set),
                                    "why": "one real set no row was conditioned on, the same for every row"}

@@ -171,8 +171,8 @@ class RunContext:
         identity = {"profile": profile, "spec": spec.identity(), "code": CODE_VERSION,
                     "data": self.data.identity, "weights": str(self.weights_dir)}
         recipe = self.recipe(spec)
-        if recipe is not None:  # a retuned recipe makes a different run; none keeps older hashes valid
-            identity["recipe"] = recipe["sha256"]
+        if recipe is not None:  # what the recipe chose for this method: retuning another method keeps this run
+            identity["recipe"] = recipe["chosen"]
         blob = json.dumps(
             identity,
             sort_keys=True, default=str,

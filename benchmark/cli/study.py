@@ -1,0 +1,92 @@
+"""A study of record (benchmark/run/study.py): run what is missing, then rebuild its tables.
+
+    python run_benchmark.py study studies/cpu.yaml            # or: make study
+    python run_benchmark.py study studies/cpu.yaml --dry-run  # what would run, and the estimate
+
+Before running, it prints what is done and what is pending, and an estimate of the pending time from
+this machine's speed: each pending method's training step and one sampling batch are timed here
+(``bench``'s measurement, 3 warm-up + 2 steps), then multiplied by the runs' steps and batches.
+Scoring, the probe and the reference rows are not in the estimate; the estimate says so.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+from benchmark.cli import load_plugins
+from benchmark.profiles import load_profile
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("study", parents=[common], help="run a study's missing runs, then rebuild its tables",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study_file", help="the study YAML, e.g. studies/cpu.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and the estimate; run nothing")
+    p.add_argument("--no-estimate", action="store_true", help="skip the timing behind the estimate")
+    p.set_defaults(func=run)
+
+
+def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
+    """Seconds the pending method runs' training and sampling take on this machine, and the lines that say how."""
+    from benchmark.cli.bench import time_method
+    from benchmark.engine.speed import SpeedOptions
+    from benchmark.engine.training import TrainSettings
+    from benchmark.run.spec import RunKind
+    from datasets.tasks import get_task
+    from methods.base import Method
+    from methods.registry import get_method
+
+    s = ctx.profile.sampling
+    batches = math.ceil(int(s.n_test) / int(s.batch_size))
+    timed: dict[tuple[str, str], dict] = {}
+    total, lines = 0.0, []
+    for spec in pending:
+        if spec.kind != RunKind.METHOD or not issubclass(get_method(spec.method), Method):
+            continue
+        task = get_task(spec.task)
+        key = (spec.task, spec.method)
+        if key not in timed:
+            timed[key] = time_method(spec.method, ctx, task, min(spec.size, 10), 2, 0,
+                                     SpeedOptions.from_profile(ctx.profile), parts=("train", "sample"))
+            lines.append(f"  {spec.task} {spec.method}: {timed[key]['seconds_per_step']:.2f} s/step, "
+                         f"{timed[key]['sample_seconds']:.1f} s per sampling batch")
+        row = timed[key]
+        steps = TrainSettings.from_profile(ctx.profile, spec.size, spec.method, spec.task).steps
+        sampling = batches * row["sample_seconds"] * (2 if task.dice is not None else 1)  # own + swapped
+        total += steps * row["seconds_per_step"] + sampling
+    return total, lines
+
+
+def run(args) -> int:
+    from benchmark.report.write import write_outputs
+    from benchmark.run.executors import pending_runs, run_grid
+    from benchmark.run.spec import RunContext
+    from benchmark.run.study import load_study, study_specs
+
+    study = load_study(args.study_file)
+    overrides = list(study.overrides) + list(args.override or [])
+    profile = load_profile(study.profile, overrides)
+    load_plugins(args)
+    specs = study_specs(study, profile)
+    ctx = RunContext(profile, study.out, Path(args.cache_dir), args.weights_dir, device=args.device,
+                     progress=not args.quiet)
+    pending = pending_runs(specs, ctx)
+    print(f"study {study.path}: {len(specs)} runs at profile {profile.name}, {len(specs) - len(pending)} done, "
+          f"{len(pending)} to run, into {study.out}")
+    if pending and not args.no_estimate:
+        seconds, lines = estimate_seconds(pending, ctx)
+        print("\n".join(lines))
+        print(f"estimated {seconds / 3600:.1f} h of training and sampling for the pending runs on this machine "
+              "(scoring, the probe and the reference rows come on top)")
+    if args.dry_run:
+        for spec in pending:
+            print(f"  would run {spec.name}")
+        return 0
+    started = time.perf_counter()
+    summary = run_grid(specs, ctx, None, plugins=args.plugin) if pending else None
+    write_outputs(study.out, profile)
+    line = summary.line() if summary is not None else "nothing to run"
+    print(f"{line} in {(time.perf_counter() - started) / 60:.1f} min; tables, figures and REPORT.md in {study.out}")
+    return 0 if summary is None or summary.ok else 1

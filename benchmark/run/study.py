@@ -1,0 +1,104 @@
+"""A study: one profile and a list of grids, run in order into one results folder that is committed.
+
+A study file (``studies/cpu.yaml``) names the profile (and any overrides), the folder the records,
+tables, figures and REPORT.md go to, and the grids, in the order they should run::
+
+    profile: cpu
+    out: studies/cpu
+    grid:
+      - {task: lv, methods: all, sizes: [10, 50, 500], seeds: [0, 1, 2]}
+      - {task: sr4, methods: [vcm, liif3d, inversesr, trilinear], sizes: [50], seeds: [0, 1, 2]}
+
+``python run_benchmark.py study studies/cpu.yaml`` runs what is missing (a run whose record exists
+with the same config hash is not run again; an interrupted one resumes from its checkpoint), then
+rebuilds the tables, figures and report from the records alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from benchmark.run.grid import GridError, build_specs
+from benchmark.run.spec import RunSpec
+
+STUDY_KEYS = {"profile", "out", "overrides", "grid", "table6", "about"}
+BLOCK_KEYS = {"task", "methods", "sizes", "seeds"}
+
+
+@dataclass(frozen=True)
+class GridBlock:
+    task: str
+    methods: str  # "all" or a comma-separated list, as ``--methods`` takes
+    sizes: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Study:
+    path: Path
+    profile: str
+    out: Path
+    blocks: tuple[GridBlock, ...]
+    overrides: tuple[str, ...] = ()
+    table6: bool = False  # the sphere-validation runs (Table 6) where a block has VCM at their size
+    about: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _int_tuple(value, what: str, where: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise GridError(f"{where}: '{what}' must be a list of non-negative whole numbers, got {value!r}")
+    return tuple(values)
+
+
+def load_study(path: str | Path) -> Study:
+    """The study in ``path``; every mistake stops here with a sentence that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"study file {path} does not exist; give the path of a study YAML such as studies/cpu.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise GridError(f"study file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise GridError(f"study file {path} must be a mapping with profile, out and grid")
+    unknown = sorted(set(data) - STUDY_KEYS)
+    if unknown:
+        raise GridError(f"study file {path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(STUDY_KEYS))}")
+    missing = [k for k in ("profile", "out", "grid") if k not in data]
+    if missing:
+        raise GridError(f"study file {path} lacks {', '.join(missing)}")
+    if not isinstance(data["grid"], list) or not data["grid"]:
+        raise GridError(f"study file {path}: 'grid' must be a non-empty list of {{task, methods, sizes, seeds}}")
+    blocks = []
+    for i, block in enumerate(data["grid"]):
+        where = f"study file {path}, grid entry {i + 1}"
+        if not isinstance(block, dict) or set(block) != BLOCK_KEYS:
+            raise GridError(f"{where} must have exactly the keys {', '.join(sorted(BLOCK_KEYS))}, got {block!r}")
+        methods = block["methods"]
+        methods = ",".join(methods) if isinstance(methods, list) else str(methods)
+        blocks.append(GridBlock(str(block["task"]), methods, _int_tuple(block["sizes"], "sizes", where),
+                                _int_tuple(block["seeds"], "seeds", where)))
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list):
+        raise GridError(f"study file {path}: 'overrides' must be a list of key=value strings")
+    out = Path(data["out"])
+    return Study(path, str(data["profile"]), out, tuple(blocks), tuple(str(o) for o in overrides),
+                 bool(data.get("table6", False)), str(data.get("about", "")).strip())
+
+
+def study_specs(study: Study, profile) -> list[RunSpec]:
+    """Every run of the study, in the order of its grids, each once (a reference row shared by two
+    grids of one task is listed once)."""
+    specs: list[RunSpec] = []
+    seen: set[str] = set()
+    for block in study.blocks:
+        for spec in build_specs([block.task], block.methods, list(block.sizes), list(block.seeds), profile,
+                                validation=study.table6):
+            if spec.name not in seen:
+                seen.add(spec.name)
+                specs.append(spec)
+    return specs

@@ -1,0 +1,74 @@
+"""A study of record (``python run_benchmark.py study``): a small study at smoke runs what is missing,
+estimates before it starts, and a second call runs nothing and rebuilds the same tables; bad study
+files stop with a sentence."""
+import pytest
+import yaml
+
+from benchmark.cli import main
+from benchmark.run.grid import GridError
+from benchmark.run.study import load_study
+from tests.test_runner import TINY
+
+
+def _study(tmp_path, **changes):
+    data = {"profile": "smoke", "out": str(tmp_path / "study"), "overrides": TINY + ["probe.enabled=false"],
+            "grid": [{"task": "lv", "methods": ["controlnet_mlp"], "sizes": [2], "seeds": [0]},
+                     {"task": "sr4", "methods": "trilinear", "sizes": [2], "seeds": [0]}]}
+    data.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _tables(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "tables").glob("*.csv"))}
+
+
+def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(tmp_path, capsys):
+    path = _study(tmp_path)
+    common = ["--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["study", str(path), "--dry-run", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "0 done, 7 to run" in printed and "estimated" in printed and "lv controlnet_mlp:" in printed
+    assert not (tmp_path / "study" / "records").exists()  # a dry run runs nothing
+
+    assert main(["study", str(path), "--no-estimate", *common]) == 0
+    out = tmp_path / "study"
+    records = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
+    assert "lv__controlnet_mlp__n2__s0.json" in records and "sr4__trilinear__n2__s0.json" in records
+    first = _tables(out)
+    assert "table_lv.csv" in first and (out / "REPORT.md").is_file()
+    capsys.readouterr()
+
+    for p in (out / "tables").glob("*"):  # a clone with the records only
+        p.unlink()
+    assert main(["study", str(path), *common]) == 0
+    assert "7 done, 0 to run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == records  # nothing rerun
+    assert _tables(out) == first
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": []}, "non-empty list"),
+    ({"grid": [{"task": "lv", "methods": "vcm", "sizes": [10]}]}, "exactly the keys"),
+    ({"grid": [{"task": "lv", "methods": "vcm", "sizes": ["ten"], "seeds": [0]}]}, "whole numbers"),
+    ({"colour": "blue"}, "unknown key"),
+])
+def test_bad_study_files_stop_with_a_sentence(tmp_path, change, message):
+    with pytest.raises(GridError, match=message):
+        load_study(_study(tmp_path, **change))
+
+
+def test_a_missing_study_file_and_an_unknown_method_are_clear_errors(tmp_path, capsys):
+    assert main(["study", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    path = _study(tmp_path, grid=[{"task": "lv", "methods": "no_such_method", "sizes": [2], "seeds": [0]}])
+    assert main(["study", str(path), "--dry-run", "--no-estimate", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "no_such_method" in capsys.readouterr().err
+
+
+def test_the_cpu_study_names_the_grids_of_record():
+    study = load_study("studies/cpu.yaml")
+    assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "multimodal"]
+    lv = study.blocks[0]
+    assert lv.methods == "all" and lv.sizes == (10, 50, 500) and lv.seeds == (0, 1, 2)
