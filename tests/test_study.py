@@ -11,7 +11,8 @@ from tests.test_runner import TINY
 
 
 def _study(tmp_path, **changes):
-    data = {"profile": "smoke", "out": str(tmp_path / "study"), "overrides": TINY + ["probe.enabled=false"],
+    data = {"profile": "smoke", "out": str(tmp_path / "study"),
+            "overrides": TINY + ["probe.enabled=false", "training.recipe=profile"],
             "grid": [{"task": "lv", "methods": ["controlnet_mlp"], "sizes": [2], "seeds": [0]},
                      {"task": "sr4", "methods": "trilinear", "sizes": [2], "seeds": [0]}]}
     data.update(changes)
@@ -46,6 +47,15 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     assert "7 done, 0 to run" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == records  # nothing rerun
     assert _tables(out) == first
+
+
+def test_a_study_waits_for_the_tuned_recipes_of_its_judged_tasks(tmp_path, capsys):
+    # smoke uses tuned recipes and has none committed: lv waits, and so does every grid after it
+    path = _study(tmp_path, overrides=TINY)
+    assert main(["study", str(path), "--dry-run", "--no-estimate", "--cache-dir", str(tmp_path / "c")]) == 1
+    printed = capsys.readouterr().out
+    assert "waiting for a tuned recipe: lv (controlnet_mlp); sr4 (after the grid above)" in printed
+    assert "tune --profile smoke --task lv --methods controlnet_mlp" in printed and "0 runs ready" in printed
 
 
 @pytest.mark.parametrize("change, message", [

@@ -63,17 +63,20 @@ def run(args) -> int:
     from benchmark.report.write import write_outputs
     from benchmark.run.executors import pending_runs, run_grid
     from benchmark.run.spec import RunContext
-    from benchmark.run.study import load_study, study_specs
+    from benchmark.run.study import load_study, ready_blocks, study_specs
 
     study = load_study(args.study_file)
     overrides = list(study.overrides) + list(args.override or [])
     profile = load_profile(study.profile, overrides)
     load_plugins(args)
-    specs = study_specs(study, profile)
+    blocks, waiting = ready_blocks(study, profile)
+    for line in waiting:
+        print(line)
+    specs = study_specs(study, profile, blocks)
     ctx = RunContext(profile, study.out, Path(args.cache_dir), args.weights_dir, device=args.device,
                      progress=not args.quiet)
     pending = pending_runs(specs, ctx)
-    print(f"study {study.path}: {len(specs)} runs at profile {profile.name}, {len(specs) - len(pending)} done, "
+    print(f"study {study.path}: {len(specs)} runs ready at profile {profile.name}, {len(specs) - len(pending)} done, "
           f"{len(pending)} to run, into {study.out}")
     if pending and not args.no_estimate:
         seconds, lines = estimate_seconds(pending, ctx)
@@ -83,10 +86,10 @@ def run(args) -> int:
     if args.dry_run:
         for spec in pending:
             print(f"  would run {spec.name}")
-        return 0
+        return 1 if waiting else 0
     started = time.perf_counter()
     summary = run_grid(specs, ctx, None, plugins=args.plugin) if pending else None
     write_outputs(study.out, profile)
     line = summary.line() if summary is not None else "nothing to run"
     print(f"{line} in {(time.perf_counter() - started) / 60:.1f} min; tables, figures and REPORT.md in {study.out}")
-    return 0 if summary is None or summary.ok else 1
+    return 0 if (summary is None or summary.ok) and not waiting else 1

@@ -90,12 +90,42 @@ def load_study(path: str | Path) -> Study:
                  bool(data.get("table6", False)), str(data.get("about", "")).strip())
 
 
-def study_specs(study: Study, profile) -> list[RunSpec]:
-    """Every run of the study, in the order of its grids, each once (a reference row shared by two
-    grids of one task is listed once)."""
+def untuned(block: GridBlock, profile) -> list[str]:
+    """The methods of ``block`` that a tuned recipe should name but does not: a judged task's methods
+    trained by the suite's loop, when the profile uses tuned recipes (``training.recipe: tuned``)."""
+    from benchmark.engine.recipes import load_recipe
+    from datasets.tasks import get_task
+    from methods.base import Method
+    from methods.registry import get_method, resolve_methods
+
+    task = get_task(block.task)
+    if task.dice is None or profile.training.get("recipe", "profile") != "tuned":
+        return []  # tune selects by Control Δ: only the judged tasks have recipes
+    recipe = load_recipe(profile, task.name)
+    named = set((recipe.data.get("methods") or {}) if recipe is not None else ())
+    return [m for m in resolve_methods(block.methods, task.name)
+            if issubclass(get_method(m), Method) and m not in named]
+
+
+def ready_blocks(study: Study, profile) -> tuple[list[GridBlock], list[str]]:
+    """The grids that can run now, in order, up to the first whose methods a tuned recipe does not yet
+    name (a study never ranks methods at settings chosen before tuning), and why the rest wait."""
+    for i, block in enumerate(study.blocks):
+        missing = untuned(block, profile)
+        if missing:
+            waiting = [f"{b.task} ({', '.join(untuned(b, profile)) or 'after the grid above'})" for b in study.blocks[i:]]
+            return list(study.blocks[:i]), [
+                f"waiting for a tuned recipe: {'; '.join(waiting)}. Run `python run_benchmark.py tune --profile "
+                f"{profile.name} --task {block.task} --methods {','.join(missing)}` first"]
+    return list(study.blocks), []
+
+
+def study_specs(study: Study, profile, blocks: list[GridBlock] | None = None) -> list[RunSpec]:
+    """Every run of ``blocks`` (default: all the study's grids), in order, each once (a reference row
+    shared by two grids of one task is listed once)."""
     specs: list[RunSpec] = []
     seen: set[str] = set()
-    for block in study.blocks:
+    for block in study.blocks if blocks is None else blocks:
         for spec in build_specs([block.task], block.methods, list(block.sizes), list(block.seeds), profile,
                                 validation=study.table6):
             if spec.name not in seen:
