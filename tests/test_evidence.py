@@ -152,3 +152,40 @@ def test_the_autoencoder_run_scores_reconstructions(scoring_ctx):
     assert result["per_subject"]["volume error"] and "not_applicable" in result["control_probe"]
     with torch.no_grad():
         assert np.isfinite(result["metrics"]["Dice"])
+
+
+# ---- which method is better: probability of improvement and ranks (metrics/ranking.py) ----------
+
+
+def test_probability_of_improvement_counts_wins_and_half_ties():
+    from metrics.ranking import probability_of_improvement
+
+    p = probability_of_improvement([0.5, 0.6, 0.7, 0.8, np.nan], [0.4, 0.6, 0.9, 0.1, 0.3])
+    assert p["mean"] == pytest.approx((1 + 0.5 + 0 + 1) / 4) and p["n"] == 4  # the NaN pair is left out
+    assert 0 <= p["ci_low"] <= p["mean"] <= p["ci_high"] <= 1
+
+
+def test_a_method_better_on_every_subject_ranks_first_with_no_doubt():
+    from metrics.ranking import rank_intervals
+
+    rng = np.random.default_rng(0)
+    base = rng.random(30)
+    scores = np.stack([base + 0.5, base, base - 0.5 + rng.normal(0, 0.01, 30)], axis=1)
+    ranks = rank_intervals(scores, strata=np.repeat([0, 1, 2], 10))
+    assert [r["rank"] for r in ranks] == [1, 2, 3]
+    assert (ranks[0]["ci_low"], ranks[0]["ci_high"]) == (1, 1) and (ranks[2]["ci_low"], ranks[2]["ci_high"]) == (3, 3)
+    tied = rank_intervals(np.stack([base, base], axis=1))
+    assert tied[0]["rank"] == tied[1]["rank"] == 1.5
+
+
+def test_the_improvement_figure_is_drawn_per_size_from_per_subject_values(tmp_path):
+    import pandas as pd
+
+    from benchmark.report.figures import improvement_figures
+
+    rng = np.random.default_rng(1)
+    rows = [{"task": "lv", "method": m, "size": n, "seed": s, "id": f"syn{i}", "Dice": rng.random() + shift}
+            for m, n, shift in (("vcm", 10, 0.3), ("controlnet", 10, 0.0), ("brainldm", 0, -0.3))
+            for s in (0, 1) for i in range(6)]
+    paths = improvement_figures(pd.DataFrame(rows), "lv", tmp_path)
+    assert [p.name for p in paths] == ["improvement_lv_n10.png"] and paths[0].stat().st_size > 0

@@ -10,7 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmark.report.headline import per_subject_frame  # noqa: E402
 from benchmark.run.records import iter_records  # noqa: E402
+from metrics.ranking import probability_of_improvement, rank_intervals  # noqa: E402
 from benchmark.report.tables import metric_columns  # noqa: E402
 
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
@@ -146,16 +148,79 @@ def control_gap_curves(results_dir: Path, task: str, out: Path) -> Path | None:
     return path
 
 
+IMPROVEMENT_FLOOR = "brainldm"  # the unconditioned base model: shown beside the methods as the floor
+
+
+def improvement_figures(subjects: pd.DataFrame, task: str, out: Path, score: str = "Dice") -> list[Path]:
+    """Per training size of ``task``: the probability that the row's method beats the column's on a
+    subject (``score``, paired by subject and seed; 95% CI) and each method's rank with its interval
+    (:mod:`metrics.ranking`). Methods sampled for different subjects are paired on the ones they share."""
+    if subjects.empty or score not in subjects:
+        return []
+    mine = subjects[(subjects.task == task) & subjects[score].notna()]
+    floor = mine[mine.method == IMPROVEMENT_FLOOR]
+    paths = []
+    for size in sorted(s for s in mine["size"].unique() if s > 0):
+        rows = pd.concat([mine[(mine["size"] == size) & ~mine.method.str.endswith("+sphere")], floor])
+        table = rows.pivot_table(index=["seed", "id"], columns="method", values=score, aggfunc="first")
+        methods = [m for m in sorted(table.columns) if m != IMPROVEMENT_FLOOR] + (
+            [IMPROVEMENT_FLOOR] if IMPROVEMENT_FLOOR in table.columns else [])
+        if len(methods) < 2:
+            continue
+        table = table[methods]
+        strata = table.index.get_level_values("seed").to_numpy()
+        k = len(methods)
+        prob = np.full((k, k), np.nan)
+        text = [["" for _ in range(k)] for _ in range(k)]
+        for i in range(k):
+            for j in range(k):
+                if i != j:
+                    p = probability_of_improvement(table.iloc[:, i], table.iloc[:, j], strata=strata)
+                    prob[i, j] = p["mean"]
+                    text[i][j] = f"{p['mean']:.2f}\n[{p['ci_low']:.2f}, {p['ci_high']:.2f}]"
+        complete = table.dropna()
+        ranks = rank_intervals(complete.to_numpy(), strata=complete.index.get_level_values("seed").to_numpy()) \
+            if len(complete) >= 2 else None
+        fig, axes = plt.subplots(1, 2, figsize=(5 + 1.1 * k, 0.9 * k + 1.8),
+                                 gridspec_kw={"width_ratios": [k, max(3, k // 2)]})
+        im = axes[0].imshow(prob, vmin=0, vmax=1, cmap="RdBu")
+        for i in range(k):
+            for j in range(k):
+                axes[0].text(j, i, text[i][j], ha="center", va="center", fontsize=6)
+        axes[0].set_xticks(range(k), methods, rotation=45, ha="right", fontsize=7)
+        axes[0].set_yticks(range(k), methods, fontsize=7)
+        axes[0].set_title(f"P(row beats column) on {score}, paired subjects", fontsize=9)
+        fig.colorbar(im, ax=axes[0], fraction=0.046)
+        if ranks:
+            y = np.arange(k)
+            axes[1].errorbar([r["rank"] for r in ranks], y,
+                             xerr=[[r["rank"] - r["ci_low"] for r in ranks], [r["ci_high"] - r["rank"] for r in ranks]],
+                             fmt="o", capsize=3)
+            axes[1].set_yticks(y, methods, fontsize=7)
+            axes[1].invert_yaxis()
+            axes[1].set_xlim(0.5, k + 0.5)
+            axes[1].set_title(f"rank by mean {score} (95% CI, {ranks[0]['n']} subjects)", fontsize=9)
+        fig.suptitle(f"{task}, N = {size}: which method is better, subject by subject", fontsize=10)
+        fig.tight_layout()
+        path = out / f"improvement_{task}_n{size}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
     out = Path(results_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     if frame.empty:
         return paths
+    subjects = per_subject_frame(Path(results_dir))
     for task in sorted(frame.task.dropna().unique()):
         for path in (metric_vs_size(frame, task, out), control_gap_curves(Path(results_dir), task, out)):
             if path:
                 paths.append(path)
+        paths += improvement_figures(subjects, task, out)
     real = Path(results_dir) / "runs" / "real_test.npz"
     for run in sorted((Path(results_dir) / "runs").glob("*/samples.npz")):
         name = run.parent.name
