@@ -106,6 +106,12 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
     assert len(table.columns) <= 9 and table.seeds.tolist() == [2, 2, 2]
     # the same values give the same table again (nothing but the records is read)
     assert headline_table(records_frame(tmp_path), per_subject_frame(tmp_path), "lv").equals(table)
+    # the full-width table carries the same intervals, pooled over both seeds
+    from benchmark.report.tables import task_table
+
+    full = task_table(frame, "lv", subjects)
+    vcm = full[full.method == "vcm"].iloc[0]
+    assert vcm["Control Δ [95% CI]"] + " yes" == rows["vcm, N=50"] and vcm["Dice [95% CI]"].count("[") == 1
 
 
 @pytest.fixture(scope="module")

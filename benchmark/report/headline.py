@@ -42,7 +42,7 @@ def per_subject_frame(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _interval(stats: dict, digits: int = 3) -> str:
+def interval_text(stats: dict, digits: int = 3) -> str:
     if not np.isfinite(stats.get("mean", float("nan"))):
         return "–"
     if not np.isfinite(stats.get("ci_low", float("nan"))):
@@ -78,12 +78,12 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> 
             row = {"method": label}
             strata = per["seed"].to_numpy() if not per.empty else None
             dice = bootstrap_mean(per["Dice"], strata=strata) if "Dice" in per else {"mean": _mean(runs, "Dice")}
-            row["Dice [95% CI]"] = _interval(dice)
+            row["Dice [95% CI]"] = interval_text(dice)
             delta, p = {}, float("nan")
             if "Dice swapped" in per and per["Dice swapped"].notna().any():
                 delta = paired_difference(per["Dice"], per["Dice swapped"], strata=strata)
                 p = delta["p_value"]
-            row["Control Δ [95% CI]"] = _interval(delta) if delta else "–"
+            row["Control Δ [95% CI]"] = interval_text(delta) if delta else "–"
             row["_p"] = p
             row["_ci_low"] = delta.get("ci_low", float("nan"))
             row["_size"] = size

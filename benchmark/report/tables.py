@@ -16,8 +16,10 @@ import pandas as pd
 
 from benchmark.engine.probe import NOISE_MSE_RATIO
 from benchmark.engine.recipes import tuning_hours
+from benchmark.report.headline import interval_text, per_subject_frame
 from benchmark.run.records import iter_records
 from datasets.tasks import TASKS, TaskError, get_task
+from metrics.control_delta import bootstrap_mean, paired_difference
 from metrics.suite import metric_of
 
 PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "results" / "paper_reference"
@@ -103,15 +105,41 @@ def summarise(frame: pd.DataFrame, by: list[str], columns: list[str]) -> pd.Data
     return out
 
 
-def task_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+INTERVAL_COLUMNS = {"Dice": "Dice [95% CI]", "volume error": "volume error [95% CI]"}  # from per-subject values
+
+
+def subject_intervals(subjects: pd.DataFrame, task: str, method: str, size: int) -> dict:
+    """Dice, Control Δ and volume error of one row as mean [95% CI]: per-subject values pooled over
+    seeds, the bootstrap stratified by seed (:mod:`metrics.control_delta`)."""
+    if subjects.empty:
+        return {}
+    per = subjects[(subjects.task == task) & (subjects.method == method) & (subjects["size"] == size)]
+    if per.empty:
+        return {}
+    strata = per["seed"].to_numpy()
+    out = {label: interval_text(bootstrap_mean(per[key], strata=strata))
+           for key, label in INTERVAL_COLUMNS.items() if key in per and per[key].notna().any()}
+    if "Dice swapped" in per and per["Dice swapped"].notna().any():
+        out["Control Δ [95% CI]"] = interval_text(paired_difference(per["Dice"], per["Dice swapped"], strata=strata))
+    return out
+
+
+def task_table(frame: pd.DataFrame, task: str, subjects: pd.DataFrame | None = None) -> pd.DataFrame:
     """Methods × dataset sizes × metrics for one task. Three reference rows come first: real volumes
     against their own conditions (the Dice ceiling), against another subject's (what ignoring the
     condition scores: a method shows control only above it) and the unconditioned base model (the
-    floor). The control-gap columns are the probe at the final checkpoint."""
+    floor). The control-gap columns are the probe at the final checkpoint. Other columns are mean ±
+    SD over seeds; Dice, Control Δ and volume error also come as mean [95% CI] over subjects
+    (``subjects``: :func:`benchmark.report.headline.per_subject_frame`)."""
     ok = frame[(frame.task == task) & (frame.status == "ok")]
     ok = ok[~ok.method.str.endswith("+sphere")]
     columns = [c for c in metric_columns(ok) if ok[c].notna().any()]
     table = summarise(ok, ["method", "size"], columns)
+    if subjects is not None and not table.empty:
+        cells = [subject_intervals(subjects, task, m, n) for m, n in zip(table["method"], table["size"])]
+        for label in [*INTERVAL_COLUMNS.values(), "Control Δ [95% CI]"]:
+            if any(label in c for c in cells):
+                table.insert(3, label, [c.get(label, "–") for c in cells])
     order = {name: i for i, name in enumerate(PSEUDO_METHODS)}
     table = table.assign(_order=table.method.map(lambda m: order.get(m, len(order))))
     table = table.sort_values(["_order", "method", "size"], kind="stable").drop(columns="_order")
@@ -307,12 +335,13 @@ def build_tables(results_dir: Path, out_dir: Path | None = None) -> dict[str, pd
     tables: dict[str, pd.DataFrame] = {}
     if frame.empty:
         return tables
+    subjects = per_subject_frame(results_dir)
     tasks = {name: registered(name) for name in sorted(frame.task.dropna().unique())}
     sr = sr_tasks()
     for name, task in tasks.items():
         if name in sr:
             continue  # super-resolution has its own table
-        tables[f"table_{name}"] = task_table(frame, name)
+        tables[f"table_{name}"] = task_table(frame, name, subjects)
         caption = f"{task.title}: methods by training-set size" if task and task.title else f"Task {name}"
         write_table(tables[f"table_{name}"], out_dir, f"table_{name}", caption)
     if frame.task.isin(list(sr)).any():
