@@ -198,7 +198,9 @@ def summary(path: Path, profile_lr: Callable[[str], float]) -> str:
     """A Markdown table of a recipe file: each method's chosen lr beside ``profile_lr(method)`` (what it
     trains at without the recipe), the validation evidence, the device and the tuning hours."""
     recipe = yaml.safe_load(Path(path).read_text()) or {}
-    lines = [f"Recipe `{path}` (profile {recipe.get('profile')}, task {recipe.get('task')}, N = {recipe.get('size')}, "
+    shown = Path(path).resolve()
+    shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown
+    lines = [f"Recipe `{shown}` (profile {recipe.get('profile')}, task {recipe.get('task')}, N = {recipe.get('size')}, "
              f"{recipe.get('steps')} steps, seed {recipe.get('seed')}, {recipe.get('validation_subjects')} validation "
              f"subjects; commit {str(recipe.get('commit'))[:10]})", "",
              "| method | lr chosen | lr without the recipe | why (validation) | device | tuning hours |",
