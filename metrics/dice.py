@@ -117,3 +117,32 @@ def volume_error(pred: Any, target: Any, num_classes: int) -> list[float]:
                 errors.append(abs(float((pv == c).sum()) - reference) / reference)
         out.append(float(np.mean(errors)) if errors else float("nan"))
     return out
+
+
+@torch.no_grad()
+def structure_volumes_ml(label_maps: Any, num_classes: int, voxel_ml: float) -> np.ndarray:
+    """(N, K-1): the volume in mL of each foreground class 1..K-1 of each label map."""
+    maps = as_label_maps(label_maps, "label maps")
+    if not (voxel_ml > 0 and np.isfinite(voxel_ml)):
+        raise MetricError(f"voxel volume must be a positive number of mL, got {voxel_ml}")
+    counts = [[float((m == c).sum()) for c in range(1, num_classes)] for m in maps]
+    return np.asarray(counts, dtype=np.float64).reshape(len(counts), num_classes - 1) * voxel_ml
+
+
+def volume_agreement(segmented_ml: np.ndarray, condition_ml: np.ndarray) -> dict[str, Any]:
+    """How well segmented structure volumes follow the conditions' (both (N, K-1) in mL), the check
+    anatomists make: per volume the mean absolute error over classes present in the condition (mL), and
+    per class the Pearson correlation across volumes (None with fewer than 3 volumes or a constant side)."""
+    seg, cond = np.asarray(segmented_ml, dtype=np.float64), np.asarray(condition_ml, dtype=np.float64)
+    present = cond > 0
+    abs_error = np.where(present, np.abs(seg - cond), np.nan)
+    per_volume = [float(np.nanmean(row)) if np.isfinite(row).any() else float("nan") for row in abs_error]
+    correlation = []
+    for c in range(cond.shape[1]):
+        x, y = seg[:, c], cond[:, c]
+        ok = len(x) >= 3 and x.std() > 0 and y.std() > 0
+        correlation.append(float(np.corrcoef(x, y)[0, 1]) if ok else None)
+    return {"error mL per volume": per_volume, "r per class": correlation,
+            "mean abs error mL per class": [float(np.nanmean(col)) if np.isfinite(col).any() else None
+                                            for col in abs_error.T]}
+

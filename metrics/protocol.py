@@ -19,7 +19,8 @@ Columns (present when their inputs are):
   unavailable, the reason is in ``protocol["LPIPS"]["reason"]``
 * ``MS-SSIM diversity``; ``MS-SSIM fidelity`` (with ``ground_truth``)
 * ``PSNR``, ``SSIM`` (with ``ground_truth``)
-* ``Dice`` and ``volume error`` (with ``judge`` and ``conditions``: a task whose condition a judge recovers)
+* ``Dice`` and ``volume error`` (with ``judge`` and ``conditions``: a task whose condition a judge recovers);
+  ``volume error mL`` and ``volume r`` (also with ``voxel_ml``)
 
 ``"per_volume"`` holds the per-volume values behind the means (Dice, volume error, MS-SSIM / LPIPS-free
 fidelity, PSNR, SSIM), in the order of the volumes, so that intervals and paired comparisons can be
@@ -35,8 +36,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from .common import MetricError, as_volumes
-from .dice import condition_to_labels, dice_score, volume_error
+from .dice import condition_to_labels, dice_score, structure_volumes_ml, volume_agreement, volume_error
 from .extractors import FeatureExtractor
 from .fd_context import DEFAULT_RESAMPLES, DEFAULT_SPLIT_SEED, context_2d, context_3d
 from .frd import frd
@@ -117,6 +120,7 @@ def score_generated(
     settings: ScoringSettings | None = None,
     dice_classes: int | None = None,
     brain_mask: Any = None,
+    voxel_ml: float | None = None,
 ) -> dict[str, Any]:
     """Score generated volumes ``fake`` (N, 1, X, Y, Z) in [0, 1] against real reference volumes
     ``real_ref`` (M, 1, X, Y, Z).
@@ -130,7 +134,8 @@ def score_generated(
     objects (a mapping such as :func:`metrics.extractors.get_extractors`' result, or a list).
     ``lpips``: from :func:`metrics.lpips_metric.load_lpips` (``None`` = report LPIPS as unavailable).
     ``brain_mask``: one (X, Y, Z) mask for every volume, inside which FRD's radiomics are computed
-    (``None``: FRD is reported unavailable, with that reason).
+    (``None``: FRD is reported unavailable, with that reason). ``voxel_ml``: the volume of one voxel in
+    mL, for the structure volumes in mL (their absolute error and correlation with the conditions').
     """
     st = settings or ScoringSettings()
     fake_t = as_volumes(fake, "generated volumes")
@@ -265,6 +270,24 @@ def score_generated(
         row["volume error"] = float(sum(errors) / len(errors)) if errors else None
         proto["volume error"] = {"definition": "|V(judge's segmentation) - V(condition)| / V(condition) per foreground "
                                                "class present in the condition, mean over classes, then over volumes"}
+        if voxel_ml is not None:
+            seg_ml = structure_volumes_ml(segmented, classes, voxel_ml)
+            cond_ml = structure_volumes_ml(labels, classes, voxel_ml)
+            agreement = volume_agreement(seg_ml, cond_ml)
+            per_volume["volume mL"] = seg_ml.round(3).tolist()
+            per_volume["condition volume mL"] = cond_ml.round(3).tolist()
+            per_volume["volume error mL"] = agreement["error mL per volume"]
+            errors_ml = [v for v in agreement["error mL per volume"] if v == v]
+            row["volume error mL"] = float(np.mean(errors_ml)) if errors_ml else None
+            rs = [r for r in agreement["r per class"] if r is not None]
+            row["volume r"] = float(np.mean(rs)) if rs else None
+            proto["volume mL"] = {
+                "definition": "the judge's segmented volume of each foreground class against the condition's, in mL: "
+                              "|V(segmentation) - V(condition)| per class present in the condition, mean over classes, "
+                              "then over volumes ('volume error mL'); Pearson r across volumes per class, mean over "
+                              "classes ('volume r')",
+                "voxel_ml": float(voxel_ml), "r_per_class": agreement["r per class"],
+                "mean_abs_error_ml_per_class": agreement["mean abs error mL per class"]}
 
     row["protocol"] = proto
     row["per_volume"] = per_volume
@@ -283,6 +306,7 @@ def reference_row(
     settings: ScoringSettings | None = None,
     dice_classes: int | None = None,
     brain_mask: Any = None,
+    voxel_ml: float | None = None,
 ) -> dict[str, Any]:
     """The reference row: real test volumes scored as if generated, against real training volumes
     (the floor for FID, the ceiling for Dice; diversity of real data). No ground truth is passed, so
@@ -299,6 +323,7 @@ def reference_row(
         settings=settings,
         dice_classes=dice_classes,
         brain_mask=brain_mask,
+        voxel_ml=voxel_ml,
     )
     out["protocol"]["row"] = "reference: real test volumes scored against real training volumes"
     return out

@@ -11,7 +11,7 @@ from benchmark.report.headline import headline_table, per_subject_frame
 from benchmark.report.tables import records_frame
 from datasets.tasks import get_task
 from metrics.control_delta import bootstrap_mean, follows_condition, holm, paired_difference
-from metrics.dice import dice_score, volume_error
+from metrics.dice import dice_score, structure_volumes_ml, volume_agreement, volume_error
 
 
 def test_paired_bootstrap_equals_a_direct_computation():
@@ -78,13 +78,44 @@ def test_volume_error_is_zero_for_the_condition_itself_and_relative_otherwise():
     assert volume_error(grown, masks, 2)[0] == pytest.approx(1 / masks[0].sum())
 
 
-def _record(folder, method, size, seed, dice, swapped=None, extra=None):
+def test_volumes_in_ml_agree_exactly_for_the_condition_itself_and_correlate_across_subjects():
+    masks = _masks(6)
+    voxel_ml = 0.064  # 4 mm voxels
+    own = structure_volumes_ml(masks, 2, voxel_ml)
+    assert own[:, 0] == pytest.approx(masks.reshape(6, -1).sum(1) * voxel_ml)
+    same = volume_agreement(own, own)
+    assert same["error mL per volume"] == [0.0] * 6 and same["r per class"][0] == pytest.approx(1.0)
+    # one voxel too many in every segmentation: an error of exactly one voxel's volume, r still 1
+    shifted = volume_agreement(own + voxel_ml, own)
+    assert shifted["error mL per volume"] == pytest.approx([voxel_ml] * 6) and shifted["r per class"][0] == pytest.approx(1.0)
+    # volumes that run against the conditions' correlate negatively
+    rising = np.array([[1.0], [2.0], [3.0], [4.0]])
+    assert volume_agreement(rising[::-1].copy(), rising)["r per class"][0] == pytest.approx(-1.0)
+    # a class absent from a condition is no error; too few subjects give no correlation
+    assert np.isnan(volume_agreement(np.array([[1.0]]), np.array([[0.0]]))["error mL per volume"][0])
+    assert volume_agreement(own[:2], own[:2])["r per class"] == [None]
+
+
+def test_the_task_table_carries_each_frechet_cell_with_its_bootstrap_interval(tmp_path):
+    from benchmark.report.tables import task_table
+
+    for seed, (value, low, high) in enumerate([(4.0, 2.0, 9.0), (6.0, 3.0, 12.0)]):
+        protocol = {"FID-3D [x]": {"bootstrap": {"ci95": [low, high]}},
+                    "FID-2D [x]": {"bootstrap": {"FID-2D mean": {"ci95": [low / 2, high / 2]}}}}
+        _record(tmp_path, "vcm", 50, seed, [0.5, 0.6, 0.7], extra={"FID-3D [x]": value, "FID-2D mean [x]": value / 2},
+                protocol=protocol)
+    cell = task_table(records_frame(tmp_path), "lv").iloc[0]
+    assert cell["FID-3D [x]"] == "5 ± 1.4 [2, 12]" and cell["FID-2D mean [x]"] == "2.5 ± 0.71 [1, 6]"
+    assert not any(c.startswith("95% CI") for c in task_table(records_frame(tmp_path), "lv").columns)
+
+
+def _record(folder, method, size, seed, dice, swapped=None, extra=None, protocol=None):
     ids = [f"s{i}" for i in range(len(dice))]
     per = {"ids": ids, "Dice": list(dice)}
     if swapped is not None:
         per["Dice swapped"] = list(swapped)
     rec = {"task": "lv", "method": method, "size": size, "seed": seed, "status": "ok",
-           "metrics": {"Dice": float(np.mean(dice)), **(extra or {})}, "per_subject": per}
+           "metrics": {"Dice": float(np.mean(dice)), **(extra or {})}, "per_subject": per, "protocol": protocol or {}}
     (folder / "records").mkdir(parents=True, exist_ok=True)
     (folder / "records" / f"lv__{method}__n{size}__s{seed}.json").write_text(json.dumps(rec))
 
@@ -101,9 +132,9 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
     assert len(subjects) == 2 * 3 * 16 and set(subjects.seed) == {0, 1}
     table = headline_table(frame, subjects, "lv")
     rows = dict(zip(table.method, table["Control Δ [95% CI] follows?"]))
-    assert rows["vcm, N=50"].endswith("yes") and rows["mcm, N=50"].endswith("no")
-    assert table.method.iloc[0] == "autoencoder reconstruction (ceiling)"
-    assert len(table.columns) <= 9 and table.seeds.tolist() == [2, 2, 2]
+    assert rows["vcm, N=50, 2 seeds"].endswith("yes") and rows["mcm, N=50, 2 seeds"].endswith("no")
+    assert table.method.iloc[0] == "autoencoder reconstruction (ceiling), 2 seeds"
+    assert len(table.columns) <= 8
     # the same values give the same table again (nothing but the records is read)
     assert headline_table(records_frame(tmp_path), per_subject_frame(tmp_path), "lv").equals(table)
     # the full-width table carries the same intervals, pooled over both seeds
@@ -111,7 +142,7 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
 
     full = task_table(frame, "lv", subjects)
     vcm = full[full.method == "vcm"].iloc[0]
-    assert vcm["Control Δ [95% CI]"] + " yes" == rows["vcm, N=50"] and vcm["Dice [95% CI]"].count("[") == 1
+    assert vcm["Control Δ [95% CI]"] + " yes" == rows["vcm, N=50, 2 seeds"] and vcm["Dice [95% CI]"].count("[") == 1
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +187,8 @@ def test_the_autoencoder_run_scores_reconstructions(scoring_ctx):
     result = execute_run(RunSpec.of("lv", "autoencoder", 0, 0), scoring_ctx)
     assert "Dice" in result["metrics"] and len(result["per_subject"]["Dice"]) == 4
     assert result["per_subject"]["volume error"] and "not_applicable" in result["control_probe"]
+    assert len(result["per_subject"]["volume error mL"]) == 4 and result["metrics"]["volume error mL"] >= 0
+    assert result["protocol"]["volume mL"]["voxel_ml"] == pytest.approx(scoring_ctx.test_subjects()[0].voxel_volume_ml)
     with torch.no_grad():
         assert np.isfinite(result["metrics"]["Dice"])
 

@@ -1,7 +1,8 @@
 """The paper's tables, built from run records alone (``python run_benchmark.py tables``).
 
 Every table is written as CSV, Markdown and LaTeX. Cells are "mean ± std" over seeds (the std
-is left out when there is one seed). The paper's own numbers (``results/paper_reference``)
+is left out when there is one seed); a Fréchet cell adds its 95% bootstrap CI over volumes in
+brackets (with several seeds, the span from the lowest seed's low to the highest seed's high). The paper's own numbers (``results/paper_reference``)
 stand in columns of their own, labelled ``paper …``: they come from other data and,
 where the suite fell back to in-domain extractors, from other feature extractors. Which table a
 task gets follows its definition (``datasets.tasks``): super-resolution tasks share Table 4, tasks
@@ -77,14 +78,51 @@ def records_frame(folder: Path) -> pd.DataFrame:
         row = {k: rec.get(k) for k in FIXED}
         row.update(rec.get("metrics") or {})
         row[UNDERSAMPLED] = undersampled_columns(rec.get("protocol"))
+        row.update({f"{FD_CI}{k}": v for k, v in fd_intervals(rec.get("protocol")).items()})
         row.update({f"cost: {k}": v for k, v in (rec.get("cost") or {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+FD_CI = "95% CI: "  # hidden columns: a Fréchet column's bootstrap interval over volumes, from the protocol
+
+
+def fd_intervals(protocol: dict | None) -> dict[str, list[float]]:
+    """Metric column -> [low, high]: the 95% bootstrap CI over volumes that the protocol holds for each
+    Fréchet distance (``FID-2D [x]`` keeps one per orientation and the mean; ``FID-3D [x]`` one)."""
+    out = {}
+    for key, entry in (protocol or {}).items():
+        boot = entry.get("bootstrap") if isinstance(entry, dict) else None
+        if not boot or "[" not in key:
+            continue
+        extractor = key[key.index("["):]
+        if "ci95" in boot:
+            out[key] = boot["ci95"]
+        else:
+            out.update({f"{name} {extractor}": b["ci95"] for name, b in boot.items() if isinstance(b, dict) and "ci95" in b})
+    return out
+
+
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     fixed = set(FIXED) | {UNDERSAMPLED}
-    return [c for c in frame.columns if c not in fixed and not c.startswith("cost: ")]
+    return [c for c in frame.columns if c not in fixed and not c.startswith(("cost: ", FD_CI))]
+
+
+def with_fd_intervals(table: pd.DataFrame, ok: pd.DataFrame) -> pd.DataFrame:
+    """Each Fréchet cell gains its 95% bootstrap CI over volumes: the run's own with one seed, the span
+    of the seeds' intervals (lowest low, highest high) with several."""
+    for column in table.columns:
+        hidden = FD_CI + column
+        if hidden not in ok:
+            continue
+        cells = []
+        for method, size, cell in zip(table["method"], table["size"], table[column]):
+            bounds = [b for b in ok[(ok.method == method) & (ok["size"] == size)][hidden] if isinstance(b, list)]
+            if bounds and cell != "–":
+                cell = f"{cell} [{min(b[0] for b in bounds):.3g}, {max(b[1] for b in bounds):.3g}]"
+            cells.append(cell)
+        table[column] = cells
+    return table
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -105,7 +143,8 @@ def summarise(frame: pd.DataFrame, by: list[str], columns: list[str]) -> pd.Data
     return out
 
 
-INTERVAL_COLUMNS = {"Dice": "Dice [95% CI]", "volume error": "volume error [95% CI]"}  # from per-subject values
+INTERVAL_COLUMNS = {"Dice": "Dice [95% CI]", "volume error": "volume error [95% CI]",
+                    "volume error mL": "volume error mL [95% CI]"}  # from per-subject values
 
 
 def subject_intervals(subjects: pd.DataFrame, task: str, method: str, size: int) -> dict:
@@ -134,7 +173,7 @@ def task_table(frame: pd.DataFrame, task: str, subjects: pd.DataFrame | None = N
     ok = frame[(frame.task == task) & (frame.status == "ok")]
     ok = ok[~ok.method.str.endswith("+sphere")]
     columns = [c for c in metric_columns(ok) if ok[c].notna().any()]
-    table = summarise(ok, ["method", "size"], columns)
+    table = with_fd_intervals(summarise(ok, ["method", "size"], columns), ok)
     if subjects is not None and not table.empty:
         cells = [subject_intervals(subjects, task, m, n) for m, n in zip(table["method"], table["size"])]
         for label in [*INTERVAL_COLUMNS.values(), "Control Δ [95% CI]"]:

@@ -76,7 +76,10 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
               "over the frozen base model's at that probe: about 1 for a method that keeps the prior; a row "
               f"above {NOT_DENOISING_ABOVE:g} is warned (the method diverged or has not yet learnt to denoise).", ""]
     lines += [f"![{p.stem}](figures/{p.name})" for p in figures if p.name.startswith("control_gap_")]
-    lines += ["", "## Tables (appendix: every column)", ""]
+    lines += ["", "## Tables (appendix: every column)", "",
+              "Cells are mean ± SD over seeds. A Fréchet cell adds its 95% bootstrap CI over volumes in brackets "
+              "(with several seeds, from the lowest seed's low to the highest seed's high); Dice, Control Δ and the "
+              "volume errors have their own [95% CI] columns, from per-subject values stratified by seed.", ""]
     for name, table in tables.items():
         if table is None or table.empty:
             continue

@@ -144,7 +144,8 @@ class Scorer:
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
                               lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask,
-                              settings=ScoringSettings(frd=bool(self.shared.settings.get("frd", True))))
+                              settings=ScoringSettings(frd=bool(self.shared.settings.get("frd", True))),
+                              voxel_ml=subjects[0].voxel_volume_ml if conditions is not None else None)
         protocol = row.pop("protocol")
         protocol["fd_real_set"] = {"split": self.shared.fd_real[1], "n": len(self.shared.fd_real_set),
                                    "why": "one real set no row was conditioned on, the same for every row"}
