@@ -66,7 +66,10 @@ def test_local_jobs_2_writes_the_same_records_as_jobs_1(in_process, cache, tmp_p
     # then sum in another order, so numbers agree to float rounding, not bit for bit. FRD bins voxel
     # intensities for its radiomics, so a rounding difference can move a voxel to the next bin: its
     # relative differences reach ~2e-4 (measured), the others ~1e-5.
+    # The correlation of segmented with condition volumes over a tiny grid's few subjects magnifies a
+    # voxel that rounding moved across the judge's arg-max; the per-subject volumes it comes from are compared.
     both, diffs = compare_folders(reference, out, tolerance=1e-3, absolute=1e-6)
+    diffs = [d for d in diffs if not any(key in d for key in ("/volume r:", "/r_per_class["))]
     assert len(both) == 6 and not diffs, diffs
     print(f"5-run grid: --jobs 1 {seconds_one:.0f} s, --jobs 2 {seconds_two:.0f} s (wall, warm cache)")
 
@@ -139,21 +142,21 @@ def test_a_grid_submitted_twice_runs_each_run_once(in_process, cache, tmp_path):
 
 
 def test_three_processes_on_a_cold_cache_pretrain_the_base_model_once(tmp_path):
+    """Three trainings started at once on an empty cache (no sampling: what is shared and contested is
+    the base model and the latent cache; the scoring caches are tested in test_runner)."""
     cache = tmp_path / "cold-cache"
     procs = []
     for seed in range(3):
         out = tmp_path / f"out{seed}"
-        cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--profile", "smoke", "--cache-dir", str(cache),
+        cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "train", "--profile", "smoke", "--cache-dir", str(cache),
                "--out", str(out), *sum((["--override", o] for o in TINY + NO_PROBE), []), "--plugin", str(EXAMPLE_PLUGIN),
-               "--methods", "residual_shift", "--sizes", "2", "--seeds", str(seed), "--no-validation"]
+               "--task", "lv", "--method", "residual_shift", "--size", "2", "--seed", str(seed), "--no-sampling"]
         procs.append((out, subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
     logs = []
     for out, proc in procs:
         logs.append(proc.communicate(timeout=900)[0])
         assert proc.returncode == 0, logs[-1][-3000:]
-        records = list(iter_records(out))
-        assert len(records) == 5 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     pretrained = [log for log in logs if "base model: ready in" in log]
     assert len(pretrained) == 1, f"{len(pretrained)} processes pretrained the base model"
     assert sum("base model: loaded from" in log for log in logs) == 2

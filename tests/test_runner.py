@@ -60,7 +60,7 @@ def _records(out):
 
 def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     out = tmp_path / "grid"
-    args = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift,vcm", "--sizes", "2,4", "--no-validation"]
+    args = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift,vcm", "--sizes", "2", "--no-validation"]
     proc = run_cli(args, cache, out)
     # Kill it as soon as two runs have finished (mid-grid).
     deadline = time.time() + 600
@@ -72,7 +72,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the grid finished before it could be killed:\n{proc.stdout.read()}"
     before = {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")}
-    assert 2 <= len(before) < 8
+    assert 2 <= len(before) < 6
     # Every record on disk is whole, even right after a kill.
     for path in (out / "records").glob("*.json"):
         json.loads(path.read_text())
@@ -87,13 +87,13 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     records = _records(out)
     references = {("lv", "reference", 0), ("lv", "autoencoder", 0), ("lv", "reference_other", 0),
                   ("lv", "brainldm", 0)}  # the four Dice rows
-    assert set(records) == references | {("lv", m, n) for m in ("residual_shift", "vcm") for n in (2, 4)}
+    assert set(records) == references | {("lv", m, 2) for m in ("residual_shift", "vcm")}
     assert all(r["status"] == "ok" for r in records.values()), log
     for name, mtime in before.items():  # finished runs were not redone
         assert (out / "records" / name).stat().st_mtime_ns == mtime, f"{name} was redone"
     assert f"{len(before)} already done" in log
 
-    record = records[("lv", "vcm", 4)]
+    record = records[("lv", "vcm", 2)]
     assert record["config_hash"] and record["versions"]["torch"] and record["device"]
     assert record["cost"]["trainable_parameters"] > 0 and record["cost"]["seconds_per_step"] > 0
     assert any(k.startswith("FID-3D [") for k in record["metrics"]) and "Dice" in record["metrics"]
@@ -122,7 +122,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     # The report names the judge and the extractors behind the numbers, and why LPIPS is missing.
     assert "judge `judge-unet`" in report and "extractor `in-domain-3d`" in report
     assert "no scored runs" not in report
-    assert list((out / "figures").glob("montage_lv__vcm__n4*.png"))
+    assert list((out / "figures").glob("montage_lv__vcm__n2*.png"))
     assert (out / "figures" / "metrics_vs_size_lv.png").is_file()
     assert (out / "figures" / "control_gap_lv.png").is_file() and "figures/control_gap_lv.png" in report
     assert "real, another subject's condition" in report
@@ -156,10 +156,15 @@ def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path):
     (["--profile", "huge"], "unknown profile"),
     (["--sizes", "a,b"], "comma-separated integers"),
 ])
-def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
-    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--out", str(tmp_path), *args]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
+def test_bad_command_lines_are_clear_errors(tmp_path, capsys, args, message):
+    from benchmark.cli import main  # in this process: the same entry point run_benchmark.py calls
+
+    try:
+        code = main(["--out", str(tmp_path), *args])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    stderr = capsys.readouterr().err
+    assert code == 2 and message in stderr, stderr
 
 
 def test_task_table_shows_the_unconditioned_base_as_the_floor_and_leaves_out_sphere_runs():
