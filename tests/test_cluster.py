@@ -26,7 +26,7 @@ from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.status import folder_status, status_lines
 from methods.registry import load_plugin
 from tests.paths import EXAMPLE_PLUGIN, ROOT
-from tests.test_runner import TINY, run_cli
+from tests.test_runner import TINY, main_in_process, run_cli, tiny_flags
 
 NO_PROBE = ["probe.enabled=false"]  # the control probe at every checkpoint is most of a tiny run's time
 GRID = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift", "--sizes", "2,4", "--seeds", "0",
@@ -43,9 +43,8 @@ def in_process(cache, tmp_path_factory):
     """The grid run in one process, one run after another: what every executor must reproduce."""
     out = tmp_path_factory.mktemp("in-process")
     started = time.perf_counter()
-    proc = run_cli(GRID, cache, out)
-    log = proc.communicate()[0]
-    assert proc.returncode == 0, log
+    code, log = main_in_process([*tiny_flags(cache, out), *GRID])
+    assert code == 0, log
     return out, time.perf_counter() - started
 
 
@@ -246,13 +245,12 @@ def test_slurm_without_sbatch_or_submitit_says_what_to_do(tmp_path, monkeypatch)
         SlurmSettings(time_min=0)
 
 
-def test_cli_slurm_without_sbatch_stops_before_any_work(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)}
-    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--profile", "smoke", "--executor", "slurm",
-           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "sbatch" in proc.stderr and "--executor local" in proc.stderr
+def test_cli_slurm_without_sbatch_stops_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no sbatch on it
+    code, log = main_in_process(["--profile", "smoke", "--executor", "slurm", "--cache-dir", tmp_path / "cache",
+                                 "--out", tmp_path / "out"])
+    assert code == 2, log
+    assert "sbatch" in log and "--executor local" in log
     assert not (tmp_path / "cache").exists()  # nothing was built
 
 

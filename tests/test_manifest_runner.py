@@ -2,28 +2,21 @@
 and resampled to anisotropic voxels, as real scans would be stored. Sizes are cut by the runner test's
 tiny overrides: the bookkeeping is tested, not the numbers."""
 import csv
-import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from benchmark.run.records import iter_records
-from tests.paths import ROOT
-from tests.test_runner import TINY
+from tests.test_runner import TINY, main_in_process
 
 ANISOTROPIC_MM = (4.0, 5.0, 7.0)
 OVERRIDES = [o for o in TINY if not o.startswith("data.train_pool=")]
 
 
-def _cli(args, cache, train_pool: int, timeout=900):
-    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), *args, "--profile", "smoke", "--quiet",
-           "--cache-dir", str(cache), *sum((["--override", o] for o in OVERRIDES + [f"data.train_pool={train_pool}"]), [])]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+def _cli(args, cache, train_pool: int):
+    flags = sum((["--override", o] for o in OVERRIDES + [f"data.train_pool={train_pool}"]), [])
+    return main_in_process([*args, "--profile", "smoke", "--quiet", "--cache-dir", cache, *flags])
 
 
 def _reoriented_anisotropic(src_path, dst_path, labels: bool) -> None:
@@ -47,8 +40,8 @@ def _reoriented_anisotropic(src_path, dst_path, labels: bool) -> None:
 
 def test_grid_runs_on_reoriented_anisotropic_exported_subjects(tmp_path):
     cache, export, scans = tmp_path / "cache", tmp_path / "export", tmp_path / "scans"
-    done = _cli(["data", "export", "--out", str(export), "--n", "13", "--split", "train"], cache, train_pool=13)
-    assert done.returncode == 0, done.stdout
+    code, log = _cli(["data", "export", "--out", str(export), "--n", "13", "--split", "train"], cache, train_pool=13)
+    assert code == 0, log
     scans.mkdir()
     with open(export / "manifest.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -62,9 +55,9 @@ def test_grid_runs_on_reoriented_anisotropic_exported_subjects(tmp_path):
         writer.writerows(rows)
 
     out = tmp_path / "grid"
-    done = _cli(["--data", str(scans / "manifest.csv"), "--methods", "vcm", "--sizes", "10", "--no-validation",
+    code, log = _cli(["--data", str(scans / "manifest.csv"), "--methods", "vcm", "--sizes", "10", "--no-validation",
                  "--out", str(out)], cache, train_pool=10)  # 13 subjects: 3 test, 10 training
-    assert done.returncode == 0, done.stdout
+    assert code == 0, log
     records = list(iter_records(out))
     assert any(r["method"] == "vcm" and r["size"] == 10 and r.get("status", "ok") == "ok" for r in records), records
     assert all("manifest(" in r["data"] for r in records)

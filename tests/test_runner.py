@@ -2,6 +2,8 @@
 tables, figures and the report. Sizes are cut by profile overrides so the whole file runs in a
 few minutes on 2 cores; the numbers are not meaningful, the bookkeeping is what is tested.
 """
+import contextlib
+import io
 import json
 import os
 import signal
@@ -47,6 +49,25 @@ def run_cli(args, cache, out, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
+
+
+def main_in_process(argv) -> tuple[int, str]:
+    """run_benchmark.py's entry point in this process: (exit code, stdout and stderr). For commands whose
+    test needs no process of its own; it saves the seconds a fresh interpreter spends importing torch
+    and MONAI."""
+    from benchmark.cli import main
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:  # argparse's own errors
+            code = stop.code
+    return code, log.getvalue()
+
+
+def tiny_flags(cache, out) -> list:
+    return ["--profile", "smoke", "--quiet", "--cache-dir", cache, "--out", out, *sum((["--override", o] for o in TINY), [])]
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +148,8 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert (out / "figures" / "control_gap_lv.png").is_file() and "figures/control_gap_lv.png" in report
     assert "real, another subject's condition" in report
     assert "Base model: pretrained by the suite (cache)" in report
-    rebuilt = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "tables", "--profile", "smoke",
-                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert rebuilt.returncode == 0, rebuilt.stderr
+    code, log = main_in_process(["tables", "--profile", "smoke", "--out", out])
+    assert code == 0, log
 
 
 def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path):
@@ -156,15 +176,9 @@ def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path):
     (["--profile", "huge"], "unknown profile"),
     (["--sizes", "a,b"], "comma-separated integers"),
 ])
-def test_bad_command_lines_are_clear_errors(tmp_path, capsys, args, message):
-    from benchmark.cli import main  # in this process: the same entry point run_benchmark.py calls
-
-    try:
-        code = main(["--out", str(tmp_path), *args])
-    except SystemExit as stop:  # argparse's own errors
-        code = stop.code
-    stderr = capsys.readouterr().err
-    assert code == 2 and message in stderr, stderr
+def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
+    code, log = main_in_process(["--out", tmp_path, *args])
+    assert code == 2 and message in log, log
 
 
 def test_task_table_shows_the_unconditioned_base_as_the_floor_and_leaves_out_sphere_runs():
