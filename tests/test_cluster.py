@@ -34,8 +34,8 @@ GRID = ["--plugin", str(EXAMPLE_PLUGIN), "--methods", "residual_shift", "--sizes
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cluster-cache")
+def cache(tiny_cache):
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")

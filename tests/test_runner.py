@@ -71,8 +71,8 @@ def tiny_flags(cache, out) -> list:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("runner-cache")
+def cache(tiny_cache):
+    return tiny_cache
 
 
 def _records(out):

@@ -26,9 +26,9 @@ def _tables(out):
     return {p.name: p.read_bytes() for p in sorted((out / "tables").glob("*.csv"))}
 
 
-def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(tmp_path, capsys):
+def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(tmp_path, capsys, tiny_cache):
     path = _study(tmp_path)
-    common = ["--quiet", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--quiet", "--cache-dir", str(tiny_cache)]
     assert main(["study", str(path), "--dry-run", *common]) == 0
     printed = capsys.readouterr().out
     assert "0 done, 5 to run" in printed and "estimated" in printed and "sr4 controlnet_mlp:" in printed

@@ -73,7 +73,7 @@ def test_grid_rows_follow_the_task_definition(lv_coarse):
     assert sphere.trained() == RunSpec("lv", "vcm", 50, 0)
 
 
-def test_a_new_task_runs_through_the_runner(lv_coarse, tmp_path):
+def test_a_new_task_runs_through_the_runner(lv_coarse, tmp_path, tiny_cache):
     """lv_coarse, defined in this file only, runs the example plugin end to end at the smoke profile."""
     from benchmark.profiles import load_profile
     from benchmark.run.executors import run_grid
@@ -84,7 +84,7 @@ def test_a_new_task_runs_through_the_runner(lv_coarse, tmp_path):
     load_plugin(str(EXAMPLE_PLUGIN))
     profile = load_profile("smoke", TINY)
     specs = build_specs(["lv_coarse"], "residual_shift", [2], [0], profile)
-    ctx = RunContext(profile, tmp_path / "out", tmp_path / "cache", device="cpu", progress=False)
+    ctx = RunContext(profile, tmp_path / "out", tiny_cache, device="cpu", progress=False)
     summary = run_grid(specs, ctx)
     assert summary.ok, summary.line()
     records = {r["method"]: r for r in iter_records(tmp_path / "out")}
