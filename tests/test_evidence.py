@@ -146,12 +146,12 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scoring_ctx(tmp_path_factory):
+def scoring_ctx(tmp_path_factory, tiny_cache):
     from benchmark.run.spec import RunContext
+    from tests.test_runner import TINY
 
-    profile = load_profile("smoke", ["sampling.n_test=4", "data.validation_set=4"])
-    cache = tmp_path_factory.mktemp("cache")
-    return RunContext(profile, cache / "out", cache, progress=False)
+    profile = load_profile("smoke", [*TINY, "data.test_set=4", "sampling.n_test=4", "data.validation_set=4"])
+    return RunContext(profile, tmp_path_factory.mktemp("out"), tiny_cache, progress=False)
 
 
 def test_an_exact_copy_of_the_ground_truth_gets_the_reference_rows_fd_not_less(scoring_ctx):

@@ -152,14 +152,16 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
     assert code == 0, log
 
 
-def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path):
+def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path, monkeypatch):
+    from methods import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # always_fails leaves with this test
     plugin = tmp_path / "failing_plugin.py"
     plugin.write_text(FAILING_PLUGIN)
     out = tmp_path / "grid"
-    proc = run_cli(["--plugin", str(plugin), "--plugin", str(EXAMPLE_PLUGIN),
-                    "--methods", "always_fails,residual_shift", "--sizes", "2", "--no-validation"], cache, out)
-    log = proc.communicate()[0]
-    assert proc.returncode == 1, log  # non-zero at the end because a run failed
+    code, log = main_in_process([*tiny_flags(cache, out), "--plugin", plugin, "--plugin", EXAMPLE_PLUGIN,
+                                 "--methods", "always_fails,residual_shift", "--sizes", "2", "--no-validation"])
+    assert code == 1, log  # non-zero at the end because a run failed
     records = _records(out)
     assert records[("lv", "always_fails", 2)]["status"] == "failed"
     assert "this method fails on purpose" in records[("lv", "always_fails", 2)]["error"]
