@@ -36,6 +36,11 @@ class Subject:
     def voxel_volume_ml(self) -> float:
         return voxel_volume_ml(self.affine)
 
+    @property
+    def voxel_mm(self) -> tuple[float, float, float]:
+        """Voxel size along X, Y, Z (Z: the axial slices) in mm."""
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(self.affine, dtype=np.float64)[:3, :3], axis=0))
+
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
     """Volume of one voxel in millilitres (the affine is in mm)."""

@@ -24,7 +24,7 @@ import torch
 from benchmark.base.model import BaseLDM
 from benchmark.engine.latents import condition_batch, scalar_batch
 from benchmark.profiles import load_profile
-from benchmark.report.tables import sr_table
+from benchmark.report.tables import AXIAL_MM, sr_table
 from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import degrade_axial, get_task
 from methods._sr import kept_slices
@@ -216,9 +216,9 @@ def test_sr_table_has_methods_by_slice_spacing():
                 rows.append({"task": task, "method": method, "size": 50, "seed": seed, "status": "ok",
                              "PSNR": base + shift + seed, "SSIM": 0.8, "LPIPS fidelity": None,
                              "MS-SSIM fidelity": 0.9, "FID-2D mean [in-domain]": 10.0, "FID-3D [in-domain]": 1.0,
-                             "LPIPS diversity": 0.3})
+                             "LPIPS diversity": 0.3, AXIAL_MM: 1.0})
         rows.append({"task": task, "method": "reference", "size": 0, "seed": 0, "status": "ok",
-                     "FID-2D mean [in-domain]": 1.0, "FID-3D [in-domain]": 0.1})
+                     "FID-2D mean [in-domain]": 1.0, "FID-3D [in-domain]": 0.1, AXIAL_MM: 1.0})
     rows.append({"task": "lv", "method": "vcm", "size": 50, "seed": 0, "status": "ok", "PSNR": 99.0})
     table = sr_table(pd.DataFrame(rows))
     assert list(table.method) == ["trilinear", "liif3d", "vcm", "reference (real vs real)"]
@@ -230,6 +230,10 @@ def test_sr_table_has_methods_by_slice_spacing():
     liif = table.set_index("method").loc["liif3d"]
     assert liif["4 mm PSNR"].startswith("32.5 ±") and liif["8 mm PSNR"].startswith("27.5 ±")
     assert table.set_index("method").loc["reference (real vs real)", "4 mm PSNR"] == "–"
+    # the label is the input's slice spacing: K x the axial voxel size (the paper's 1 mm; cpu's 4.025 mm)
+    coarse = pd.DataFrame(rows).assign(**{AXIAL_MM: 4.025})
+    assert "16.1 mm PSNR" in sr_table(coarse) and "32.2 mm PSNR" in sr_table(coarse)
+    assert "x4 PSNR" in sr_table(pd.DataFrame(rows).drop(columns=AXIAL_MM))  # records that do not say
 
 
 # ---- end to end through the runner -------------------------------------------------------
@@ -271,7 +275,7 @@ def test_sr4_grid_runs_through_the_runner_and_writes_the_sr_table(tmp_path):
 
     table = pd.read_csv(out / "tables" / "table_sr.csv")
     assert list(table.method) == ["trilinear", "inversesr", "liif3d", "reference (real vs real)"]
-    assert "4 mm PSNR" in table and not any(c.startswith("8 mm") for c in table.columns)
+    assert "23 mm PSNR" in table and not any(c.startswith("46 mm") for c in table.columns)  # 4 x smoke's 5.75 mm
     assert (out / "tables" / "table_sr.md").is_file() and (out / "tables" / "table_sr.tex").is_file()
     assert not (out / "tables" / "table_sr4.csv").exists()
     for name in ("liif3d", "inversesr", "trilinear"):

@@ -40,6 +40,7 @@ VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
 
 FIXED = ("task", "method", "size", "seed", "status", "error", "device", "profile")
 UNDERSAMPLED = "undersampled FD"  # records_frame: "|"-joined FD columns computed with fewer volumes than features
+AXIAL_MM = "axial voxel mm"  # records_frame: the test volumes' axial (Z) voxel size, from the scoring protocol
 DAGGER = "†"
 DAGGER_NOTE = (f"{DAGGER} Fréchet distance computed with fewer volumes than feature dimensions in at least one run "
                "(covariances rank-deficient, the mean term dominates; protocol 'sample_size'): read it with the "
@@ -78,6 +79,7 @@ def records_frame(folder: Path) -> pd.DataFrame:
         row = {k: rec.get(k) for k in FIXED}
         row.update(rec.get("metrics") or {})
         row[UNDERSAMPLED] = undersampled_columns(rec.get("protocol"))
+        row[AXIAL_MM] = ((rec.get("protocol") or {}).get("voxel_mm") or [None] * 3)[2]
         row.update({f"{FD_CI}{k}": v for k, v in fd_intervals(rec.get("protocol")).items()})
         row.update({f"cost: {k}": v for k, v in (rec.get("cost") or {}).items()})
         rows.append(row)
@@ -104,7 +106,7 @@ def fd_intervals(protocol: dict | None) -> dict[str, list[float]]:
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
-    fixed = set(FIXED) | {UNDERSAMPLED}
+    fixed = set(FIXED) | {UNDERSAMPLED, AXIAL_MM}
     return [c for c in frame.columns if c not in fixed and not c.startswith(("cost: ", FD_CI))]
 
 
@@ -222,11 +224,18 @@ def registered(name: str):
         return None
 
 
-def sr_tasks() -> dict[str, str]:
-    """Super-resolution tasks -> their Table 4 label: keeping every K-th axial slice of 1 mm voxels (paper
-    size) is a K mm slice spacing."""
+def sr_tasks(frame: pd.DataFrame | None = None) -> dict[str, str]:
+    """Super-resolution tasks -> their Table 4 label, the slice spacing the low-resolution input has:
+    keeping every K-th axial slice of v mm voxels is K x v mm (the paper's 4 and 8 mm at 1 mm voxels;
+    16 and 32 mm at the cpu profile's 4 mm). ``xK`` where the records do not say the voxel size."""
     tasks = sorted((t for t in TASKS.values() if t.sr_factor), key=lambda t: t.sr_factor)
-    return {t.name: f"{t.sr_factor} mm" for t in tasks}
+    labels = {}
+    for t in tasks:
+        mm = pd.Series(dtype=float)
+        if frame is not None and not frame.empty and AXIAL_MM in frame:
+            mm = pd.to_numeric(frame.loc[frame.task == t.name, AXIAL_MM], errors="coerce").dropna()
+        labels[t.name] = f"{t.sr_factor * mm.iloc[0]:.3g} mm" if not mm.empty else f"x{t.sr_factor}"
+    return labels
 
 
 SR_METRICS = ("PSNR", "SSIM", "LPIPS fidelity", "MS-SSIM fidelity", "FID-2D mean", "FID-3D")
@@ -234,11 +243,11 @@ SR_ORDER = ("trilinear", "inversesr", "liif3d", "vcm")  # reference interpolatio
 
 
 def sr_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Paper Table 4: methods × {4 mm (sr4), 8 mm (sr8)} with PSNR, SSIM, LPIPS and MS-SSIM
+    """Paper Table 4: methods × slice spacing (sr4, sr8: see :func:`sr_tasks`) with PSNR, SSIM, LPIPS and MS-SSIM
     fidelity against the ground truth, FID-2D mean and FID-3D; mean ± std over seeds. A size
     column appears when the records hold more than one training-set size; the real-vs-real
     reference row has FIDs only (it has no ground truth to be faithful to)."""
-    labels = sr_tasks()
+    labels = sr_tasks(frame)
     ok = frame[frame.task.isin(list(labels)) & (frame.status == "ok")] if not frame.empty else frame
     if ok.empty:
         return pd.DataFrame()

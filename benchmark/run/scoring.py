@@ -147,6 +147,7 @@ class Scorer:
                               settings=ScoringSettings(frd=bool(self.shared.settings.get("frd", True))),
                               voxel_ml=subjects[0].voxel_volume_ml if conditions is not None else None)
         protocol = row.pop("protocol")
+        protocol["voxel_mm"] = [round(v, 4) for v in subjects[0].voxel_mm]
         protocol["fd_real_set"] = {"split": self.shared.fd_real[1], "n": len(self.shared.fd_real_set),
                                    "why": "one real set no row was conditioned on, the same for every row"}
         per_volume = {"ids": [s.id for s in subjects], **row.pop("per_volume")}
