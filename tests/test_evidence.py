@@ -228,3 +228,17 @@ def test_the_improvement_figure_is_drawn_per_size_from_per_subject_values(tmp_pa
             for s in (0, 1) for i in range(6)]
     paths = improvement_figures(pd.DataFrame(rows), "lv", tmp_path)
     assert [p.name for p in paths] == ["improvement_lv_n10.png"] and paths[0].stat().st_size > 0
+
+
+def test_montages_are_drawn_for_each_methods_first_seed_at_the_two_ends_of_the_size_axis(tmp_path):
+    import pandas as pd
+
+    from benchmark.report.figures import montage_runs
+
+    frame = pd.DataFrame([{"task": "lv", "method": m, "size": n, "seed": s, "status": "ok"}
+                          for m in ("vcm", "controlnet") for n in (10, 50, 500) for s in (0, 1)]
+                         + [{"task": "lv", "method": "brainldm", "size": 0, "seed": s, "status": "ok"} for s in (0, 1)])
+    samples = [tmp_path / f"lv__{r.method}__n{r.size}__s{r.seed}" / "samples.npz" for r in frame.itertuples()]
+    kept = sorted(p.parent.name for p in montage_runs(frame, samples))
+    assert kept == ["lv__brainldm__n0__s0", "lv__controlnet__n10__s0", "lv__controlnet__n500__s0",
+                    "lv__vcm__n10__s0", "lv__vcm__n500__s0"]

@@ -84,3 +84,18 @@ def test_the_cpu_study_names_the_grids_of_record():
     assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "multimodal"]
     lv = study.blocks[0]
     assert lv.methods == "all" and lv.sizes == (10, 50, 500) and lv.seeds == (0, 1, 2)
+
+
+def test_the_committed_cpu_study_tables_rebuild_exactly_from_its_committed_records(tmp_path):
+    """studies/cpu/ is committed as records and the tables made from them; rebuilding from the records
+    alone must give the same tables, byte for byte."""
+    from benchmark.report.tables import build_tables
+    from tests.paths import ROOT
+
+    study = ROOT / "studies" / "cpu"
+    committed = {p.name: p.read_bytes() for p in sorted((study / "tables").glob("*.csv"))}
+    if not committed:
+        pytest.skip("the cpu study has no tables yet (studies/cpu/tables/)")
+    assert list((study / "records").glob("*.json")), "tables are committed without the records they come from"
+    build_tables(study, tmp_path)
+    assert {p.name: p.read_bytes() for p in sorted(tmp_path.glob("*.csv"))} == committed

@@ -1,6 +1,7 @@
 """Figures from records and saved samples (matplotlib, PNG)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -224,7 +225,29 @@ def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
                 paths.append(path)
         paths += improvement_figures(subjects, task, out)
     real = Path(results_dir) / "runs" / "real_test.npz"
-    for run in sorted((Path(results_dir) / "runs").glob("*/samples.npz")):
+    for run in montage_runs(frame, sorted((Path(results_dir) / "runs").glob("*/samples.npz"))):
         name = run.parent.name
         paths.append(montage(run, real, name.replace("__", "  "), out / f"montage_{name}.png"))
     return paths
+
+
+RUN_NAME = re.compile(r"^(?P<task>.+)__(?P<method>.+)__n(?P<size>\d+)__s(?P<seed>\d+)$")
+
+
+def montage_runs(frame: pd.DataFrame, samples: list[Path]) -> list[Path]:
+    """The runs worth a montage: each method's first seed at the smallest and the largest training-set
+    size of its task (and the runs without training, N = 0), so that a study of hundreds of runs shows
+    every method at its two ends and stays small."""
+    ok = frame[(frame.status == "ok") & (frame["size"] > 0)]
+    ends = {task: {int(rows["size"].min()), int(rows["size"].max())} for task, rows in ok.groupby("task")}
+    first_seed = {task: int(rows.seed.min()) for task, rows in frame.groupby("task")}
+    keep = []
+    for path in samples:
+        m = RUN_NAME.match(path.parent.name)
+        if m is None:
+            keep.append(path)  # not a grid run's folder: drawn as before
+            continue
+        task, size, seed = m["task"], int(m["size"]), int(m["seed"])
+        if seed == first_seed.get(task, seed) and (size == 0 or size in ends.get(task, {size})):
+            keep.append(path)
+    return keep
