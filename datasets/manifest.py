@@ -1,6 +1,6 @@
 """Real data: a CSV manifest of NIfTI files, and export of any subjects to that format.
 
-Manifest columns (README, "Real data"):
+Manifest columns (docs/REAL_DATA.md):
 
 * ``id``, ``image`` (a T1w scan in MNI space), optional ``skull``;
 * the labels: ``aseg`` (a FreeSurfer / FastSurfer / SynthSeg label map, read by datasets/freesurfer.py),
@@ -152,7 +152,7 @@ def load_manifest(csv_path, grid) -> list[Subject]:
     if missing:
         who = f" (subject '{first}' and every other row need it)" if first else ""
         raise DataError(f"manifest {csv_path} has no column {', '.join(missing)}{who}; its columns are "
-                        f"{header}; see README, 'Real data', for the columns")
+                        f"{header}; see docs/REAL_DATA.md for the columns")
     if not rows:
         raise DataError(f"manifest {csv_path} lists no subjects; add one row per subject")
     subjects, seen = [], {}

@@ -2,7 +2,7 @@
 
 The target grid is a box in world (scanner / MNI) millimetres: ``voxel_mm`` per axis, ``shape`` voxels,
 centred at ``centre_mm``, axes along R, A, S. The suite does not register scans: it assumes they are
-already in MNI space (README, "Real data"), so a field of view in MNI mm picks the same anatomy in
+already in MNI space (docs/REAL_DATA.md), so a field of view in MNI mm picks the same anatomy in
 every scan.
 
 Steps, per file:

@@ -368,7 +368,7 @@ class _DiffusionFinetuner(_Pretrainer):
     with offset noise (Guttenberg 2023: noise plus ``offset_noise`` x one Gaussian constant per volume
     and channel). With plain noise the model never learns the spatial mean of the noise it removes:
     the first DDIM steps then pass the initial noise's mean on, amplified about 40-fold, into the
-    sample (the cpu model's black and washed-out samples; README "Shipped base models"). The
+    sample (the cpu model's black and washed-out samples; docs/BASE_MODEL.md). The
     autoencoder, the latents and the scale factor stay those of the earlier stages."""
 
     def run(self) -> None:

@@ -10,7 +10,7 @@ architecture, training settings and data version; a judge or extractor: the hash
 and its file matches its sha256; otherwise it trains its own, as before, and says why.
 
 ``python run_benchmark.py ship --profile cpu`` writes the folder from the networks the suite has
-pretrained (or loads them from the cache) for that profile; see README "Shipped base models".
+pretrained (or loads them from the cache) for that profile; see docs/BASE_MODEL.md.
 """
 from __future__ import annotations
 

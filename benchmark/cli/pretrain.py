@@ -19,7 +19,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("ship", parents=[common], help="write benchmark/shipped/<profile>/ with provenance",
                        description="Write benchmark/shipped/<profile>/ from the networks pretrained for a profile, "
-                                   "with their provenance (see README, Shipped base models).")
+                                   "with their provenance (see docs/BASE_MODEL.md).")
     s.add_argument("--quality", required=True, help="JSON file of the base model's measured quality")
     s.add_argument("--made-with", default="", help="the command that pretrained the base model")
     s.add_argument("--notes", default="")
