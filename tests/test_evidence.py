@@ -242,3 +242,57 @@ def test_montages_are_drawn_for_each_methods_first_seed_at_the_two_ends_of_the_s
     kept = sorted(p.parent.name for p in montage_runs(frame, samples))
     assert kept == ["lv__brainldm__n0__s0", "lv__controlnet__n10__s0", "lv__controlnet__n500__s0",
                     "lv__vcm__n10__s0", "lv__vcm__n500__s0"]
+
+
+# ---- the paper's findings, checked against records (benchmark/report/findings.py) -----------------
+
+
+def _subject_rows(task, method, size, shift, seeds=(0, 1), n=16, rng=None):
+    rng = rng or np.random.default_rng(0)
+    base = np.linspace(0.3, 0.6, n)  # the same subjects for every method: a paired comparison
+    return [{"task": task, "method": method, "size": size, "seed": s, "id": f"syn{i}",
+             "Dice": base[i] + shift + rng.normal(0, 0.01)} for s in seeds for i in range(n)]
+
+
+def test_finding_a_is_reproduced_only_where_vcm_wins_and_not_reproduced_where_it_is_beaten():
+    import pandas as pd
+
+    from benchmark.report.findings import INCONCLUSIVE, NOT_REPRODUCED, finding_a
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for size in (10, 50, 500):
+        rows += _subject_rows("lv", "vcm", size, 0.2 if size == 10 else 0.0, rng=rng)
+        rows += _subject_rows("lv", "controlnet", size, 0.0, rng=rng)
+    found = finding_a(pd.DataFrame(rows))
+    # lv holds (best at 10, beaten by none at 50 and 500); multimodal was not run
+    assert found["verdict"] == f"{INCONCLUSIVE} (partly tested)" and "lv N=10: beats 1 of 1" in found["evidence"]
+    assert "multimodal N=10: not run" in found["evidence"]
+    rows += _subject_rows("lv", "t2i_adapter", 500, 0.3, rng=rng)  # clearly better than VCM at N = 500
+    found = finding_a(pd.DataFrame(rows))
+    assert found["verdict"] == NOT_REPRODUCED and "lv N=500: beaten by t2i_adapter" in found["evidence"]
+
+
+def test_findings_on_cost_follow_the_stated_thresholds():
+    import pandas as pd
+
+    from benchmark.report.findings import NOT_REPRODUCED, NOT_TESTED, REPRODUCED, finding_b, finding_f
+
+    cost = {"vcm": (0.46, 1.0e6), "controlnet": (0.41, 12e6), "controlnet_lite": (0.36, 2e6),
+            "controlnet_mlp": (0.36, 2e6), "t2i_adapter": (0.33, 5e6)}
+    frame = pd.DataFrame([{"task": "lv", "method": m, "size": 50, "seed": 0, "status": "ok",
+                           "cost: seconds_per_step": s, "cost: trainable_parameters": p} for m, (s, p) in cost.items()])
+    assert finding_b(frame)["verdict"] == REPRODUCED
+    assert finding_f(frame)["verdict"] == REPRODUCED  # 1.28x apart in time, 12x in parameters
+    slow = frame.assign(**{"cost: seconds_per_step": [2.0, 0.41, 0.36, 0.36, 0.33]})
+    assert finding_f(slow)["verdict"] == NOT_REPRODUCED
+    assert finding_b(frame[frame.method != "vcm"])["verdict"] == NOT_TESTED
+
+
+def test_parts_of_a_finding_combine_into_one_verdict():
+    from benchmark.report.findings import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTED, REPRODUCED, _combine
+
+    assert _combine([REPRODUCED, REPRODUCED]) == REPRODUCED
+    assert _combine([REPRODUCED, NOT_REPRODUCED, NOT_TESTED]) == NOT_REPRODUCED
+    assert _combine([REPRODUCED, INCONCLUSIVE]) == INCONCLUSIVE
+    assert _combine([NOT_TESTED, NOT_TESTED]) == NOT_TESTED

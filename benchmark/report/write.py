@@ -6,7 +6,8 @@ from pathlib import Path
 from benchmark.report.figures import write_figures
 from benchmark.run.records import iter_records
 from benchmark.report.headline import HEADLINE_NOTE, headline_table, per_subject_frame
-from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, records_frame
+from benchmark.report.findings import NOT_TESTED, paper_findings
+from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, records_frame, sr_tasks
 
 
 def _extractors(results_dir: Path) -> list[str]:
@@ -56,6 +57,15 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         if headline.empty or not headline["Control Δ [95% CI] follows?"].ne("–").any():
             continue
         lines += ["", f"## Headline: task `{task}`", "", headline.to_markdown(index=False), "", HEADLINE_NOTE]
+    findings = paper_findings(frame, subjects, sr_tasks(frame)) if not frame.empty else []
+    if any(f["verdict"] != NOT_TESTED for f in findings):
+        lines += ["", "## The paper's findings, at this scale", "",
+                  "| finding | verdict | evidence |", "|---|---|---|"]
+        lines += [f"| {f['claim']} | **{f['verdict']}** | {f['evidence']} |" for f in findings]
+        lines += ["", "Rules (`benchmark/report/findings.py`): \"A beats B\" when the probability that A scores "
+                      "higher on a subject (same subject, seed and noise) has its 95% interval above 0.5; "
+                      "*inconclusive* when tested but the intervals do not decide; *not tested* when the records "
+                      "lack the runs."]
     lines += ["", "## Feature extractors and protocol", ""]
     extractors = _extractors(results_dir)
     lines += [f"- {e}" for e in extractors] or ["- (no scored runs yet)"]
