@@ -296,3 +296,18 @@ def test_parts_of_a_finding_combine_into_one_verdict():
     assert _combine([REPRODUCED, NOT_REPRODUCED, NOT_TESTED]) == NOT_REPRODUCED
     assert _combine([REPRODUCED, INCONCLUSIVE]) == INCONCLUSIVE
     assert _combine([NOT_TESTED, NOT_TESTED]) == NOT_TESTED
+
+
+def test_the_control_figure_draws_dice_and_control_delta_against_n_with_intervals(tmp_path):
+    import pandas as pd
+
+    from benchmark.report.figures import control_vs_size
+
+    rng = np.random.default_rng(2)
+    rows = [{"task": "lv", "method": m, "size": n, "seed": s, "id": f"syn{i}", "Dice": 0.5 + rng.normal(0, 0.05),
+             "Dice swapped": 0.4 + rng.normal(0, 0.05)} for m in ("vcm", "controlnet") for n in (10, 50, 500)
+            for s in (0, 1) for i in range(8)]
+    rows += [{"task": "lv", "method": "autoencoder", "size": 0, "seed": 0, "id": f"syn{i}", "Dice": 0.7} for i in range(8)]
+    path = control_vs_size(pd.DataFrame(rows), "lv", tmp_path)
+    assert path.name == "control_vs_size_lv.png" and path.stat().st_size > 0
+    assert control_vs_size(pd.DataFrame(rows)[lambda f: f["size"] == 0], "lv", tmp_path) is None  # nothing trained

@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 
 from benchmark.report.headline import per_subject_frame  # noqa: E402
 from benchmark.run.records import iter_records  # noqa: E402
+from metrics.control_delta import bootstrap_mean, paired_difference  # noqa: E402
 from metrics.ranking import probability_of_improvement, rank_intervals  # noqa: E402
 from benchmark.report.tables import metric_columns  # noqa: E402
 
@@ -152,6 +153,59 @@ def control_gap_curves(results_dir: Path, task: str, out: Path) -> Path | None:
 
 
 IMPROVEMENT_FLOOR = "brainldm"  # the unconditioned base model: shown beside the methods as the floor
+CONTEXT_LINES = {"autoencoder": ("autoencoder (ceiling)", "k", "--"), "brainldm": ("base model, unconditioned", "0.5", ":")}
+
+
+def control_vs_size(subjects: pd.DataFrame, task: str, out: Path) -> Path | None:
+    """Dice with the own condition and Control Δ against training-set size, one line per method, each
+    point the mean over subjects and seeds with its 95% interval (stratified bootstrap over subjects
+    within seeds, :mod:`metrics.control_delta`); the autoencoder ceiling and the unconditioned base model
+    drawn across, and 0 for Control Δ."""
+    if subjects.empty or "Dice" not in subjects:
+        return None
+    mine = subjects[(subjects.task == task) & subjects["Dice"].notna() & ~subjects.method.str.endswith("+sphere")]
+    trained = mine[mine["size"] > 0]
+    if trained.empty:
+        return None
+    methods = sorted(trained.method.unique())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, method in enumerate(methods):
+        rows = trained[trained.method == method]
+        sizes = sorted(rows["size"].unique())
+        dice, delta = [], []
+        for size in sizes:
+            at = rows[rows["size"] == size]
+            strata = at["seed"].to_numpy()
+            dice.append(bootstrap_mean(at["Dice"], strata=strata))
+            swapped = at["Dice swapped"] if "Dice swapped" in at else pd.Series(np.nan, index=at.index)
+            delta.append(paired_difference(at["Dice"], swapped, strata=strata) if swapped.notna().any() else None)
+        x = np.asarray(sizes, dtype=float) * (1 + 0.05 * (i - (len(methods) - 1) / 2))  # side by side
+        for ax, stats in ((axes[0], dice), (axes[1], delta)):
+            keep = [j for j, st in enumerate(stats) if st is not None and np.isfinite(st["mean"])]
+            if not keep:
+                continue
+            mean = np.array([stats[j]["mean"] for j in keep])
+            low = np.array([stats[j]["ci_low"] for j in keep])
+            high = np.array([stats[j]["ci_high"] for j in keep])
+            ax.errorbar(x[keep], mean, yerr=[mean - low, high - mean], marker="o", capsize=3, label=method)
+    for method, (label, colour, style) in CONTEXT_LINES.items():
+        values = mine[mine.method == method]["Dice"]
+        if not values.empty:
+            axes[0].axhline(values.mean(), color=colour, linestyle=style, linewidth=1, label=label)
+    axes[1].axhline(0.0, color="k", linewidth=0.8)
+    for ax, title in ((axes[0], "Dice with the own condition"), (axes[1], "Control Δ = Dice(own) − Dice(swapped)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training volumes (N)")
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.suptitle(f"Task {task}: following the condition against N (mean over subjects and seeds, 95% CI)",
+                 fontsize=10)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.24, wspace=0.25)
+    path = out / f"control_vs_size_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def improvement_figures(subjects: pd.DataFrame, task: str, out: Path, score: str = "Dice") -> list[Path]:
@@ -220,7 +274,8 @@ def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
         return paths
     subjects = per_subject_frame(Path(results_dir))
     for task in sorted(frame.task.dropna().unique()):
-        for path in (metric_vs_size(frame, task, out), control_gap_curves(Path(results_dir), task, out)):
+        for path in (metric_vs_size(frame, task, out), control_vs_size(subjects, task, out),
+                     control_gap_curves(Path(results_dir), task, out)):
             if path:
                 paths.append(path)
         paths += improvement_figures(subjects, task, out)
