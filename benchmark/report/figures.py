@@ -121,14 +121,19 @@ def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_s
 
 def control_gap_curves(results_dir: Path, task: str, out: Path) -> Path | None:
     """The control probe against training step: one panel per timestep band, one line per method and
-    training-set size, the bootstrap 95% CI shaded; 0 (no use of the condition) drawn."""
-    curves = []
+    training-set size (each method's first seed at the smallest and largest N, as the montages), the
+    bootstrap 95% CI shaded; 0 (no use of the condition) drawn."""
+    runs = []
     for rec in iter_records(results_dir):
         history = (rec.get("control_probe") or {}).get("history")
         if rec.get("task") == task and rec.get("status") == "ok" and history:
-            curves.append((f"{rec['method']} N={rec['size']} s{rec['seed']}", history))
-    if not curves:
+            runs.append(rec)
+    if not runs:
         return None
+    sizes = [r["size"] for r in runs]
+    first_seed = min(r["seed"] for r in runs)
+    curves = [(f"{r['method']} N={r['size']} s{r['seed']}", r["control_probe"]["history"]) for r in runs
+              if r["seed"] == first_seed and r["size"] in (min(sizes), max(sizes))]
     bands = [row["band"] for row in curves[0][1][0]["bands"]]
     fig, axes = plt.subplots(1, len(bands), figsize=(3.6 * len(bands), 3.2), squeeze=False)
     for b, (ax, band) in enumerate(zip(axes[0], bands)):
