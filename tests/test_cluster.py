@@ -20,7 +20,7 @@ from benchmark.profiles import load_profile
 from benchmark.report.compare import compare_folders
 from benchmark.run.executors import LocalPoolExecutor, run_grid
 from benchmark.run.grid import GridError
-from benchmark.run.records import iter_records, read_record
+from benchmark.run.records import read_record
 from benchmark.run.slurm import SlurmExecutor, SlurmSettings, parse_sbatch_options
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.status import folder_status, status_lines
