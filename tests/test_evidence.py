@@ -239,6 +239,7 @@ def test_montages_are_drawn_for_each_methods_first_seed_at_the_two_ends_of_the_s
                           for m in ("vcm", "controlnet") for n in (10, 50, 500) for s in (0, 1)]
                          + [{"task": "lv", "method": "brainldm", "size": 0, "seed": s, "status": "ok"} for s in (0, 1)])
     samples = [tmp_path / f"lv__{r.method}__n{r.size}__s{r.seed}" / "samples.npz" for r in frame.itertuples()]
+    samples.append(tmp_path / "lv__mcm__n10__s0" / "samples.npz")  # still running: no record yet
     kept = sorted(p.parent.name for p in montage_runs(frame, samples))
     assert kept == ["lv__brainldm__n0__s0", "lv__controlnet__n10__s0", "lv__controlnet__n500__s0",
                     "lv__vcm__n10__s0", "lv__vcm__n500__s0"]

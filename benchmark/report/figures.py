@@ -295,9 +295,10 @@ RUN_NAME = re.compile(r"^(?P<task>.+)__(?P<method>.+)__n(?P<size>\d+)__s(?P<seed
 
 
 def montage_runs(frame: pd.DataFrame, samples: list[Path]) -> list[Path]:
-    """The runs worth a montage: each method's first seed at the smallest and the largest training-set
-    size of its task (and the runs without training, N = 0), so that a study of hundreds of runs shows
-    every method at its two ends and stays small."""
+    """The runs worth a montage: finished runs, each method's first seed at the smallest and the largest
+    training-set size of its task (and the runs without training, N = 0), so that a study of hundreds of
+    runs shows every method at its two ends and stays small."""
+    recorded = {f"{r.task}__{r.method}__n{r.size}__s{r.seed}" for r in frame[frame.status == "ok"].itertuples()}
     ok = frame[(frame.status == "ok") & (frame["size"] > 0)]
     ends = {task: {int(rows["size"].min()), int(rows["size"].max())} for task, rows in ok.groupby("task")}
     first_seed = {task: int(rows.seed.min()) for task, rows in frame.groupby("task")}
@@ -308,6 +309,8 @@ def montage_runs(frame: pd.DataFrame, samples: list[Path]) -> list[Path]:
             keep.append(path)  # not a grid run's folder: drawn as before
             continue
         task, size, seed = m["task"], int(m["size"]), int(m["seed"])
+        if path.parent.name not in recorded:
+            continue  # still running, or failed: no montage without a finished record
         if seed == first_seed.get(task, seed) and (size == 0 or size in ends.get(task, {size})):
             keep.append(path)
     return keep
