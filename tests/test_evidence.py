@@ -288,6 +288,7 @@ def test_findings_on_cost_follow_the_stated_thresholds():
     slow = frame.assign(**{"cost: seconds_per_step": [2.0, 0.41, 0.36, 0.36, 0.33]})
     assert finding_f(slow)["verdict"] == NOT_REPRODUCED
     assert finding_b(frame[frame.method != "vcm"])["verdict"] == NOT_TESTED
+    assert finding_f(frame[frame.method != "vcm"])["verdict"] == "inconclusive (partly tested)"
 
 
 def test_parts_of_a_finding_combine_into_one_verdict():

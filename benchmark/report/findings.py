@@ -186,8 +186,11 @@ def finding_f(frame: pd.DataFrame) -> dict:
     step_spread = max(steps[m] for m in present) / min(steps[m] for m in present)
     param_spread = max(params[m] for m in present) / min(params[m] for m in present)
     verdict = REPRODUCED if step_spread <= COST_SPREAD and param_spread >= PARAMETER_SPREAD else NOT_REPRODUCED
+    if verdict == REPRODUCED and len(present) < len(CONTROLNET_FAMILY):
+        verdict = f"{INCONCLUSIVE} (partly tested)"  # a method still missing could break the spread
     evidence = (f"s/step {step_spread:.2f}x apart, trainable parameters {param_spread:.1f}x apart ("
-                + ", ".join(f"{m} {steps[m]:.3f} s, {params[m]:,.0f}" for m in present) + ")")
+                + ", ".join(f"{m} {steps[m]:.3f} s, {params[m]:,.0f}" for m in present) + ")"
+                + "".join(f"; {m} not run" for m in CONTROLNET_FAMILY if m not in present))
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
 
 
