@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from benchmark.report.tables import FD_CI, PSEUDO_METHODS
+from benchmark.report.tables import PSEUDO_METHODS, fd_span
 from metrics.ranking import probability_of_improvement
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTED = "reproduced", "not reproduced", "inconclusive", "not tested"
@@ -234,14 +234,11 @@ def _fd_intervals(frame: pd.DataFrame, task: str) -> dict[str, tuple[float, floa
     """Method -> the span of its runs' FID-3D bootstrap intervals on ``task`` (trained methods and the
     methods without training alike; the reference rows left out)."""
     column = _column(frame, "FID-3D [")
-    if column is None or FD_CI + column not in frame:
+    if column is None:
         return {}
-    out = {}
-    for method, runs in frame[(frame.task == task) & ~frame.method.isin(list(PSEUDO_METHODS))].groupby("method"):
-        bounds = [b for b in runs[FD_CI + column] if isinstance(b, list)]
-        if bounds:
-            out[method] = (min(b[0] for b in bounds), max(b[1] for b in bounds))
-    return out
+    spans = {method: fd_span(runs, column)
+             for method, runs in frame[(frame.task == task) & ~frame.method.isin(list(PSEUDO_METHODS))].groupby("method")}
+    return {method: span for method, span in spans.items() if span}
 
 
 def _intervals_of(frame: pd.DataFrame, task: str, method: str, size) -> dict | None:
@@ -249,10 +246,7 @@ def _intervals_of(frame: pd.DataFrame, task: str, method: str, size) -> dict | N
     spans = {}
     for key, prefix in (("2d", "FID-2D mean ["), ("3d", "FID-3D [")):
         column = _column(frame, prefix)
-        if column is None or FD_CI + column not in runs:
+        spans[key] = fd_span(runs, column) if column else None
+        if spans[key] is None:
             return None
-        bounds = [b for b in runs[FD_CI + column] if isinstance(b, list)]
-        if not bounds:
-            return None
-        spans[key] = (min(b[0] for b in bounds), max(b[1] for b in bounds))
     return spans

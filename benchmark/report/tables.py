@@ -110,6 +110,13 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if c not in fixed and not c.startswith(("cost: ", FD_CI))]
 
 
+def fd_span(runs: pd.DataFrame, column: str) -> tuple[float, float] | None:
+    """The 95% bootstrap interval of a Fréchet column over ``runs``: the run's own with one seed, from the
+    lowest seed's low to the highest seed's high with several; None when the records hold none."""
+    bounds = [b for b in runs[FD_CI + column] if isinstance(b, list)] if FD_CI + column in runs else []
+    return (min(b[0] for b in bounds), max(b[1] for b in bounds)) if bounds else None
+
+
 def with_fd_intervals(table: pd.DataFrame, ok: pd.DataFrame) -> pd.DataFrame:
     """Each Fréchet cell gains its 95% bootstrap CI over volumes: the run's own with one seed, the span
     of the seeds' intervals (lowest low, highest high) with several."""
@@ -119,9 +126,9 @@ def with_fd_intervals(table: pd.DataFrame, ok: pd.DataFrame) -> pd.DataFrame:
             continue
         cells = []
         for method, size, cell in zip(table["method"], table["size"], table[column]):
-            bounds = [b for b in ok[(ok.method == method) & (ok["size"] == size)][hidden] if isinstance(b, list)]
-            if bounds and cell != "–":
-                cell = f"{cell} [{min(b[0] for b in bounds):.3g}, {max(b[1] for b in bounds):.3g}]"
+            span = fd_span(ok[(ok.method == method) & (ok["size"] == size)], column)
+            if span and cell != "–":
+                cell = f"{cell} [{span[0]:.3g}, {span[1]:.3g}]"
             cells.append(cell)
         table[column] = cells
     return table
