@@ -74,6 +74,12 @@ def _apply_override(data: dict, override: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ProfileError(f"override '{override}' has an empty key")
+    declared = _declared_settings(parts)
+    if declared:  # a registered method's own settings: its section may be missing (a plugin's), its keys are these
+        if parts[2] not in declared:
+            raise ProfileError(f"override '{override}': method '{parts[1]}' has no setting '{parts[2]}'; "
+                               f"it takes: {', '.join(sorted(declared))}")
+        data.setdefault("methods", {}).setdefault(parts[1], {})
     node = data
     for depth, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
@@ -81,7 +87,7 @@ def _apply_override(data: dict, override: str) -> None:
             raise ProfileError(f"override '{override}': '{where}' is not a section of the profile")
         node = node[part]
     leaf = parts[-1]
-    if leaf not in node:
+    if leaf not in node and leaf not in declared:
         raise ProfileError(
             f"override '{override}': no setting '{key}' in the profile; known here: {', '.join(sorted(node))}"
         )
@@ -89,15 +95,25 @@ def _apply_override(data: dict, override: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ProfileError(f"override '{override}': value '{raw}' is not valid YAML ({err})") from None
-    if isinstance(node[leaf], dict):
+    old = node[leaf] if leaf in node else declared[leaf]
+    if isinstance(old, dict):
         raise ProfileError(f"override '{override}': '{key}' is a section; override one of its settings instead")
-    old = node[leaf]
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(value, str):
         try:  # YAML reads '1e-3' as a string; a numeric setting takes it as a number
             value = float(value)
         except ValueError:
             raise ProfileError(f"override '{override}': '{key}' expects a number, got '{raw}'") from None
     node[leaf] = value
+
+
+def _declared_settings(parts: list[str]) -> dict:
+    """For an override of ``methods.<name>.<key>``, the settings registered method ``<name>`` declares
+    (``methods.base.BaseMethod.settings``, with their defaults); empty for any other key."""
+    if len(parts) != 3 or parts[0] != "methods":
+        return {}
+    from methods.registry import declared_settings
+
+    return declared_settings(parts[1])
 
 
 RECIPES = ("tuned", "profile", "paper")

@@ -4,7 +4,8 @@
 
 It adds to the frozen model's noise prediction a shift computed from the condition brought
 down to the latent grid by average pooling. The last convolution starts at zero, so before
-training the method is exactly the frozen model.
+training the method is exactly the frozen model. Its one setting, ``width``, is declared with its
+default in ``settings``; ``--override methods.residual_shift.width=32`` changes it.
 """
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,11 @@ from methods.registry import register
 
 @register("residual_shift")
 class ResidualShift(Method):
+    settings = {"width": 16}  # the settings it takes, with their defaults
+
     def __init__(self, base, condition_channels, config):
         super().__init__(base, condition_channels, config)
-        width = int(config.get("width", 16))
+        width = int(self.setting("width"))
         latent_channels = base.latent_shape[0]
         in_channels = sum(condition_channels.values()) + latent_channels
         self.net = nn.Sequential(

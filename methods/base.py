@@ -16,6 +16,7 @@ the base model is held by reference and is never registered as a submodule, so
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
@@ -28,6 +29,41 @@ from torch import nn
 class MethodError(ValueError):
     """An unknown method, a method asked for a task it does not support, a missing or bad setting, or a
     broken plugin."""
+
+
+def _describe(value: Any) -> str:
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    return f"shape {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+
+
+def check_noise_prediction(name: str, eps: Any, z_t: torch.Tensor) -> None:
+    """``predict_noise``'s contract, checked by the engine at its first call: a floating tensor of the
+    noisy latent's shape and dtype. Without it PyTorch broadcasts a wrong shape silently through the loss
+    and the sampler. Under autocast (bf16 training on CUDA) a lower-precision prediction is what
+    autocast makes of a correct method, so there only the shape and a floating dtype are required."""
+    if not isinstance(eps, torch.Tensor) or eps.shape != z_t.shape:
+        fix = "return one noise value per latent voxel and channel"
+    elif not eps.is_floating_point() or (eps.dtype != z_t.dtype and not torch.is_autocast_enabled(z_t.device.type)):
+        fix = "return it in the latent's dtype"
+    else:
+        return
+    raise MethodError(f"method '{name}' predict_noise returned {_describe(eps)}; the engine expects the noisy "
+                      f"latent's {_describe(z_t)}: {fix}")
+
+
+def check_generated(name: str, volumes: Any, shape: Sequence[int], finite: bool = True) -> None:
+    """``generate``'s contract, checked by the runner on every batch: a floating tensor of ``shape``
+    (batch, 1, X, Y, Z), with finite values when ``finite``."""
+    shape = tuple(shape)
+    if not (isinstance(volumes, torch.Tensor) and volumes.is_floating_point() and tuple(volumes.shape) == shape):
+        raise MethodError(f"method '{name}' generate returned {_describe(volumes)}; the runner expects floats of "
+                          f"shape {shape}: return one (1, X, Y, Z) volume per subject of the batch at the "
+                          "profile's image shape")
+    if finite and not bool(torch.isfinite(volumes).all()):
+        bad = int((~torch.isfinite(volumes)).sum())
+        raise MethodError(f"method '{name}' generate returned {bad} non-finite values (NaN or inf); return finite "
+                          "values in [0, 1]")
 
 
 class FrozenLDM(Protocol):
@@ -120,8 +156,11 @@ class BaseMethod(nn.Module):
 
     ``condition_channels`` maps each condition modality of the task to its channel count;
     ``config`` is this method's section of the profile (``profile.methods.<name>``), where
-    every width and size lives. ``family`` is the kind of method (``datasets.tasks``: a task takes
-    some families); ``tasks`` (set by ``register``) narrows it to named tasks, or is None.
+    every width and size lives. A method may instead declare the settings it takes, with their defaults,
+    in ``settings`` (a plugin's way: the shipped profiles have no section for it); the profile's section,
+    if any, and ``--override methods.<name>.<key>=value`` then set those keys and no others.
+    ``family`` is the kind of method (``datasets.tasks``: a task takes some families); ``tasks`` (set
+    by ``register``) narrows it to named tasks, or is None.
 
     ``fit(train_subjects, task, engine)`` trains whatever the method trains, checkpointing in
     ``engine.run_dir`` and resuming from it, and returns a dict for the run record with any of:
@@ -139,13 +178,22 @@ class BaseMethod(nn.Module):
     family: ClassVar[str] = "generation"
     tasks: ClassVar[tuple[str, ...] | None] = None
     uses_base_model: ClassVar[bool] = True
+    # The settings the method takes and their defaults, e.g. {"width": 16}; empty: all from the profile.
+    settings: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__()
         # A list keeps the frozen model out of this module's parameters and state_dict.
         self._base_ref = [base]
         self.condition_channels = dict(condition_channels)
-        self.config = dict(config)
+        if self.settings:
+            unknown = sorted(set(config) - set(self.settings))
+            if unknown:
+                name = self.name or type(self).__name__
+                raise MethodError(f"method '{name}' has no setting {', '.join(map(repr, unknown))}; it takes: "
+                                  f"{', '.join(sorted(self.settings))}; fix the profile's methods.{name} section")
+        # The profile's values over the declared defaults (copied: a default may be a list).
+        self.config = {**copy.deepcopy(dict(self.settings)), **dict(config)}
         self.generate_info: dict[str, Any] = {}
 
     @property
@@ -153,8 +201,8 @@ class BaseMethod(nn.Module):
         return self._base_ref[0]
 
     def setting(self, key: str) -> Any:
-        """``methods.<name>.<key>`` of the profile. Every setting lives in the profile, none has a
-        default in code: a missing one is an error that names it."""
+        """``methods.<name>.<key>`` of the profile, or its default in ``settings``. A built-in method
+        declares none: its settings live in the profile and a missing one is an error that names it."""
         if key in self.config:
             return self.config[key]
         name = self.name or type(self).__name__

@@ -47,6 +47,14 @@ def known_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def declared_settings(name: str) -> dict:
+    """The settings registered method ``name`` declares with their defaults (``BaseMethod.settings``);
+    empty when it declares none (its settings live in the profile) or no method has that name."""
+    _load_builtins()
+    cls = _REGISTRY.get(name)
+    return dict(cls.settings) if cls is not None else {}
+
+
 def _task(task):
     from datasets.tasks import get_task  # methods know tasks by their properties, looked up here
 

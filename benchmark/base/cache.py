@@ -75,6 +75,26 @@ def load_base_model(
     return base
 
 
+def base_model_sha256(profile, cache_dir: str | Path, weights_dir: str | Path | None = None) -> str | None:
+    """The sha256 of the base model file ``load_base_model`` would load now, found without building the
+    network (what a record's ``base_model.sha256`` is checked against); None when there is none yet (the
+    suite would pretrain it first) or the BrainLDM files cannot be found."""
+    source = base_source(profile)
+    if source == "brainldm":
+        from benchmark.base.brainldm import find_brainldm_files
+
+        try:
+            return sha256_file(find_brainldm_files(weights_dir)[1], prefix=64) if weights_dir else None
+        except (BaseModelError, OSError):
+            return None
+    if source == "shipped":
+        found, _ = shipped.find_base_model(base_model_key(profile), str(profile.get("name", "?")))
+        if found is not None:
+            return shipped.provenance(found.parent)["files"][found.name]["sha256"]
+    out = base_model_dir(profile, cache_dir)
+    return sha256_file(out / "model.pt", prefix=64) if (out / "done").is_file() else None
+
+
 def _load_shipped(profile, path: Path, what: str, device, progress: bool) -> BaseLDM:
     shipped.verify(path.parent, path.name)
     base = _load_cached(profile, path.parent, device, path)

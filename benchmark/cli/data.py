@@ -7,7 +7,7 @@
 its first ``--n`` subjects, prints a one-line summary, and writes ``summary.csv`` (per-subject scalars,
 also in years and millilitres) and ``population.png`` (axial, coronal and sagittal mid-slices of four
 subjects with the lateral-ventricle mask outlined). ``export`` writes NIfTI files and a manifest that
-``--manifest`` runs (and ITK-SNAP / 3D Slicer) can read.
+``run_benchmark.py --data DIR/manifest.csv`` runs on (and ITK-SNAP / 3D Slicer can read).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from benchmark.cli import load_profile_from
+from benchmark.cli import load_profile_from, writable_folder
 from datasets.manifest import export_subjects
 from datasets.splits import make_splits
 from datasets.subject import SCALAR_NAMES, DataError, Subject
@@ -36,7 +36,8 @@ def _population(args):
     profile = load_profile_from(args)
     d = profile.data
     splits = make_splits(d.pretrain_pool, d.train_pool, d.test_set, d.seed, d.validation_set)
-    pop = SyntheticPopulation(tuple(profile.image_shape), seed=d.seed, cache_dir=args.cache_dir, progress=True)
+    pop = SyntheticPopulation(tuple(profile.image_shape), seed=d.seed, cache_dir=args.cache_dir,
+                             progress=not args.quiet)
     return profile, splits, pop
 
 
@@ -92,6 +93,7 @@ def cmd_summary(args) -> int:
     import pandas as pd
 
     profile, splits, pop = _population(args)
+    out = writable_folder(args.out or Path("results") / profile.name / "data", "--out")
     if args.n is not None:
         indices = list(range(args.n))
     else:
@@ -109,7 +111,6 @@ def cmd_summary(args) -> int:
         row["brain_ml"] = round(float(np.isin(s.semantics, (2, 3)).sum()) * s.voxel_volume_ml, 2)
         rows.append(row)
     table = pd.DataFrame(rows)
-    out = Path(args.out or Path("results") / profile.name / "data")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "summary.csv", index=False)
     shown = [subjects[k] for k in np.linspace(0, len(subjects) - 1, min(4, len(subjects))).round().astype(int)]
@@ -131,6 +132,7 @@ def cmd_summary(args) -> int:
 
 def cmd_export(args) -> int:
     _check_n(args)
+    writable_folder(args.out, "--out")
     profile, splits, pop = _population(args)
     pool = splits.test if args.split == "test" else tuple(sorted(getattr(splits, SPLIT_NAMES[args.split])))
     if not pool:
@@ -152,7 +154,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default=None, help="output folder (default results/<profile>/data)")
     s.add_argument("--n", type=int, default=None, help="only the first N subject indices (default: all splits)")
     s.set_defaults(func=cmd_summary)
-    e = inner.add_parser("export", parents=[common], help="write subjects as NIfTI plus manifest.csv")
+    e = inner.add_parser("export", parents=[common], help="write subjects as NIfTI plus manifest.csv",
+                         description="Write subjects of the profile's synthetic population as NIfTI files plus "
+                                     "manifest.csv, which `run_benchmark.py --data OUT/manifest.csv` runs on.")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--n", type=int, default=8, help="number of subjects (default 8)")
     e.add_argument("--split", choices=sorted(SPLIT_NAMES), default="test", help="which split (default test)")

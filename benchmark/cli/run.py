@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark.cli import load_plugins, load_profile_from
+from benchmark.cli import load_plugins, load_profile_from, writable_folder
 
 EXAMPLES = """examples:
   python run_benchmark.py --profile smoke                       # every method, sizes 10,50,500, task lv
@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   python run_benchmark.py --task multimodal --profile cpu
   python run_benchmark.py --plugin my_method.py --methods my_method
   python run_benchmark.py tables --out results/cpu              # rebuild tables from records
-  python run_benchmark.py status --out results/cpu              # done, running (step), failed, interrupted, pending
+  python run_benchmark.py status --out results/cpu              # done, stale, running (step), failed, interrupted, pending
   python run_benchmark.py compare results/a results/b           # the same records, apart from timings?
   python run_benchmark.py --profile gpu --executor local --jobs 4 --devices cuda:0,cuda:1,cuda:2,cuda:3
   python run_benchmark.py --profile paper --executor slurm --slurm-partition gpu --slurm-time 2880  # docs/CLUSTER.md
@@ -41,18 +41,26 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-validation", action="store_true",
                    help="skip the Table 6 runs (base model alone, VCM with sphere masks) on task lv")
     p.add_argument("--force", action="store_true", help="redo runs whose records already exist")
+    p.add_argument("--redo-stale", action="store_true",
+                   help="redo the stale runs: finished, but made otherwise than this command would make them")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="let the folder hold records of several profiles or base models")
     add_executor_flags(p)
     p.set_defaults(func=run)
 
     t = sub.add_parser("tables", parents=[common], help="rebuild tables, figures and REPORT.md from records")
     t.add_argument("--out", default=None, help="results folder (default results/<profile>)")
+    t.add_argument("--allow-mixed", action="store_true",
+                   help="tabulate records made with several profiles or base models together")
     t.set_defaults(func=tables)
 
-    s = sub.add_parser("status", parents=[common], help="list the runs of a results folder: done, running, failed, interrupted, pending")
+    s = sub.add_parser("status", parents=[common], help="list the runs of a results folder: done, stale, running, failed, interrupted, pending")
     s.add_argument("--out", default=None, help="results folder (default results/<profile>)")
+    s.add_argument("--data", default=None, metavar="MANIFEST.csv",
+                   help="the manifest the runs were made from, if any (records are checked against it)")
     s.set_defaults(func=status)
 
-    c = sub.add_parser("compare", help="are two results folders the same, run for run (apart from timings)?",
+    c = sub.add_parser("compare", parents=[common], help="are two results folders the same, run for run (apart from timings)?",
                        description="Compare the records of two results folders field by field, apart from timings, "
                                    "memory, dates and the folders files were read from.")
     c.add_argument("first")
@@ -60,7 +68,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     c.add_argument("--tolerance", type=float, default=0.0, help="relative tolerance for numbers (default 0: equal)")
     c.add_argument("--absolute", type=float, default=0.0,
                    help="absolute tolerance for numbers, for values near zero (default 0)")
-    c.set_defaults(func=compare)
+    c.set_defaults(func=compare, uses_cache=False)  # the common flags are accepted; it reads two folders only
 
 
 def add_executor_flags(p: argparse.ArgumentParser) -> None:
@@ -158,7 +166,7 @@ def run(args) -> int:
     from datasets.tasks import TASKS
 
     profile = load_profile_from(args)
-    out = _results_dir(args, profile)
+    out = writable_folder(_results_dir(args, profile), "--out")
     load_plugins(args)
     tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
     sizes = _int_list(args.sizes, "sizes") if args.sizes else list(profile.data.sizes)
@@ -167,10 +175,12 @@ def run(args) -> int:
     executor = make_executor(args, out)
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, args.data, args.device,
                      progress=not args.quiet)
+    ctx.data.check_grid(sizes, int(profile.sampling.n_test))  # before any run starts: not when one reaches it
     if args.executor == "slurm" and not args.wait:
         return submit_to_slurm(executor, specs, ctx, args)
     started = time.perf_counter()
-    summary = run_grid(specs, ctx, executor, force=args.force, plugins=args.plugin)
+    summary = run_grid(specs, ctx, executor, force=args.force, plugins=args.plugin, allow_mixed=args.allow_mixed,
+                       redo_stale=args.redo_stale)
     write_outputs(out, profile)
     minutes = (time.perf_counter() - started) / 60
     print(f"{summary.line()} in {minutes:.1f} min; tables, figures and REPORT.md in {out}")
@@ -183,7 +193,7 @@ def submit_to_slurm(executor, specs, ctx, args) -> int:
     from benchmark.run.slurm import array_job_id
 
     out = ctx.out_dir
-    todo = pending_runs(specs, ctx, args.force)
+    todo = pending_runs(specs, ctx, args.force, args.allow_mixed, args.redo_stale)
     if not todo:
         print(f"nothing to submit: all {len(specs)} runs of this grid are done in {out}; "
               f"python run_benchmark.py tables --out {out} rebuilds the tables")
@@ -202,25 +212,42 @@ def tables(args) -> int:
     from benchmark.report.write import write_outputs
 
     profile = load_profile_from(args)
-    out = _results_dir(args, profile)
+    out = writable_folder(_results_dir(args, profile), "--out")  # the tables, figures and report go into it
     if not (out / "records").is_dir():
         print(f"error: no records in {out}/records; run the benchmark first or point --out at its folder",
               file=sys.stderr)
         return 2
+    _refuse_mixed(out, args)
     write_outputs(out, profile)
     print(f"tables, figures and report rebuilt in {out}")
     return 0
 
 
+def _refuse_mixed(out: Path, args) -> None:
+    """Stop when the folder's records were made with several profiles or base models (unless --allow-mixed)."""
+    from benchmark.run.grid import GridError
+    from benchmark.run.identity import mixed_folder_error
+    from benchmark.run.records import iter_records
+
+    error = None if args.allow_mixed else mixed_folder_error(out, iter_records(out))
+    if error:
+        raise GridError(error)
+
+
 def status(args) -> int:
+    from benchmark.run.identity import staleness_in
+    from benchmark.run.spec import RunContext
     from benchmark.run.status import folder_status, status_lines
 
     profile = load_profile_from(args)
     out = _results_dir(args, profile)
     if not out.is_dir():
-        print(f"error: {out} does not exist; point --out at a results folder", file=sys.stderr)
+        print(f"error: {out} {'is a file' if out.exists() else 'does not exist'}; point --out at a results folder",
+              file=sys.stderr)  # status only reads: a read-only folder is fine
         return 2
-    print("\n".join(status_lines(folder_status(out))))
+    load_plugins(args)  # a plugin's records are checked against its code
+    ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, args.data, args.device, progress=False)
+    print("\n".join(status_lines(folder_status(out, staleness_in(ctx)))))
     return 0
 
 

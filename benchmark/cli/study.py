@@ -15,7 +15,7 @@ import math
 import time
 from pathlib import Path
 
-from benchmark.cli import load_plugins
+from benchmark.cli import load_plugins, writable_folder
 from benchmark.profiles import load_profile
 
 
@@ -25,6 +25,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("study_file", help="the study YAML, e.g. studies/cpu.yaml")
     p.add_argument("--dry-run", action="store_true", help="print what would run and the estimate; run nothing")
     p.add_argument("--no-estimate", action="store_true", help="skip the timing behind the estimate")
+    p.add_argument("--redo-stale", action="store_true",
+                   help="redo the study's stale runs (records made otherwise than the study would make them now)")
     p.set_defaults(func=run)
 
 
@@ -66,6 +68,7 @@ def run(args) -> int:
     from benchmark.run.study import load_study, ready_blocks, study_specs
 
     study = load_study(args.study_file)
+    writable_folder(study.out, f"{study.path} out:")
     overrides = list(study.overrides) + list(args.override or [])
     profile = load_profile(study.profile, overrides)
     load_plugins(args)
@@ -75,7 +78,8 @@ def run(args) -> int:
     specs = study_specs(study, profile, blocks)
     ctx = RunContext(profile, study.out, Path(args.cache_dir), args.weights_dir, device=args.device,
                      progress=not args.quiet)
-    pending = pending_runs(specs, ctx)
+    ctx.data.check_grid([spec.size for spec in specs], int(profile.sampling.n_test))
+    pending = pending_runs(specs, ctx, redo_stale=args.redo_stale)
     print(f"study {study.path}: {len(specs)} runs ready at profile {profile.name}, {len(specs) - len(pending)} done, "
           f"{len(pending)} to run, into {study.out}")
     if pending and not args.no_estimate:
@@ -88,7 +92,7 @@ def run(args) -> int:
             print(f"  would run {spec.name}")
         return 1 if waiting else 0
     started = time.perf_counter()
-    summary = run_grid(specs, ctx, None, plugins=args.plugin) if pending else None
+    summary = run_grid(specs, ctx, None, plugins=args.plugin, redo_stale=args.redo_stale) if pending else None
     write_outputs(study.out, profile)
     line = summary.line() if summary is not None else "nothing to run"
     print(f"{line} in {(time.perf_counter() - started) / 60:.1f} min; tables, figures and REPORT.md in {study.out}")

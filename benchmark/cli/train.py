@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark.cli import load_plugins, load_profile_from
+from benchmark.cli import load_plugins, load_profile_from, writable_folder
 from benchmark.engine.sampling import sample_method
 from benchmark.report.figures import montage
 from benchmark.run.spec import RunContext, RunSpec
@@ -65,7 +65,7 @@ def run(args) -> int:
     if not 1 <= args.size <= profile.data.train_pool:
         raise DataError(f"--size {args.size} must be between 1 and the training pool of "
                         f"{profile.data.train_pool} subjects")
-    out = Path(args.out or f"results/{profile.name}-train")
+    out = writable_folder(args.out or f"results/{profile.name}-train", "--out")
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device,
                      progress=not args.quiet)
     spec = RunSpec(task.name, args.method, args.size, args.seed)

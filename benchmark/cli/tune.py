@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmark.cli import load_plugins, load_profile_from
+from benchmark.cli import load_plugins, load_profile_from, writable_folder
 from benchmark.run.spec import RunContext
 from benchmark.engine.recipes import recipe_path
 from benchmark.engine.training import TrainSettings
@@ -49,9 +49,10 @@ def run(args) -> int:
     if direct:
         raise MethodError(f"tune chooses the training recipe of the suite's loop; {', '.join(direct)} fit(s) "
                           "itself: leave it out")
-    out = Path(args.out or f"results/tune/{profile.name}-{task.name}")
+    out = writable_folder(args.out or f"results/tune/{profile.name}-{task.name}", "--out")
+    recipe_dir = Path(args.recipe_dir) if args.recipe_dir else None
+    writable_folder(recipe_path(profile.name, task.name, recipe_dir).parent, "--recipe-dir")  # the recipe goes there
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, device=args.device, progress=not args.quiet)
-    path = tune(ctx, task, names, out, args.command_line, Path(args.recipe_dir) if args.recipe_dir else None,
-                progress=not args.quiet)
+    path = tune(ctx, task, names, out, args.command_line, recipe_dir, progress=not args.quiet)
     print(f"wrote {path}")
     return 0

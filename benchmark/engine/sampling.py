@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from datasets.subject import Subject
 from datasets.tasks import Task
-from methods.base import Conditions, FrozenLDM, Method
+from methods.base import Conditions, FrozenLDM, Method, check_noise_prediction
 
 from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
 
@@ -23,6 +23,12 @@ def initial_noise(subject_id: str, seed: int, latent_shape: Sequence[int]) -> to
     """The starting noise of a test subject: the same for every method."""
     generator = torch.Generator().manual_seed(stable_seed(seed, "sample", subject_id))
     return torch.randn(tuple(latent_shape), generator=generator)
+
+
+def predictor_name(predict_noise: Callable) -> str:
+    """The name of the method whose bound ``predict_noise`` this is, for errors (else the function's)."""
+    owner = getattr(predict_noise, "__self__", None)
+    return getattr(owner, "name", None) or getattr(predict_noise, "__qualname__", repr(predict_noise))
 
 
 @torch.no_grad()
@@ -40,9 +46,11 @@ def sample_batch(
     scalars; returns the decoded volumes (B, 1, X, Y, Z), not clamped."""
     z = torch.stack([initial_noise(s.id, seed, base.latent_shape) for s in subjects]).to(device)
     scheduler = base.inference_scheduler(num_steps)
-    for t in scheduler.timesteps:
+    for step, t in enumerate(scheduler.timesteps):
         t_batch = torch.full((len(subjects),), int(t), dtype=torch.long, device=device)
         eps = predict_noise(z, t_batch, conditions, scalars)
+        if step == 0:  # once per batch: the scheduler would broadcast a wrong shape silently
+            check_noise_prediction(predictor_name(predict_noise), eps, z)
         z, _ = scheduler.step(eps, int(t), z)
     return base.decode(z)
 

@@ -22,7 +22,7 @@ import torch
 from core.loop import LoopSettings, TrainingDiverged, TrainingLoop  # TrainingDiverged: the engine's error too
 from datasets.subject import Subject
 from datasets.tasks import Task
-from methods.base import FrozenLDM, Method
+from methods.base import FrozenLDM, Method, check_noise_prediction
 from methods.registry import known_methods
 from metrics.cost import PeakMemory
 
@@ -179,6 +179,28 @@ def backward_in_micro_batches(loss_of: Callable[[object], torch.Tensor], n: int,
     return value
 
 
+@contextlib.contextmanager
+def checking_first_prediction(method: Method):
+    """Within this block, the first call of ``method.predict_noise`` (the control probe's before the first
+    step, or the training loss's) is checked against the noisy latent it was given. An instance
+    attribute shadows the method's own ``predict_noise`` until that call: no extra forward pass, so the
+    numbers stay those of an unchecked run. (A ``training_loss`` that does not call ``predict_noise`` is
+    checked at sampling.)"""
+    predict_noise = method.predict_noise
+
+    def checked(z_t, t, conditions, scalars):
+        del method.predict_noise  # once is enough: the method's own from the next call on
+        eps = predict_noise(z_t, t, conditions, scalars)
+        check_noise_prediction(method.name, eps, z_t)
+        return eps
+
+    method.predict_noise = checked
+    try:
+        yield
+    finally:
+        vars(method).pop("predict_noise", None)
+
+
 def train_method(
     method: Method,
     base: FrozenLDM,
@@ -261,10 +283,11 @@ def train_method(
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     wall_start = time.perf_counter()
-    if start_step == 0:
-        measure_probe(0)  # before training: the gap the initialisation already has
-    with PeakMemory(device) as memory:
-        r = loop.run(stop_after)
+    with checking_first_prediction(method):
+        if start_step == 0:
+            measure_probe(0)  # before training: the gap the initialisation already has
+        with PeakMemory(device) as memory:
+            r = loop.run(stop_after)
     return TrainResult(
         steps=r.steps,
         losses=r.losses,

@@ -406,7 +406,9 @@ def build_tables(results_dir: Path, out_dir: Path | None = None) -> dict[str, pd
     tables["table5_cost"] = cost_table(frame)
     write_table(tables["table5_cost"], out_dir, "table5_cost",
                 "Cost: trainable parameters, seconds per step, projected device-days (paper Table 5 beside)")
-    validated = [name for name, task in tasks.items() if task is not None and task.validation]
+    # Table 6 only where sphere-validation runs were recorded: without them (--no-validation) its rows are empty
+    validated = [name for name, task in tasks.items() if task is not None and task.validation
+                 and ((frame.task == name) & (frame.method == "vcm+sphere")).any()]
     for name in validated:  # one Table 6 per task with validation rows (named by task when there are several)
         key = "table6_validation" if len(validated) == 1 else f"table6_validation_{name}"
         tables[key] = validation_table(frame, name)

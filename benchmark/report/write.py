@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmark.report.figures import write_figures
+from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
 from benchmark.report.headline import HEADLINE_NOTE, headline_table, per_subject_frame
 from benchmark.report.findings import NOT_TESTED, paper_findings
@@ -44,8 +45,13 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     results_dir = Path(results_dir)
     frame = records_frame(results_dir)
     lines = [f"# Benchmark report: {results_dir}", ""]
-    lines.append(f"Profile `{profile.name}`: {profile.get('description', '')}; image shape "
-                 f"{tuple(profile.image_shape)}.")
+    made_with = sorted(folder_makers(iter_records(results_dir))["profiles"]) or [profile.name]
+    if made_with == [profile.name]:
+        lines.append(f"Profile `{profile.name}` (what the records say): {profile.get('description', '')}; image "
+                     f"shape {tuple(profile.image_shape)}.")
+    else:  # the records say otherwise than the command line: name theirs
+        lines.append(f"Profile{'s' if len(made_with) > 1 else ''} {', '.join(f'`{p}`' for p in made_with)} "
+                     f"(what the records say; the tables were rebuilt with `--profile {profile.name}`).")
     if not frame.empty:
         ok = int((frame.status == "ok").sum())
         lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed. "

@@ -40,8 +40,10 @@ def manifest_splits(manifest, subjects: list[Subject], d) -> tuple[Splits, str]:
     n_test = min(d.test_set, n // 5) if n < d.train_pool + d.test_set else d.test_set
     n_val = min(d.validation_set, max(0, n - n_test - d.train_pool))  # only rows the pool leaves unused
     if n_test < 1 or n - n_test - n_val < 1:
-        raise DataError(f"manifest {manifest} lists {n} subjects; at least 5 are needed (one test subject for "
-                        "every four training subjects), or give a split column (train / validation / test)")
+        # below data.train_pool + data.test_set rows a fifth are for testing, which needs 5 rows (1 test, 4 training)
+        needed = min(5, d.train_pool + d.test_set)
+        raise DataError(f"manifest {manifest} lists {n} subjects; at least {needed} are needed (one test subject "
+                        "for every four training subjects), or give a split column (train / validation / test)")
     order = rng.permutation(n)
     test = tuple(int(i) for i in order[:n_test])
     validation = tuple(int(i) for i in order[n - n_val:]) if n_val else ()
@@ -72,6 +74,25 @@ class DataSource:
             self._real = load_manifest(manifest, grid)
             self.splits, self.split_rule = manifest_splits(manifest, self._real, d)
             self.identity = f"manifest({Path(manifest).resolve()})"
+        self.manifest = manifest
+
+    def check_grid(self, sizes, n_test: int) -> None:
+        """Raise DataError before any run starts when a training-set size exceeds the training pool or
+        ``n_test`` (sampling.n_test) the test set, with the fix that applies to this data."""
+        pool = len(self.splits.train_pool)
+        too_big = [s for s in sizes if s > pool]
+        if too_big:
+            fix = (f"list more subjects in the manifest {self.manifest}, or ask for --sizes up to {pool}"
+                   if self.manifest is not None else
+                   f"ask for --sizes up to {pool}, or enlarge data.train_pool in the profile")
+            raise DataError(f"training-set size {max(too_big)} is larger than the training pool of {pool} "
+                            f"subjects ({self.split_rule}); {fix}")
+        # a manifest's test set may be smaller than the profile's (a fifth of a small manifest): all of it is
+        # sampled then; asking for more than the profile's (or a split column's) test set is an error
+        limit = max(int(self.profile.data.test_set), len(self.splits.test))
+        if n_test > limit:
+            raise DataError(f"sampling.n_test is {n_test}, but the test set has {limit} subjects; "
+                            f"ask for at most {limit} (--override sampling.n_test={limit})")
 
     def subjects(self, indices) -> list[Subject]:
         if self._real is not None:

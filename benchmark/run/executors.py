@@ -21,7 +21,9 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from tqdm.auto import tqdm
 
 from benchmark.engine.speed import SpeedOptions
-from benchmark.run.records import library_versions, read_record, write_record
+from benchmark.run.grid import GridError
+from benchmark.run.identity import mixed_folder_error, run_identity, stale_fields, uses_base_model
+from benchmark.run.records import iter_records, library_versions, read_record, record_name, write_record
 from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.status import RUN_LOCK, RUNNING, running_marker, write_grid_plan
@@ -44,6 +46,7 @@ def run_and_record(spec: RunSpec, ctx: RunContext, force: bool = False) -> dict:
         "speed": SpeedOptions.from_profile(ctx.profile).as_dict(),
         "recipe": ctx.recipe(spec) or {"source": f"profile (training.recipe: {ctx.profile.training.get('recipe', 'profile')})"},
         "splits": ctx.data.split_rule,
+        "identity": run_identity(spec, ctx),
     }
     run_dir = ctx.run_dir(spec)
     try:
@@ -62,6 +65,9 @@ def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
     with running_marker(ctx.run_dir(spec)):
         try:
             record = {**base_record, **execute_run(spec, ctx), "status": "ok"}
+            used = (record.get("base_model") or {}).get("sha256")
+            if used and uses_base_model(spec):  # the file loaded (a base pretrained by this run had none before)
+                record["identity"] = {**record["identity"], "base_model_sha256": used}
         except KeyboardInterrupt:
             raise
         except Exception as err:  # a failing run is recorded and the grid goes on
@@ -73,9 +79,18 @@ def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
     return record
 
 
-def is_done(spec: RunSpec, ctx: RunContext) -> bool:
+def run_state(spec: RunSpec, ctx: RunContext) -> tuple[str, list[str]]:
+    """``done``, ``stale`` (finished, but made otherwise than this context would make it: with what differs)
+    or ``todo`` (no record, or a failed one)."""
     record = read_record(ctx.record_path(spec))
-    return bool(record) and record.get("status") == "ok" and record.get("config_hash") == ctx.config_hash(spec)
+    if not record or record.get("status") != "ok":
+        return "todo", []
+    differs = stale_fields(record, run_identity(spec, ctx))
+    return ("stale", differs) if differs else ("done", [])
+
+
+def is_done(spec: RunSpec, ctx: RunContext) -> bool:
+    return run_state(spec, ctx)[0] == "done"
 
 
 # The context this process built for a job, by the job's identity: a process that runs several runs
@@ -240,17 +255,36 @@ class GridSummary:
         return text
 
 
-def pending_runs(specs: Iterable[RunSpec], ctx: RunContext, force: bool = False) -> list[RunSpec]:
-    """The specs still to run (all with ``force``); the grid's plan is written for ``status``."""
+def pending_runs(specs: Iterable[RunSpec], ctx: RunContext, force: bool = False,
+                 allow_mixed: bool = False, redo_stale: bool = False) -> list[RunSpec]:
+    """The specs still to run (all with ``force``; the stale ones too with ``redo_stale``); the grid's
+    plan is written for ``status``. Before anything is written, a grid with stale records (without
+    ``force`` or ``redo_stale``) or a folder mixing profiles or base models (without ``allow_mixed``)
+    stops with a GridError."""
     specs = list(specs)
+    states = {s.name: run_state(s, ctx) for s in specs}
+    stale = [f"{name} ({'; '.join(differs)})" for name, (state, differs) in states.items() if state == "stale"]
+    if stale and not (force or redo_stale):
+        shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise GridError(f"{ctx.out_dir} holds {len(stale)} finished record(s) that this command would make otherwise "
+                        f"(stale): {shown}. Rerun with --redo-stale to redo them (--force redoes every run), or give a "
+                        "new --out to keep them")
+    if not allow_mixed:
+        redone = {s.name for s in specs} if force else {n for n, (state, _) in states.items() if state != "done"}
+        kept = [r for r in iter_records(ctx.out_dir) if record_name(r) not in redone]
+        made_now = [{"identity": run_identity(s, ctx)} for s in specs]
+        error = mixed_folder_error(ctx.out_dir, kept + made_now)
+        if error:
+            raise GridError(error)
     write_grid_plan(ctx.out_dir, specs)
-    return [s for s in specs if force or not is_done(s, ctx)]
+    return [s for s in specs if force or states[s.name][0] != "done"]
 
 
 def run_grid(specs: Iterable[RunSpec], ctx: RunContext, executor: Executor | None = None,
-             force: bool = False, plugins: Sequence[str] = ()) -> GridSummary:
+             force: bool = False, plugins: Sequence[str] = (), allow_mixed: bool = False,
+             redo_stale: bool = False) -> GridSummary:
     specs = list(specs)
-    todo = pending_runs(specs, ctx, force)
+    todo = pending_runs(specs, ctx, force, allow_mixed, redo_stale)
     skipped = [s.name for s in specs if s not in todo]
     summary = GridSummary(done=[], skipped=skipped, failed=[])
     executor = executor or InProcessExecutor()

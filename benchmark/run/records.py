@@ -52,6 +52,12 @@ def read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) and "status" in record else None
 
 
+def record_name(record: dict) -> str:
+    """The run name a record is filed under (``RunSpec.name``)."""
+    method = str(record.get("method", "?")).replace("+", "_")
+    return f"{record.get('task')}__{method}__n{record.get('size')}__s{record.get('seed')}"
+
+
 def iter_records(folder: Path) -> Iterator[dict]:
     for path in sorted(Path(folder).glob("records/*.json")):
         record = read_record(path)

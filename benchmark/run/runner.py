@@ -177,7 +177,10 @@ def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunCo
              condition_subjects=None) -> np.ndarray:
     """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1].
     ``condition_subjects`` (one per test subject) gives the spatial conditions instead, each subject
-    keeping its own noise and scalars: the swapped-condition null."""
+    keeping its own noise and scalars: the swapped-condition null. Every batch is checked against
+    ``generate``'s contract (``methods.base.check_generated``)."""
+    from methods.base import DirectMethod, check_generated
+
     batch_size = ctx.profile.sampling.batch_size
     givers = test if condition_subjects is None else condition_subjects
     out = []
@@ -186,6 +189,10 @@ def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunCo
         chunk = test[start : start + batch_size]
         conditions = condition_batch(task, givers[start : start + batch_size], device=ctx.device)
         volumes = method.generate(conditions, scalar_batch(chunk, ctx.device), chunk, engine)
+        # Finite values are required of direct methods, whose volumes no engine check has seen; a steering
+        # method's are the sampler's and are scored as before.
+        check_generated(method.name, volumes, (len(chunk), 1, *ctx.profile.image_shape),
+                        finite=isinstance(method, DirectMethod))
         out.append(volumes.detach().clamp(0, 1).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
 

@@ -121,6 +121,15 @@ class RunContext:
         return base
 
     @cached_property
+    def expected_base_sha256(self) -> str | None:
+        """The sha256 of the base model file the runs use (None while the suite has yet to pretrain it)."""
+        if "base" in vars(self):
+            return getattr(self.base, "origin", {}).get("sha256")
+        from benchmark.base.cache import base_model_sha256
+
+        return base_model_sha256(self.profile, self.cache_dir, self.weights_dir)
+
+    @cached_property
     def base_hash(self) -> str:
         state = self.base.state_dict()
         digest = hashlib.sha256()

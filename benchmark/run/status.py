@@ -1,5 +1,6 @@
-"""What a results folder holds, run by run: done, failed (with the error's first line), running
-(with the step of its last checkpoint), interrupted, or pending (planned and not started).
+"""What a results folder holds, run by run: done, stale (finished, but made otherwise than the
+command would make it now: with what differs), failed (with the error's first line), running (with the
+step of its last checkpoint), interrupted, or pending (planned and not started).
 
 The grid writes its plan (``grid.json``: every run it was asked for) and each run, while it runs,
 a marker (``runs/<name>/running.json``: host, process, Slurm job); so a folder that jobs on many
@@ -13,16 +14,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from benchmark.run.records import iter_records
+from benchmark.run.records import iter_records, record_name
 from core.files import atomic_json, file_lock
 
 CHECKPOINT = "checkpoint.pt"
 PLAN = "grid.json"
 RUNNING = "running.json"
 RUN_LOCK = "run.lock"  # held by the process running the run (core.files.file_lock)
-STATES = ("done", "failed", "running", "interrupted", "pending")
+STATES = ("done", "stale", "failed", "running", "interrupted", "pending")
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,18 @@ def _in_progress(run_dir: Path) -> RunStatus | None:
     return None
 
 
-def folder_status(out: Path) -> list[RunStatus]:
-    """One entry per run that is planned, has a record or has a run folder under ``out``, by name."""
+def folder_status(out: Path, stale: Callable[[dict], list[str]] | None = None) -> list[RunStatus]:
+    """One entry per run that is planned, has a record or has a run folder under ``out``, by name.
+    ``stale(record)`` says what differs between a finished record and what the command would make now
+    (:func:`benchmark.run.identity.stale_fields`); without it finished records are done."""
     out = Path(out)
     found: dict[str, RunStatus] = {}
     for record in iter_records(out):
-        name = _name(record)
-        if record.get("status") == "ok":
+        name = record_name(record)
+        differs = stale(record) if stale is not None and record.get("status") == "ok" else []
+        if differs:
+            found[name] = RunStatus(name, "stale", "; ".join(differs))
+        elif record.get("status") == "ok":
             found[name] = RunStatus(name, "done", f"{record.get('elapsed_seconds', 0):.0f} s")
         else:
             first = str(record.get("error", "")).splitlines()[0][:160] if record.get("error") else ""
@@ -129,11 +135,6 @@ def folder_status(out: Path) -> list[RunStatus]:
     for name in json.loads(plan.read_text()) if plan.is_file() else {}:
         found.setdefault(name, RunStatus(name, "pending", "not started"))
     return [found[k] for k in sorted(found)]
-
-
-def _name(record: dict) -> str:
-    method = str(record.get("method", "?")).replace("+", "_")
-    return f"{record.get('task')}__{method}__n{record.get('size')}__s{record.get('seed')}"
 
 
 def status_lines(runs: list[RunStatus]) -> list[str]:
