@@ -109,7 +109,7 @@ def test_a_cache_dir_that_is_a_file_stops_every_command_but_compare(tmp_path):
 # ---- Ctrl-C -----------------------------------------------------------------------------------
 
 
-def test_ctrl_c_is_one_line_and_exit_130_and_status_says_rerun_to_resume(tiny_cache, tmp_path):
+def test_ctrl_c_is_one_line_and_exit_130_and_a_rerun_resumes(tiny_cache, tmp_path):
     out = tmp_path / "grid"
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_benchmark.py"), *map(str, tiny_flags(tiny_cache, out)),
                              "--methods", "vcm", "--sizes", "2", "--no-validation"], cwd=ROOT, text=True,
@@ -125,6 +125,10 @@ def test_ctrl_c_is_one_line_and_exit_130_and_status_says_rerun_to_resume(tiny_ca
     assert stderr.strip().splitlines() == [INTERRUPTED] and "Traceback" not in stdout
     code, log = main_in_process(["status", "--profile", "smoke", "--out", out, "--cache-dir", tiny_cache])
     assert code == 0 and "interrupted" in log and "rerun to resume" in log, log
+    # the same command again resumes and finishes the grid
+    code, log = main_in_process(["run", *tiny_flags(tiny_cache, out), "--methods", "vcm", "--sizes", "2",
+                                 "--no-validation"])
+    assert code == 0 and (out / "records" / "lv__vcm__n2__s0.json").is_file(), log
 
 
 def test_ctrl_c_anywhere_in_a_command_is_caught_by_main(tmp_path, monkeypatch):
