@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmark.profiles import load_profile
-from benchmark.report.headline import headline_table, per_subject_frame
+from benchmark.report.headline import control_by_size, headline_table, per_subject_frame
 from benchmark.report.tables import records_frame
 from datasets.tasks import get_task
 from metrics.control_delta import bootstrap_mean, follows_condition, holm, paired_difference
@@ -143,6 +143,24 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
     full = task_table(frame, "lv", subjects)
     vcm = full[full.method == "vcm"].iloc[0]
     assert vcm["Control Δ [95% CI]"] + " yes" == rows["vcm, N=50, 2 seeds"] and vcm["Dice [95% CI]"].count("[") == 1
+
+
+def test_the_answer_by_size_is_the_headline_pivoted(tmp_path):
+    rng = np.random.default_rng(1)
+    for size in (10, 50):
+        own = rng.uniform(0.5, 0.7, 16)
+        _record(tmp_path, "vcm", size, 0, own, own - rng.uniform(0.1, 0.2, 16))
+    same = rng.uniform(0.3, 0.5, 16)
+    _record(tmp_path, "mcm", 50, 0, same, same + rng.normal(0, 0.01, 16))
+    _record(tmp_path, "autoencoder", 0, 0, rng.uniform(0.8, 0.9, 16))
+    frame, subjects = records_frame(tmp_path), per_subject_frame(tmp_path)
+    headline = dict(zip(headline_table(frame, subjects, "lv").method,
+                        headline_table(frame, subjects, "lv")["Control Δ [95% CI] follows?"]))
+    pivot = control_by_size(frame, subjects, "lv").set_index("method")
+    assert list(pivot.index) == ["mcm", "vcm"]  # the context rows stay in the headline
+    assert pivot.loc["vcm", "N=10: Control Δ [95% CI] follows?"] == headline["vcm, N=10"]
+    assert pivot.loc["mcm", "N=50: Control Δ [95% CI] follows?"] == headline["mcm, N=50"]
+    assert pivot.loc["mcm", "N=10: Dice"] == "not run" and pivot.loc["vcm", "N=50: Dice"].endswith("(1 seed)")
 
 
 @pytest.fixture(scope="module")

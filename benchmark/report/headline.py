@@ -70,8 +70,9 @@ def _cell(value: float, digits: int) -> str:
     return f"{value:.{digits}f}" if np.isfinite(value) else "–"
 
 
-def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> pd.DataFrame:
-    """The headline rows of ``task`` (``records``: :func:`benchmark.report.tables.records_frame`)."""
+def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, with_keys: bool = False) -> pd.DataFrame:
+    """The headline rows of ``task`` (``records``: :func:`benchmark.report.tables.records_frame`); with
+    ``with_keys``, each row's method, size and number of seeds too (columns ``_method``, ``_size``, ``_seeds``)."""
     ok = records[(records.task == task) & (records.status == "ok")] if not records.empty else records
     if ok.empty:
         return pd.DataFrame()
@@ -88,7 +89,7 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> 
             per = mine[(mine.method == method) & (mine["size"] == size)] if not mine.empty else mine
             seeds = int(runs.seed.nunique())
             label = HEADLINE_ROWS.get(method, f"{method}, N={size}") + (f", {seeds} seeds" if seeds > 1 else "")
-            row = {"method": label}
+            row = {"method": label, "_method": method, "_seeds": seeds}
             strata = per["seed"].to_numpy() if not per.empty else None
             dice = bootstrap_mean(per["Dice"], strata=strata) if "Dice" in per else {"mean": _mean(runs, "Dice")}
             row["Dice [95% CI]"] = interval_text(dice)
@@ -116,7 +117,30 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> 
             verdicts[i] = "yes" if q <= ALPHA and table["_ci_low"][i] > 0 else "no"
     table["Control Δ [95% CI]"] = [f"{c} {v}".strip() if v else c for c, v in zip(table["Control Δ [95% CI]"], verdicts)]
     table = table.rename(columns={"Control Δ [95% CI]": "Control Δ [95% CI] follows?"})
-    return table.drop(columns=["_p", "_ci_low", "_size"])
+    return table.drop(columns=["_p", "_ci_low"] + ([] if with_keys else ["_size", "_method", "_seeds"]))
+
+
+def control_by_size(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The headline's answer pivoted by training-set size: one row per method; at each N its Dice (with the
+    number of seeds) and its Control Δ [95% CI] with the verdict; "not run" where the records lack the run."""
+    table = headline_table(records, subjects, task, with_keys=True)
+    if table.empty:
+        return table
+    methods = table[~table["_method"].isin(list(HEADLINE_ROWS))]
+    sizes = sorted(methods["_size"].unique())
+    rows = []
+    for method in dict.fromkeys(methods["_method"]):
+        row = {"method": method}
+        for size in sizes:
+            hit = methods[(methods["_method"] == method) & (methods["_size"] == size)]
+            if hit.empty:
+                row[f"N={size}: Dice"] = row[f"N={size}: Control Δ [95% CI] follows?"] = "not run"
+                continue
+            seeds = int(hit["_seeds"].iloc[0])
+            row[f"N={size}: Dice"] = f"{hit['Dice [95% CI]'].iloc[0].split(' [')[0]} ({seeds} seed{'s' if seeds > 1 else ''})"
+            row[f"N={size}: Control Δ [95% CI] follows?"] = hit["Control Δ [95% CI] follows?"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 HEADLINE_NOTE = ("Dice: the judge's Dice of the samples against their own condition, mean over subjects and seeds "

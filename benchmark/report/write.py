@@ -6,7 +6,7 @@ from pathlib import Path
 from benchmark.report.figures import write_figures
 from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
-from benchmark.report.headline import HEADLINE_NOTE, headline_table, per_subject_frame
+from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
 from benchmark.report.findings import NOT_TESTED, paper_findings
 from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, records_frame, sr_tasks
 
@@ -63,6 +63,10 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         if headline.empty or not headline["Control Δ [95% CI] follows?"].ne("–").any():
             continue
         lines += ["", f"## Headline: task `{task}`", "", headline.to_markdown(index=False), "", HEADLINE_NOTE]
+        by_size = control_by_size(frame, subjects, task)
+        if len(by_size.columns) > 3:  # more than one training-set size: the answer at each N, side by side
+            lines += ["", f"### Which methods follow their condition at each N (`{task}`)", "",
+                      by_size.to_markdown(index=False)]
     findings = paper_findings(frame, subjects, sr_tasks(frame)) if not frame.empty else []
     if any(f["verdict"] != NOT_TESTED for f in findings):
         lines += ["", "## The paper's findings, at this scale", "",
