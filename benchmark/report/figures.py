@@ -20,6 +20,15 @@ from benchmark.report.tables import metric_columns  # noqa: E402
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
 
 
+def size_axis(ax, sizes) -> None:
+    """A log axis of training-set sizes labelled at the sizes themselves (10, 50, 500), not in powers of ten."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ticks = sorted({int(v) for v in sizes})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+
 def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
     """Each metric against training-set size, one line per method (mean ± std over seeds)."""
     ok = frame[(frame.task == task) & (frame.status == "ok") & (frame["size"] > 0)]
@@ -46,7 +55,7 @@ def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
         ignored = pd.to_numeric(other[column], errors="coerce").dropna() if column in other else pd.Series()
         if not ignored.empty:
             ax.axhline(ignored.mean(), color="0.5", linestyle=":", linewidth=1, label="real, another's condition")
-        ax.set_xscale("log")
+        size_axis(ax, ok["size"].unique())
         ax.set_xlabel("training volumes")
         ax.set_title(column, fontsize=9)
     for ax in list(axes.flat)[len(columns):]:
@@ -199,7 +208,7 @@ def control_vs_size(subjects: pd.DataFrame, task: str, out: Path) -> Path | None
             axes[0].axhline(values.mean(), color=colour, linestyle=style, linewidth=1, label=label)
     axes[1].axhline(0.0, color="k", linewidth=0.8)
     for ax, title in ((axes[0], "Dice with the own condition"), (axes[1], "Control Δ = Dice(own) − Dice(swapped)")):
-        ax.set_xscale("log")
+        size_axis(ax, trained["size"].unique())
         ax.set_xlabel("training volumes (N)")
         ax.set_title(title, fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
