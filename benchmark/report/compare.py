@@ -1,7 +1,8 @@
 """Are two results folders the same run for run? Compares their records field by field, apart from
 what a rerun may change without changing a result: timings and the measurements derived from them,
-memory high-water marks, dates, and the folders files were read from (only their file names are
-compared; the weights themselves are compared through the hashes the records hold).
+memory high-water marks, dates, the folders files were read from (only their file names are
+compared; the weights themselves are compared through the hashes the records hold), and the hashes of
+the code that made them (method code, suite version).
 
     python run_benchmark.py compare results/a results/b
 
@@ -21,6 +22,9 @@ from benchmark.run.records import read_record
 # that change how fast the same numbers come) too, so that a grid run with them on and off compares.
 MEASUREMENT_KEYS = re.compile(r"(seconds|wall|elapsed|finished_at|started_at|peak_memory|device_days|"
                               r"gpu_days|per_step|_at$|^device$|^speed$)", re.IGNORECASE)
+# The identity fields that name the code rather than what it computed: a refactoring changes them by
+# definition, and comparing what the code computed before and after is what `compare` is for.
+CODE_KEYS = ("method_code_sha256", "suite_version")
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -30,7 +34,7 @@ def _same_path(a: str, b: str) -> bool:
 def _differences(a: Any, b: Any, where: str, tolerance: float, absolute: float = 0.0) -> Iterator[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            if MEASUREMENT_KEYS.search(str(key)):
+            if MEASUREMENT_KEYS.search(str(key)) or key in CODE_KEYS:
                 continue
             if key not in a or key not in b:
                 yield f"{where}/{key}: only in {'the second' if key not in a else 'the first'} folder"
