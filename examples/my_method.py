@@ -4,9 +4,12 @@
 
 It adds to the frozen model's noise prediction a shift computed from the condition brought
 down to the latent grid by average pooling. The last convolution starts at zero, so before
-training the method is exactly the frozen model. Its one setting, ``width``, is declared with its
-default in ``settings``; ``--override methods.residual_shift.width=32`` changes it.
+training the method is exactly the frozen model. Its one setting, ``width``, is a field of its
+``Settings`` dataclass with a default, so no profile needs a section for it;
+``--override methods.residual_shift.width=32`` changes it.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,15 +20,15 @@ from methods.registry import register
 
 @register("residual_shift")
 class ResidualShift(Method):
-    settings = {"width": 16}  # the settings it takes, with their defaults
+    @dataclass
+    class Settings:  # the settings it takes (profile section methods.residual_shift), with defaults
+        width: int = 16  # hidden channels
 
     def __init__(self, base, condition_channels, config):
         super().__init__(base, condition_channels, config)
-        width = int(self.setting("width"))
-        latent_channels = base.latent_shape[0]
-        in_channels = sum(condition_channels.values()) + latent_channels
+        width, latent_channels = self.settings.width, base.latent_shape[0]
         self.net = nn.Sequential(
-            nn.Conv3d(in_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv3d(sum(condition_channels.values()) + latent_channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv3d(width, latent_channels, 3, padding=1),
         )
         nn.init.zeros_(self.net[-1].weight)

@@ -16,7 +16,9 @@ the base model is held by reference and is never registered as a submodule, so
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
@@ -64,6 +66,61 @@ def check_generated(name: str, volumes: Any, shape: Sequence[int], finite: bool 
         bad = int((~torch.isfinite(volumes)).sum())
         raise MethodError(f"method '{name}' generate returned {bad} non-finite values (NaN or inf); return finite "
                           "values in [0, 1]")
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a method that takes none."""
+
+
+_TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+               str: ("a string", "strings")}
+
+
+def _type_name(hint: Any, plural: bool = False) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0], plural=True)}"
+    return _TYPE_NAMES[hint][plural] if hint in _TYPE_NAMES else getattr(hint, "__name__", str(hint))
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """``value`` as a field of type ``hint``, or TypeError. A boolean is not a number; an integer for a
+    float becomes ``float(x)``, as the methods cast it (YAML reads ``1`` as an integer)."""
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(hint)
+        return [_convert(v, typing.get_args(hint)[0]) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (isinstance(value, bool) and hint is not bool):
+        raise TypeError(hint)
+    return value
+
+
+def build_settings(settings_class: type, section: Mapping[str, Any], method: str) -> Any:
+    """The dataclass ``settings_class`` of method ``method`` built from its profile section
+    (``methods.<method>``): every key a field, every field without a default given, every value of the
+    field's type; a MethodError names the first that is not."""
+    fields = {f.name: f for f in dataclasses.fields(settings_class)}
+    where = f"the profile's methods.{method} section"
+    for key in section:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"it takes: {', '.join(fields) or 'none'}"
+            raise MethodError(f"method '{method}' has no setting '{key}' ({hint}); fix the key in {where}")
+    types = typing.get_type_hints(settings_class)
+    values = {}
+    for name, field in fields.items():
+        if name in section:
+            try:
+                values[name] = _convert(section[name], types[name])
+            except TypeError:
+                raise MethodError(f"method '{method}' setting '{name}' expects {_type_name(types[name])}, got "
+                                  f"{section[name]!r}; fix it in {where}") from None
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise MethodError(f"method '{method}' needs the setting 'methods.{method}.{name}' in the profile; "
+                              f"add it to {where}")
+    return settings_class(**values)
 
 
 class FrozenLDM(Protocol):
@@ -155,10 +212,11 @@ class BaseMethod(nn.Module):
     :class:`DirectMethod` (making volumes itself) and register it with ``methods.registry.register``.
 
     ``condition_channels`` maps each condition modality of the task to its channel count;
-    ``config`` is this method's section of the profile (``profile.methods.<name>``), where
-    every width and size lives. A method may instead declare the settings it takes, with their defaults,
-    in ``settings`` (a plugin's way: the shipped profiles have no section for it); the profile's section,
-    if any, and ``--override methods.<name>.<key>=value`` then set those keys and no others.
+    ``config`` is this method's section of the profile (``profile.methods.<name>``). ``Settings`` is
+    the dataclass of the settings the method takes, one typed field per key of that section; the
+    method reads them built from it as ``self.settings`` (:func:`build_settings`). A built-in method's
+    fields have no defaults (their values live in the profiles); a plugin's may have them, so that it
+    runs without a section, and ``--override methods.<name>.<key>=value`` still reaches them.
     ``family`` is the kind of method (``datasets.tasks``: a task takes some families); ``tasks`` (set
     by ``register``) narrows it to named tasks, or is None.
 
@@ -178,36 +236,19 @@ class BaseMethod(nn.Module):
     family: ClassVar[str] = "generation"
     tasks: ClassVar[tuple[str, ...] | None] = None
     uses_base_model: ClassVar[bool] = True
-    # The settings the method takes and their defaults, e.g. {"width": 16}; empty: all from the profile.
-    settings: ClassVar[Mapping[str, Any]] = {}
+    Settings: ClassVar[type] = NoSettings  # a dataclass: the settings the method takes
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__()
         # A list keeps the frozen model out of this module's parameters and state_dict.
         self._base_ref = [base]
         self.condition_channels = dict(condition_channels)
-        if self.settings:
-            unknown = sorted(set(config) - set(self.settings))
-            if unknown:
-                name = self.name or type(self).__name__
-                raise MethodError(f"method '{name}' has no setting {', '.join(map(repr, unknown))}; it takes: "
-                                  f"{', '.join(sorted(self.settings))}; fix the profile's methods.{name} section")
-        # The profile's values over the declared defaults (copied: a default may be a list).
-        self.config = {**copy.deepcopy(dict(self.settings)), **dict(config)}
+        self.settings = build_settings(self.Settings, config, self.name or type(self).__name__)
         self.generate_info: dict[str, Any] = {}
 
     @property
     def base(self) -> FrozenLDM:
         return self._base_ref[0]
-
-    def setting(self, key: str) -> Any:
-        """``methods.<name>.<key>`` of the profile, or its default in ``settings``. A built-in method
-        declares none: its settings live in the profile and a missing one is an error that names it."""
-        if key in self.config:
-            return self.config[key]
-        name = self.name or type(self).__name__
-        raise MethodError(f"method '{name}' needs the setting 'methods.{name}.{key}' in the profile; add it to the "
-                          f"profile's methods.{name} section (it has: {', '.join(sorted(self.config)) or 'nothing'})")
 
     @classmethod
     def supports(cls, task: Any) -> bool:
@@ -304,7 +345,7 @@ class Method(BaseMethod):
 class DirectMethod(BaseMethod):
     """A method that makes volumes itself instead of steering the frozen model's sampler
     (super-resolution baselines such as LIIF-3D, InverseSR, interpolation): define ``generate`` and,
-    if it trains, ``fit`` (the default trains nothing). It takes its own sizes from ``self.config``
+    if it trains, ``fit`` (the default trains nothing). It takes its own sizes from ``self.settings``
     and may use ``engine.settings.checkpoint_every``, ``engine.run_dir``, ``engine.seed`` and
     ``engine.progress``; a super-resolution method sets ``family = "super_resolution"``.
     """

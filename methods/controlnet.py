@@ -10,22 +10,20 @@ every skip feature and on the middle block. Its residuals go into the frozen UNe
 (``base.unet_input(z_t, scalars)``: latent + scalars broadcast over space). Conditions of
 every modality are concatenated along channels (a dropped modality is zero) into the hint.
 
-``cross_attention`` (default ``false``): whether the copy keeps the UNet's cross-attention
-on the scalars. The VCM authors' port left it out: MONAI's ControlNet with
-``with_conditioning=False`` (plain self-attention blocks at the UNet's attention levels) is
-what Table 5's 193.88M counts — 193.90M here at the paper profile, against 230.68M with the
-cross-attention transformer blocks. Their ``models/ControlNet.py`` (Ahn-Ssu/VCM) defaults to
-``with_conditioning=False`` and their configs add it only for BrainLDM itself; their
-ControlNet training script is not published, so the parameter count is the evidence. Without it, the self-attention blocks
-have no counterpart in the frozen UNet and start from MONAI's initialisation; everything
-else (input conv, time embedding, residual blocks, group norms) is copied. With
-``cross_attention: true`` the copy is complete and gets the scalars as context too.
+``cross_attention``: whether the copy keeps the UNet's cross-attention on the scalars. The VCM
+authors' port left it out (``false``): MONAI's ControlNet with ``with_conditioning=False`` (plain
+self-attention blocks at the UNet's attention levels) is what Table 5 counts (the evidence:
+``docs/METHODS.md``, "ControlNet"). Without it, the self-attention blocks have no counterpart in
+the frozen UNet and start from MONAI's initialisation; everything else (input conv, time
+embedding, residual blocks, group norms) is copied. With ``cross_attention: true`` the copy is
+complete and gets the scalars as context too.
 
 At initialisation every residual is zero, so the method predicts exactly what the frozen
 model does.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -36,12 +34,20 @@ from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
 
+@dataclass(frozen=True)
+class ControlNetSettings:
+    hint_channels: list[int]   # input-hint encoder widths: one more than the autoencoder's stride-2 stages
+    cross_attention: bool      # the copy keeps the UNet's cross-attention on the scalars (the authors': false)
+
+
 @register("controlnet")
 class ControlNet(Method):
+    Settings = ControlNetSettings
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        hint = [int(c) for c in self.setting("hint_channels")]
-        self.cross_attention = bool(self.setting("cross_attention"))
+        hint = self.settings.hint_channels
+        self.cross_attention = self.settings.cross_attention
         need = downsampling_levels(base.compression, "controlnet")
         if len(hint) - 1 != need:
             raise MethodError(

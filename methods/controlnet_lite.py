@@ -16,11 +16,11 @@ Multimodal: the modalities are concatenated along channels into the single hint 
 authors' class takes one ``conditioning_embedding_in_channels`` input); a dropped modality arrives
 as zeros.
 
-Profile keys (``methods.controlnet_lite``): ``hint_channels`` - widths of the input-hint encoder,
-one more entry than the number of 2x downsamplings of the autoencoder (paper: 16, 32, 96, 256).
+Settings: :class:`LiteSettings` (``methods.controlnet_lite``; paper: ``hint_channels`` 16, 32, 96, 256).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -30,9 +30,15 @@ from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import register
 
 
+@dataclass(frozen=True)
+class LiteSettings:
+    hint_channels: list[int]   # input-hint encoder widths: one more than the autoencoder's stride-2 stages
+
+
 class LiteControlNetMethod(Method):
     """Shared by ControlNet-LITE and ControlNet-MLP; ``kernel_size`` picks the variant."""
 
+    Settings = LiteSettings
     kernel_size: ClassVar[int] = 3
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
@@ -40,7 +46,7 @@ class LiteControlNetMethod(Method):
         self.net = LiteControlNet3D(
             unet_layout(base.diffusion_config),
             condition_channels=sum(self.condition_channels.values()),
-            hint_channels=[int(c) for c in self.setting("hint_channels")],
+            hint_channels=self.settings.hint_channels,
             compression=base.compression,
             kernel_size=self.kernel_size,
             method=self.name,

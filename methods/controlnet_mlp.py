@@ -8,7 +8,7 @@ resnet of each encoder level of the frozen UNet, 2x2x2 average pooling between l
 middle block; zero 1x1x1 convolutions feed MONAI's additional-residual inputs, so the controlled
 model starts equal to the frozen one. Multimodal: channel concatenation into the hint encoder.
 
-Profile keys (``methods.controlnet_mlp``): ``hint_channels`` (paper: 16, 32, 96, 256).
+Settings: ControlNet-LITE's :class:`methods.controlnet_lite.LiteSettings` (``methods.controlnet_mlp``).
 """
 from __future__ import annotations
 

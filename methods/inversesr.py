@@ -11,7 +11,7 @@ volume (the kept slices, read off the condition). The result is ``decode(z*)``.
 
 Choices where the paper or this suite leave room:
 
-- **Start** (``init``): ``mean_latent`` (default), as the authors' decoder runs
+- **Start** (``init``): ``mean_latent``, as the authors' decoder runs
   (``--mean_latent_vector``: the mean of latents sampled from the LDM, 100,000 at the paper).
   Here: the mean of ``init_samples`` latents DDIM-sampled (``init_ddim_steps`` steps) from the
   frozen base model at the scalars of the run's training subjects, computed once in ``fit``
@@ -34,6 +34,7 @@ Choices where the paper or this suite leave room:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -56,26 +57,36 @@ def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
+@dataclass(frozen=True)
+class InverseSRSettings:
+    init: str                  # the start: mean_latent (the authors'), zeros or encode
+    init_samples: int          # latents DDIM-sampled for the mean latent (the authors: 100,000)
+    init_ddim_steps: int       # DDIM steps of each of those samples
+    init_batch_size: int       # latents sampled together
+    steps: int                 # Adam steps per test volume (the authors: 601)
+    lr: float                  # Adam learning rate (the authors: 7e-2)
+    perceptual_weight: float   # weight of the image-gradient L1 beside the plain L1 (0: plain L1)
+    batch_size: int            # test volumes optimised together (memory: the decoder runs with gradients)
+
+
 @register("inversesr")
 class InverseSR(DirectMethod):
     family = SUPER_RESOLUTION
     uses_base_model = True
+    Settings = InverseSRSettings
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        self.init = str(self.setting("init"))
+        self.init = self.settings.init
         if self.init not in INITS:
             raise MethodError(f"methods.inversesr.init must be one of {', '.join(INITS)}, got '{self.init}'")
         self.factor: int | None = None
         self.register_buffer("mean_latent", torch.zeros(tuple(base.latent_shape)), persistent=True)
 
-
     # ---- the start -----------------------------------------------------------------------------
     @torch.no_grad()
     def _sample_mean_latent(self, train_subjects, seed: int, progress: bool) -> torch.Tensor:
-        n = int(self.setting("init_samples"))
-        steps = int(self.setting("init_ddim_steps"))
-        batch = int(self.setting("init_batch_size"))
+        n, steps, batch = self.settings.init_samples, self.settings.init_ddim_steps, self.settings.init_batch_size
         device = module_device(self, self.base)
         scalars = np.stack([s.scalars for s in train_subjects]).astype(np.float32)
         generator = torch.Generator().manual_seed(int(seed) * 7919 + 0x5E)
@@ -117,7 +128,7 @@ class InverseSR(DirectMethod):
         """Per-volume loss (B,) of latents ``z`` against low-resolution volumes ``target``."""
         degraded = kept_slices(self.base.decode(z), self.factor)
         loss = (degraded - target).abs().flatten(1).mean(1)
-        weight = float(self.setting("perceptual_weight"))
+        weight = self.settings.perceptual_weight
         if weight:
             loss = loss + weight * gradient_l1(degraded, target)
         return loss
@@ -128,11 +139,11 @@ class InverseSR(DirectMethod):
             raise MethodError("inversesr: call fit(...) with a super-resolution task before generate (it sets the factor K)")
         device = module_device(self, self.base)
         condition = low_res_condition(conditions, self.name).float().to(device)
-        per_call = max(1, int(self.setting("batch_size")))  # memory: the decoder runs with gradients
+        per_call = max(1, self.settings.batch_size)  # memory: the decoder runs with gradients
         return torch.cat([self._invert(condition[i:i + per_call]) for i in range(0, condition.shape[0], per_call)])
 
     def _invert(self, condition: torch.Tensor) -> torch.Tensor:
-        steps, lr = int(self.setting("steps")), float(self.setting("lr"))
+        steps, lr = self.settings.steps, self.settings.lr
         target = kept_slices(condition, self.factor)
         z = self.start(condition).detach().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=lr, betas=(0.9, 0.999))

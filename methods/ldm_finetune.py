@@ -6,16 +6,15 @@ space) followed by the conditions brought to the latent grid. The copy keeps the
 cross-attention context. The new input weights start at zero, so at step 0 the method
 predicts exactly what the frozen model does; then the whole UNet is trained.
 
-Conditions reach the latent grid without parameters, by ``condition_downsample`` (default
-``area``: each latent voxel gets the mean of its compression^3 footprint — a mask becomes
-the fraction it covers, an image its mean intensity). The paper does not say how; its
-553.19M (vs the UNet's 553.17M) leaves room for ~3 extra input channels, i.e. a
-low-channel condition at the latent grid, which rules out pixel-unshuffle (64 or 512
-channels per condition channel).
+Conditions reach the latent grid without parameters, by ``condition_downsample`` (``area``:
+each latent voxel gets the mean of its compression^3 footprint — a mask becomes the fraction it
+covers, an image its mean intensity). The paper does not say how; why not pixel-unshuffle:
+``docs/METHODS.md``, "Fine-tuned and scratch LDM".
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -30,11 +29,18 @@ def conditions_on_latent_grid(conditions: Conditions, latent_grid, mode: str, li
     return to_latent_grid(conditions.stacked().to(dtype=like.dtype), latent_grid, mode)
 
 
+@dataclass(frozen=True)
+class LDMFinetuneSettings:
+    condition_downsample: str   # how conditions reach the latent grid (methods._blocks.to_latent_grid)
+
+
 @register("ldm_finetune")
 class LDMFinetune(Method):
+    Settings = LDMFinetuneSettings
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        self.downsample = str(self.setting("condition_downsample"))
+        self.downsample = self.settings.condition_downsample
         to_latent_grid(torch.zeros(1, 1, 2, 2, 2), (1, 1, 1), self.downsample)  # fail early on a bad mode
         extra = sum(self.condition_channels.values())
         self.unet = copy.deepcopy(base.diffusion)

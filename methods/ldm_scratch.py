@@ -4,18 +4,17 @@ BrainLDM's UNet architecture, randomly initialised and trained on the N pairs on
 the conditions put directly into its input: the latent, the four scalars broadcast over
 space (as BrainLDM does) and the conditions brought to the latent grid, concatenated.
 
-``cross_attention`` (default ``false``): Dorjsembe et al.'s conditional DDPM has no
-cross-attention, its conditions enter by concatenation only, and the VCM authors' scratch
-LDM follows it — MONAI's UNet with ``with_conditioning=False`` (plain self-attention blocks
-at the attention levels) is exactly what Table 5's 475.43M counts (475.42M here with the
-LV mask; BrainLDM's UNet with its cross-attention transformer blocks is 553.17M). With
+``cross_attention``: Dorjsembe et al.'s conditional DDPM has no cross-attention (``false``),
+its conditions enter by concatenation only, and the VCM authors' scratch LDM follows it — MONAI's
+UNet with ``with_conditioning=False`` (plain self-attention blocks at the attention levels) is
+exactly what Table 5 counts (``docs/METHODS.md``, "Fine-tuned and scratch LDM"). With
 ``cross_attention: true`` the scalars also go in as cross-attention context.
 
-Conditions reach the latent grid by ``condition_downsample`` (default ``area``, see
-``methods.ldm_finetune``).
+Conditions reach the latent grid by ``condition_downsample`` (see ``methods.ldm_finetune``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -27,13 +26,21 @@ from methods.ldm_finetune import conditions_on_latent_grid
 from methods.registry import register
 
 
+@dataclass(frozen=True)
+class LDMScratchSettings:
+    condition_downsample: str   # how conditions reach the latent grid (methods._blocks.to_latent_grid)
+    cross_attention: bool       # the scalars also as cross-attention context (Dorjsembe et al.: false)
+
+
 @register("ldm_scratch")
 class LDMScratch(Method):
+    Settings = LDMScratchSettings
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-        self.downsample = str(self.setting("condition_downsample"))
+        self.downsample = self.settings.condition_downsample
         to_latent_grid(torch.zeros(1, 1, 2, 2, 2), (1, 1, 1), self.downsample)  # fail early on a bad mode
-        self.cross_attention = bool(self.setting("cross_attention"))
+        self.cross_attention = self.settings.cross_attention
         kwargs = unet_kwargs(base.diffusion_config, DiffusionModelUNet, self.cross_attention)
         kwargs["in_channels"] = int(kwargs["in_channels"]) + sum(self.condition_channels.values())
         self.unet = DiffusionModelUNet(**kwargs)

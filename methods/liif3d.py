@@ -37,7 +37,7 @@ is), ``patch_size[:2]`` in X and Y; ``queries`` random voxels of the full-resolu
 it (``ceil(patch_size[2] * s)`` slices: every kept slice and the slices after it, as in the task)
 are the targets. Values are scaled to [-1, 1]; L1 loss; Adam; the learning rate halves at
 ``lr_milestones`` (fractions of the steps; LIIF: epochs 200, 400, 600, 800 of 1000). Checkpoints
-every ``settings.checkpoint_every`` steps in the run folder; an interrupted run resumes.
+every ``engine.settings.checkpoint_every`` steps in the run folder; an interrupted run resumes.
 
 Inference at xK: the kept slices of the condition (``condition[..., ::K]``) are encoded once and
 every voxel of the full grid is queried, ``query_chunk`` at a time.
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -107,23 +108,40 @@ def resample_slices(volume: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     return volume[..., lo] * (1 - w) + volume[..., hi] * w
 
 
+@dataclass(frozen=True)
+class LIIF3DSettings:
+    feat_unfold: bool          # the decoder sees the 3x3x3 neighbourhood of the cell's features
+    local_ensemble: bool       # area-weighted mean over the 8 surrounding cells (false: nearest cell)
+    cell_decode: bool          # the decoder also gets the queried voxel's size
+    res_scale: float           # residual scale of the encoder's blocks
+    encoder_channels: int      # encoder width (LIIF: 64)
+    encoder_blocks: int        # encoder residual blocks (LIIF: 16)
+    mlp_hidden: list[int]      # decoder MLP widths (LIIF: 4 x 256)
+    steps: int                 # training steps
+    batch_size: int            # patches per step
+    lr: float                  # Adam learning rate, halved at each milestone
+    lr_milestones: list[float]  # fractions of the steps where the learning rate halves
+    patch_size: list[int]      # low-resolution patch (X, Y, slices)
+    queries: int               # full-resolution voxels queried per patch
+    scale_min: float           # smallest training scale s (at least 1)
+    scale_max: float           # largest training scale s (B.3: 4)
+    query_chunk: int           # voxels queried at a time at inference (memory)
+
+
 @register("liif3d")
 class LIIF3D(DirectMethod):
     family = SUPER_RESOLUTION
+    Settings = LIIF3DSettings
 
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-
-
-        channels = int(self.setting("encoder_channels"))
-        blocks = int(self.setting("encoder_blocks"))
-        hidden = [int(h) for h in self.setting("mlp_hidden")]
-        self.feat_unfold = bool(self.setting("feat_unfold"))
-        self.local_ensemble = bool(self.setting("local_ensemble"))
-        self.cell_decode = bool(self.setting("cell_decode"))
-        self.encoder = EDSR3d(channels, blocks, float(self.setting("res_scale")))
-        in_dim = channels * (27 if self.feat_unfold else 1) + 3 + (3 if self.cell_decode else 0)
-        self.imnet = _mlp(in_dim, hidden, 1)
+        s = self.settings
+        self.feat_unfold = s.feat_unfold
+        self.local_ensemble = s.local_ensemble
+        self.cell_decode = s.cell_decode
+        self.encoder = EDSR3d(s.encoder_channels, s.encoder_blocks, s.res_scale)
+        in_dim = s.encoder_channels * (27 if self.feat_unfold else 1) + 3 + (3 if self.cell_decode else 0)
+        self.imnet = _mlp(in_dim, s.mlp_hidden, 1)
         self.factor: int | None = None
 
     # ---- the implicit function -------------------------------------------------------------
@@ -194,15 +212,12 @@ class LIIF3D(DirectMethod):
     # ---- training ----------------------------------------------------------------------------
     def fit(self, train_subjects, task, engine) -> dict[str, Any]:
         self.factor = sr_factor(task)
-        settings, run_dir, seed, progress = engine.settings, engine.run_dir, engine.seed, engine.progress
-
-
-        steps, batch, lr = int(self.setting("steps")), int(self.setting("batch_size")), float(self.setting("lr"))
-        patch = [int(p) for p in self.setting("patch_size")]
-        n_queries = int(self.setting("queries"))
-        s_min, s_max = float(self.setting("scale_min")), float(self.setting("scale_max"))
-        milestones = [int(round(f * steps)) for f in self.setting("lr_milestones")]
-        every = int(getattr(settings, "checkpoint_every", 0) or 0) or None  # None: at the end only
+        run_dir, seed, progress = engine.run_dir, engine.seed, engine.progress
+        settings = self.settings
+        steps, batch, lr, patch = settings.steps, settings.batch_size, settings.lr, settings.patch_size
+        n_queries, s_min, s_max = settings.queries, settings.scale_min, settings.scale_max
+        milestones = [int(round(f * steps)) for f in settings.lr_milestones]
+        every = int(getattr(engine.settings, "checkpoint_every", 0) or 0) or None  # None: at the end only
         if not train_subjects:
             raise MethodError("liif3d needs at least one training volume")
         if len(patch) != 3 or min(patch) < 1 or not 1.0 <= s_min <= s_max:
@@ -262,7 +277,7 @@ class LIIF3D(DirectMethod):
     @torch.no_grad()
     def super_resolve(self, low_res: torch.Tensor, factor: int, shape: Sequence[int]) -> torch.Tensor:
         """Full-grid volumes (B, 1, *shape) in [0, 1] from low-resolution ones (B, 1, X, Y, Zl)."""
-        chunk = int(self.setting("query_chunk"))
+        chunk = self.settings.query_chunk
         X, Y, Z = (int(s) for s in shape)
         grid = torch.stack(torch.meshgrid(torch.arange(X), torch.arange(Y), torch.arange(Z), indexing="ij"),
                            dim=-1).reshape(-1, 3).float().to(low_res.device)

@@ -20,7 +20,7 @@ Network
     that network with the condition resized to the latent grid instead of encoded from image
     resolution. Their ``mlp_gamma`` / ``mlp_beta`` are MONAI ``Convolution`` blocks with
     ``act=None`` and the default ``norm``, i.e. followed by a parameter-free InstanceNorm:
-    ``head_norm: instance`` (default) does the same, ``none`` gives SPADE's plain convolutions
+    ``head_norm: instance`` does the same, ``none`` gives SPADE's plain convolutions
     (``methods._modulation``).
 
 Loss
@@ -34,15 +34,9 @@ Multimodal
     applies the drop).
 
 Sizes
-    MCM's published U-Net has 32 base channels, multipliers (1, 1, 2, 4), two residual blocks per
-    level and attention at resolution 16 of a 64x64 latent. A 20x28x20 latent (paper) takes only
-    three resolution levels (5x7x5 does not halve again), so the ``paper`` profile uses
-    32 x (1, 2, 4) = (32, 64, 128), two residual blocks, attention at the last two levels (the
-    pattern of BrainLDM's UNet), ``hidden`` 64 and ``head_channels`` 128 as in the VCM authors'
-    heads: 11.4518M parameters for the LV task, Table 5's MCM figure (11.45M) to the last digit.
-    (Attention at the last level only, MCM's "16 of 64", would give 11.37M; (1, 1, 2) 3.35M.)
-    ``mcm_l`` widens the same network to VCM's time-U-Net widths (64, 128, 256): 44.92M at
-    ``paper`` against VCM's 45.88M.
+    The ``paper`` profile fits MCM's published U-Net to a 20x28x20 latent (three levels);
+    ``mcm_l`` widens it to VCM's time-U-Net widths. How, and the parameter counts against
+    Table 5: ``docs/METHODS.md``, "MCM and MCM-L".
 
 Initialisation
     As for VCM (see ``methods.vcm``): the gamma/beta convolutions keep PyTorch's default
@@ -50,14 +44,12 @@ Initialisation
     zero-initialised by MONAI); ``zero_init_heads: true`` zeroes them so that the method starts
     exactly as the frozen model, at the price of a very slow start.
 
-Profile keys (``methods.mcm`` / ``methods.mcm_l``): ``channels``, ``attention_levels``,
-``num_res_blocks``, ``norm_num_groups``, ``hidden``, ``head_channels``; optional ``l1_weight``
-(1.0), ``l1_mode`` (``paper``), ``head_norm`` (``instance``), ``zero_init_heads`` (false),
-``condition_resize`` (``area``). Attention blocks have one head
-(head width = the level's width), as BrainLDM's and VCM's.
+Settings: :class:`MCMSettings` (``methods.mcm`` / ``methods.mcm_l``). Attention blocks have one
+head (head width = the level's width), as BrainLDM's and VCM's.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -72,41 +64,53 @@ from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
 
+@dataclass(frozen=True)
+class MCMSettings:
+    l1_weight: float               # scales the L1 penalty on gamma and beta (the paper: 1; 0: none)
+    l1_mode: str                   # lambda: paper (1/lambda = B C x y z) or script (B z x y z)
+    condition_resize: str          # how conditions reach the latent grid (methods._blocks.to_latent_grid)
+    channels: list[int]            # U-Net width per level
+    attention_levels: list[bool]   # self-attention at each level (the middle block always has it)
+    num_res_blocks: int            # residual blocks per level
+    norm_num_groups: int           # GroupNorm groups (divides every width)
+    hidden: int                    # channels of the U-Net's output, into the heads
+    head_channels: int             # width of the heads' shared convolution
+    zero_init_heads: bool          # zero the gamma/beta convolutions: start exactly as the frozen model
+    head_norm: str                 # instance (the VCM authors' heads) or none (SPADE's plain convolutions)
+
+
 class MCMNet(nn.Module):
     """MCM's modulation network: time-conditioned U-Net + SPADE-style gamma/beta heads."""
 
-    def __init__(self, in_channels: int, latent_channels: int, channels, attention_levels, num_res_blocks: int,
-                 norm_num_groups: int, hidden: int, head_channels: int, zero_init_heads: bool, method: str,
-                 head_norm: str = "instance"):
+    def __init__(self, in_channels: int, latent_channels: int, s: MCMSettings, method: str):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        attention_levels = tuple(bool(a) for a in attention_levels)
-        if len(attention_levels) != len(channels):
+        channels = tuple(s.channels)
+        if len(s.attention_levels) != len(channels):
             raise MethodError(
-                f"methods.{method}.attention_levels {list(attention_levels)} must have one entry per "
+                f"methods.{method}.attention_levels {s.attention_levels} must have one entry per "
                 f"level of channels {list(channels)}"
             )
-        if any(c % norm_num_groups for c in channels):
+        if any(c % s.norm_num_groups for c in channels):
             raise MethodError(
                 f"methods.{method}: widths {list(channels)} must be multiples of norm_num_groups "
-                f"{norm_num_groups}; fix them in the profile"
+                f"{s.norm_num_groups}; fix them in the profile"
             )
         self.unet = DiffusionModelUNet(
             spatial_dims=3,
             in_channels=in_channels,
-            out_channels=hidden,
+            out_channels=s.hidden,
             channels=channels,
-            attention_levels=attention_levels,
-            num_res_blocks=num_res_blocks,
+            attention_levels=tuple(s.attention_levels),
+            num_res_blocks=s.num_res_blocks,
             num_head_channels=channels,   # one head wherever there is attention (the mid block always has it)
-            norm_num_groups=norm_num_groups,
+            norm_num_groups=s.norm_num_groups,
             norm_eps=1e-6,
             resblock_updown=True,
             with_conditioning=False,      # time only: MCM does not see the base model's scalars
             upcast_attention=True,
         )
-        self.heads = ModulationHeads(hidden, head_channels, latent_channels, norm=head_norm,
-                                     zero_init=zero_init_heads)
+        self.heads = ModulationHeads(s.hidden, s.head_channels, latent_channels, norm=s.head_norm,
+                                     zero_init=s.zero_init_heads)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.unet(x, timesteps=t))
@@ -115,29 +119,17 @@ class MCMNet(nn.Module):
 class MCMMethod(Method):
     """Shared by ``mcm`` and ``mcm_l``; they differ only in their profile section."""
 
+    Settings = MCMSettings
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-
-
         if not self.condition_channels:
             raise MethodError(f"method '{self.name}' needs at least one condition modality")
         latent_c = int(base.latent_shape[0])
-        self.l1_weight = float(self.setting("l1_weight"))
-        self.l1_mode = check_choice(self.setting("l1_mode"), L1_MODES, f"methods.{self.name}.l1_mode")
-        self.resize = str(self.setting("condition_resize"))
-        self.net = MCMNet(
-            in_channels=2 * latent_c + sum(self.condition_channels.values()),
-            latent_channels=latent_c,
-            channels=self.setting("channels"),
-            attention_levels=self.setting("attention_levels"),
-            num_res_blocks=int(self.setting("num_res_blocks")),
-            norm_num_groups=int(self.setting("norm_num_groups")),
-            hidden=int(self.setting("hidden")),
-            head_channels=int(self.setting("head_channels")),
-            zero_init_heads=bool(self.setting("zero_init_heads")),
-            method=self.name,
-            head_norm=self.setting("head_norm"),
-        )
+        self.l1_weight = self.settings.l1_weight
+        self.l1_mode = check_choice(self.settings.l1_mode, L1_MODES, f"methods.{self.name}.l1_mode")
+        self.resize = self.settings.condition_resize
+        self.net = MCMNet(2 * latent_c + sum(self.condition_channels.values()), latent_c, self.settings, self.name)
 
     def _forward(self, z_t, t, conditions, scalars):
         with torch.no_grad():

@@ -9,12 +9,13 @@ A user's own module is imported with ``load_plugin("my_module")`` (``--plugin my
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-from methods.base import BaseMethod, MethodError  # noqa: F401  (MethodError: re-exported for callers)
+from methods.base import BaseMethod, MethodError, build_settings
 
 _REGISTRY: dict[str, type[BaseMethod]] = {}
 
@@ -30,6 +31,9 @@ def register(name: str, tasks: tuple[str, ...] | None = None) -> Callable[[type[
             raise MethodError(f"a method named '{name}' is already registered ({_REGISTRY[name].__module__})")
         if isinstance(tasks, str):
             raise MethodError(f"@register('{name}', tasks=...) takes a tuple of task names, got the string '{tasks}'")
+        if not dataclasses.is_dataclass(cls.Settings) or "settings" in vars(cls):  # or the old dict form
+            raise MethodError(f"method '{name}' must declare its settings as a dataclass in the class attribute "
+                              "Settings (README, Adding a method)")
         cls.name = name
         cls.tasks = None if tasks is None else tuple(tasks)
         _REGISTRY[name] = cls
@@ -48,11 +52,19 @@ def known_methods() -> list[str]:
 
 
 def declared_settings(name: str) -> dict:
-    """The settings registered method ``name`` declares with their defaults (``BaseMethod.settings``);
-    empty when it declares none (its settings live in the profile) or no method has that name."""
+    """The settings of registered method ``name`` that have a default in its ``Settings``, with that
+    default; empty when none has (a built-in's live in the profile) or no method has that name."""
     _load_builtins()
     cls = _REGISTRY.get(name)
-    return dict(cls.settings) if cls is not None else {}
+    fields = dataclasses.fields(cls.Settings) if cls is not None else ()
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory() for f in fields}
+    return {key: value for key, value in defaults.items() if value is not dataclasses.MISSING}
+
+
+def method_settings(name: str, section: Mapping[str, Any]) -> Any:
+    """Method ``name``'s ``Settings`` built from its profile section ``section`` (``methods.<name>``);
+    a MethodError names an unknown, missing or mistyped key."""
+    return build_settings(get_method(name).Settings, section, name)
 
 
 def _task(task):

@@ -26,23 +26,19 @@ Injection (how T2I-Adapter's per-level features map onto MONAI's UNet)
     Gradients flow through the frozen UNet (its parameters do not require grad) to the adapter.
 
 Multimodal
-    ``multimodal: concat`` (default): the modalities are concatenated along channels before the
+    ``multimodal: concat``: the modalities are concatenated along channels before the
     pixel-unshuffle into one adapter (the port's single ``cin`` input), a dropped modality arriving
     as zeros. ``multimodal: compose``: T2I-Adapter's own composition of conditions, one adapter per
     modality and the features summed, each adapter's features multiplied by its modality's
     presence flag (a dropped modality contributes nothing); this doubles the parameters.
 
-Profile keys (``methods.t2i_adapter``): ``num_res_blocks`` (residual blocks per level),
-``multimodal`` (``concat`` | ``compose``). The widths are the frozen UNet's.
-
-Size note: the port's default ``nums_rb=3`` gives 223-227M parameters at BrainLDM's widths, half
-of Table 5's 447.26M. Six blocks per level reproduce Table 5 (447.26M to the last digit with a
-192-channel input; 449.47M with our 512-channel LV input at compression 8), so the ``paper``
-profile uses 6. The smaller profiles use 4, which keeps the paper's adapter/UNet ratio (~81%)
-with their base UNet of one resnet per level (BrainLDM has two).
+Settings: :class:`T2IAdapterSettings` (``methods.t2i_adapter``). The widths are the frozen UNet's.
+Why ``num_res_blocks`` is 6 at ``paper`` (the port's 3 gives half of Table 5) and 4 in the smaller
+profiles: ``docs/METHODS.md``, "T2I-Adapter".
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -95,16 +91,24 @@ class Adapter3D(nn.Module):
         return features
 
 
+@dataclass(frozen=True)
+class T2IAdapterSettings:
+    num_res_blocks: int   # residual blocks per level of the adapter
+    multimodal: str       # concat (one adapter on all modalities) or compose (one per modality, summed)
+
+
 @register("t2i_adapter")
 class T2IAdapter(Method):
+    Settings = T2IAdapterSettings
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
         layout = unet_layout(base.diffusion_config)
         self.factor = int(base.compression)
-        nrb = int(self.setting("num_res_blocks"))
+        nrb = self.settings.num_res_blocks
         if nrb < 1:
             raise MethodError(f"t2i_adapter.num_res_blocks must be at least 1, got {nrb}")
-        self.mode = str(self.setting("multimodal"))
+        self.mode = self.settings.multimodal
         if self.mode not in ("concat", "compose"):
             raise MethodError(
                 f"t2i_adapter.multimodal must be 'concat' or 'compose', got '{self.mode}'"

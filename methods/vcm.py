@@ -21,16 +21,15 @@ than its decoder: at the paper, base channels 16 with multipliers (1, 2, 3, 4, 8
 
 The prediction is ``eps * (1 + gamma_t) + beta_t``; the loss adds
 ``lambda * (|gamma_t|_1 + |beta_t|_1)`` with ``1 / lambda`` the element count of the latent
-batch (paper: 16 x 3 x 20 x 28 x 20), times ``l1_weight`` (default 1, the paper).
+batch (paper: 16 x 3 x 20 x 28 x 20), times ``l1_weight`` (1 in the paper).
 
 Multimodal: one condition encoder per modality ("separate asymmetric parts of the encoder
 for each condition while keeping the number of parameters", B.2), each with the widths
 divided by the number of modalities, so that the encoded conditions concatenated have the
-single-condition width and the total stays that of the single-condition VCM (44.94M vs
-45.22M at the paper profile); a dropped modality's encoding is multiplied by its present
-flag (zero). The authors' code has no multimodal VCM. ``split_encoder_width: false`` gives
-every modality a full-width encoder instead (45.85M with two modalities — incidentally the
-closest match to Table 5's 45.88M, whose single-condition configuration counts 45.22M).
+single-condition width and the total stays that of the single-condition VCM; a dropped
+modality's encoding is multiplied by its present flag (zero). The authors' code has no
+multimodal VCM. ``split_encoder_width: false`` gives every modality a full-width encoder
+instead. Parameter counts of both against Table 5: ``docs/METHODS.md``, "VCM".
 
 Heads and penalty (``methods._modulation``): ``head_norm`` ``instance`` (the authors' code: a
 parameter-free InstanceNorm after each of the gamma/beta convolutions) or ``none``; ``l1_mode``
@@ -41,10 +40,11 @@ Initialisation: as the authors' code, the gamma/beta convolutions keep PyTorch's
 initialisation. ``zero_init_heads: true`` zeroes them, so that VCM starts exactly as the frozen
 model; but then every path to the frozen prediction starts at zero (output convolution, heads), the
 gradient reaches the U-Net only after the heads have grown, and training barely moves off the
-identity in short budgets (measured at smoke: head weights ~1e-3 after 60 steps).
+identity in short budgets (``docs/METHODS.md``, "VCM").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -58,72 +58,82 @@ from methods.base import Conditions, FrozenLDM, Method
 from methods.registry import MethodError, register
 
 
+@dataclass(frozen=True)
+class VCMSettings:
+    encoder_channels: list[int]    # condition-encoder width per stride-2 stage (log2 of the compression)
+    unet_channels: list[int]       # time-U-Net width per level; its output has the first width
+    num_res_blocks: int            # residual blocks per level, in the encoder and the U-Net
+    attention_levels: list[bool]   # self-attention at each U-Net level (the middle block always has it)
+    encoder_norm_groups: int       # GroupNorm groups of the condition encoder
+    unet_norm_groups: int          # GroupNorm groups of the U-Net (divides every width)
+    head_hidden: int               # width of the heads' shared convolution
+    zero_init_heads: bool          # zero the gamma/beta convolutions: start exactly as the frozen model
+    split_encoder_width: bool      # multimodal: divide the encoder widths by the number of modalities
+    l1_weight: float               # scales the L1 penalty on gamma and beta (the paper: 1; 0: none)
+    l1_mode: str                   # lambda: paper (1/lambda = B C x y z) or script (B z x y z)
+    head_norm: str                 # instance (the authors' code) or none (SPADE's plain convolutions)
+
+
 @register("vcm")
 class VCM(Method):
+    Settings = VCMSettings
+
     def __init__(self, base: FrozenLDM, condition_channels: Mapping[str, int], config: Mapping[str, Any]):
         super().__init__(base, condition_channels, config)
-
-
-        enc_channels = [int(c) for c in self.setting("encoder_channels")]
-        unet_channels = tuple(int(c) for c in self.setting("unet_channels"))
-        num_res_blocks = int(self.setting("num_res_blocks"))
-        attention = [bool(a) for a in self.setting("attention_levels")]
-        enc_groups = int(self.setting("encoder_norm_groups"))
-        unet_groups = int(self.setting("unet_norm_groups"))
-        head_hidden = int(self.setting("head_hidden"))
-        zero_heads = bool(self.setting("zero_init_heads"))
-        split_width = bool(self.setting("split_encoder_width"))
-        self.l1_weight = float(self.setting("l1_weight"))  # 1: lambda as l1_mode says; 0: no sparsity penalty
-        self.l1_mode = check_choice(self.setting("l1_mode"), L1_MODES, "methods.vcm.l1_mode")
+        s = self.settings
+        unet_channels = tuple(s.unet_channels)
+        self.l1_weight = s.l1_weight
+        self.l1_mode = check_choice(s.l1_mode, L1_MODES, "methods.vcm.l1_mode")
 
         levels = downsampling_levels(base.compression, "vcm")
-        if len(enc_channels) != levels:
+        if len(s.encoder_channels) != levels:
             raise MethodError(
-                f"methods.vcm.encoder_channels {enc_channels} has {len(enc_channels)} levels, but the autoencoder "
-                f"compresses by {base.compression}: give {levels} widths (one per stride-2 stage)"
+                f"methods.vcm.encoder_channels {s.encoder_channels} has {len(s.encoder_channels)} levels, but the "
+                f"autoencoder compresses by {base.compression}: give {levels} widths (one per stride-2 stage)"
             )
-        if len(attention) != len(unet_channels):
+        if len(s.attention_levels) != len(unet_channels):
             raise MethodError(
-                f"methods.vcm.attention_levels {attention} must have one entry per U-Net level {list(unet_channels)}"
+                f"methods.vcm.attention_levels {s.attention_levels} must have one entry per U-Net level "
+                f"{list(unet_channels)}"
             )
         if not self.condition_channels:
             raise MethodError("VCM needs at least one condition modality")
 
         # One encoder per modality; the widths are split so that the total stays as for one.
-        n_mod = len(self.condition_channels) if split_width else 1
-        widths = [c // n_mod for c in enc_channels]
+        n_mod = len(self.condition_channels) if s.split_encoder_width else 1
+        widths = [c // n_mod for c in s.encoder_channels]
         if min(widths) < 1:
             raise MethodError(
-                f"methods.vcm.encoder_channels {enc_channels} are too narrow to split over {n_mod} modalities; "
+                f"methods.vcm.encoder_channels {s.encoder_channels} are too narrow to split over {n_mod} modalities; "
                 "widen them"
             )
         self.encoders = nn.ModuleDict({
-            name: ConditionEncoder(ch, widths, num_res_blocks, enc_groups)
+            name: ConditionEncoder(ch, widths, s.num_res_blocks, s.encoder_norm_groups)
             for name, ch in self.condition_channels.items()
         })
         encoded = sum(e.out_channels for e in self.encoders.values())
 
         latent_c = base.latent_shape[0]
-        bad = [c for c in unet_channels if c % unet_groups]
+        bad = [c for c in unet_channels if c % s.unet_norm_groups]
         if bad:
             raise MethodError(
-                f"methods.vcm: U-Net widths {unet_channels} must be multiples of unet_norm_groups {unet_groups}"
+                f"methods.vcm: U-Net widths {unet_channels} must be multiples of unet_norm_groups {s.unet_norm_groups}"
             )
         self.time_unet = DiffusionModelUNet(
             spatial_dims=3,
             in_channels=2 * latent_c + encoded,        # z_t, the frozen model's eps, the encoded condition
             out_channels=unet_channels[0],
             channels=unet_channels,
-            attention_levels=tuple(attention),
+            attention_levels=tuple(s.attention_levels),
             num_head_channels=tuple(unet_channels),  # one head where there is attention (the mid block always has it)
-            num_res_blocks=num_res_blocks,
-            norm_num_groups=unet_groups,
+            num_res_blocks=s.num_res_blocks,
+            norm_num_groups=s.unet_norm_groups,
             norm_eps=1e-6,
             resblock_updown=True,
             with_conditioning=False,                 # time only, no cross-attention
         )
-        self.heads = ModulationHeads(unet_channels[0], head_hidden, latent_c,
-                                     norm=self.setting("head_norm"), zero_init=zero_heads)
+        self.heads = ModulationHeads(unet_channels[0], s.head_hidden, latent_c,
+                                     norm=s.head_norm, zero_init=s.zero_init_heads)
 
     # ---- forward ------------------------------------------------------------------------
     def encode_conditions(self, conditions: Conditions, like: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Methods registered in a test leave with it."""
+    from methods import registry
+
+    registry.known_methods()  # the built-ins first, so that the copy holds them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
 def random_base_and_subjects(overrides, cache, n_subjects: int = 6):
     """A smoke-shaped profile with ``overrides``, a seeded randomly initialised frozen base model of
     its architecture (no pretraining: the tests check mechanics, not quality) and the first

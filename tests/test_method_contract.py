@@ -3,6 +3,7 @@ returns the wrong shape with a sentence naming it, instead of letting PyTorch br
 method declares its own settings, which ``--override methods.<name>.<key>=...`` then reaches."""
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from benchmark.run.runner import generate
 from datasets.tasks import get_task
 from methods import registry
 from methods.base import DirectMethod, Method, MethodError, check_noise_prediction
-from tests.fixtures import one_thread, random_base_and_subjects  # noqa: F401  (one_thread: autouse)
+from tests.fixtures import fresh_registry, one_thread, random_base_and_subjects  # noqa: F401  (fixtures)
 from tests.paths import EXAMPLE_PLUGIN
 from tests.test_runner import main_in_process, tiny_flags
 
@@ -48,15 +49,14 @@ class NaNVolumes(DirectMethod):
         return torch.full((len(subjects), 1, 32, 48, 32), float("nan"))
 
 
+@dataclass
+class WidthsSettings:
+    width: int = 16
+    depth: int = 2
+
+
 class Widths(Method):
-    settings = {"width": 16, "depth": 2}
-
-
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    """Methods registered in a test leave with it."""
-    registry.known_methods()  # the built-ins first, so that the copy holds them
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    Settings = WidthsSettings
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +166,9 @@ def test_a_broken_plugin_fails_its_run_with_the_sentence(tiny_cache, tmp_path, f
 
 def test_declared_settings_are_defaults_under_the_profile(fresh_registry):
     registry.register("widths_for_test")(Widths)
-    assert Widths(None, {}, {}).setting("width") == 16
-    method = Widths(None, {}, {"width": 4})
-    assert method.config == {"width": 4, "depth": 2}
-    with pytest.raises(MethodError, match="method 'widths_for_test' has no setting 'wdth'; it takes: depth, width"):
+    assert Widths(None, {}, {}).settings.width == 16
+    assert Widths(None, {}, {"width": 4}).settings == WidthsSettings(width=4, depth=2)
+    with pytest.raises(MethodError, match=r"method 'widths_for_test' has no setting 'wdth' \(did you mean 'width'\?\)"):
         Widths(None, {}, {"wdth": 4})
 
 
@@ -190,4 +189,6 @@ def test_override_of_an_undeclared_setting_lists_the_settings_it_takes(fresh_reg
     registry.register("widths_for_test")(Widths)
     with pytest.raises(ProfileError, match="method 'widths_for_test' has no setting 'wdth'; it takes: depth, width"):
         load_profile("smoke", ["methods.widths_for_test.wdth=3"])
-    assert load_profile("smoke", ["methods.widths_for_test.width=1e1"]).methods.widths_for_test.width == 10.0
+    assert load_profile("smoke", ["methods.widths_for_test.width=12"]).methods.widths_for_test.width == 12
+    with pytest.raises(ProfileError, match="setting 'width' expects an integer, got 10.0"):  # typed: no silent int()
+        load_profile("smoke", ["methods.widths_for_test.width=1e1"])
