@@ -12,7 +12,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmark.report.headline import per_subject_frame  # noqa: E402
+from benchmark.report.labels import BASE_ROW, method_label  # noqa: E402
 from benchmark.run.records import iter_records  # noqa: E402
+from benchmark.run.spec import AUTOENCODER, BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX  # noqa: E402
 from metrics.control_delta import bootstrap_mean, paired_difference  # noqa: E402
 from metrics.ranking import probability_of_improvement, rank_intervals  # noqa: E402
 from benchmark.report.tables import metric_columns  # noqa: E402
@@ -32,12 +34,12 @@ def size_axis(ax, sizes) -> None:
 def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
     """Each metric against training-set size, one line per method (mean ± std over seeds)."""
     ok = frame[(frame.task == task) & (frame.status == "ok") & (frame["size"] > 0)]
-    ok = ok[~ok.method.str.endswith("+sphere")]
+    ok = ok[~ok.method.str.endswith(SPHERE_SUFFIX)]
     columns = [c for c in metric_columns(ok) if pd.to_numeric(ok[c], errors="coerce").notna().any()]
     if ok.empty or not columns:
         return None
-    reference = frame[(frame.task == task) & (frame.method == "reference") & (frame.status == "ok")]
-    other = frame[(frame.task == task) & (frame.method == "reference_other") & (frame.status == "ok")]
+    reference = frame[(frame.task == task) & (frame.method == REFERENCE) & (frame.status == "ok")]
+    other = frame[(frame.task == task) & (frame.method == REFERENCE_OTHER) & (frame.status == "ok")]
     ncols = 3
     nrows = int(np.ceil(len(columns) / ncols))
     height = 3.0 * nrows + 1.9  # inches: the panels, the title above and the legend below
@@ -112,7 +114,8 @@ def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_s
         for label, volume in panels:
             for plane, axis in PLANES:
                 ax = axes[row, col]
-                ax.imshow(_mid_slice(volume, axis, centre[axis]), cmap="gray", vmin=0, vmax=1)
+                # nearest: the voxels as they are (4 mm at cpu), and a PNG a third smaller than smoothed
+                ax.imshow(_mid_slice(volume, axis, centre[axis]), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
                 if outline is not None and condition_keys[0] != "condition_low_res":
                     ax.contour(_mid_slice(outline, axis, centre[axis]), levels=[0.5], colors="r", linewidths=0.7)
                 ax.set_xticks([])
@@ -166,8 +169,8 @@ def control_gap_curves(results_dir: Path, task: str, out: Path) -> Path | None:
     return path
 
 
-IMPROVEMENT_FLOOR = "brainldm"  # the unconditioned base model: shown beside the methods as the floor
-CONTEXT_LINES = {"autoencoder": ("autoencoder (ceiling)", "k", "--"), "brainldm": ("base model, unconditioned", "0.5", ":")}
+IMPROVEMENT_FLOOR = BASE_UNCONDITIONED  # the unconditioned base model: shown beside the methods as the floor
+CONTEXT_LINES = {AUTOENCODER: ("autoencoder (ceiling)", "k", "--"), BASE_UNCONDITIONED: (BASE_ROW, "0.5", ":")}
 
 
 def control_vs_size(subjects: pd.DataFrame, task: str, out: Path) -> Path | None:
@@ -177,7 +180,7 @@ def control_vs_size(subjects: pd.DataFrame, task: str, out: Path) -> Path | None
     drawn across, and 0 for Control Δ."""
     if subjects.empty or "Dice" not in subjects:
         return None
-    mine = subjects[(subjects.task == task) & subjects["Dice"].notna() & ~subjects.method.str.endswith("+sphere")]
+    mine = subjects[(subjects.task == task) & subjects["Dice"].notna() & ~subjects.method.str.endswith(SPHERE_SUFFIX)]
     trained = mine[mine["size"] > 0]
     if trained.empty:
         return None
@@ -232,7 +235,7 @@ def improvement_figures(subjects: pd.DataFrame, task: str, out: Path, score: str
     floor = mine[mine.method == IMPROVEMENT_FLOOR]
     paths = []
     for size in sorted(s for s in mine["size"].unique() if s > 0):
-        rows = pd.concat([mine[(mine["size"] == size) & ~mine.method.str.endswith("+sphere")], floor])
+        rows = pd.concat([mine[(mine["size"] == size) & ~mine.method.str.endswith(SPHERE_SUFFIX)], floor])
         table = rows.pivot_table(index=["seed", "id"], columns="method", values=score, aggfunc="first")
         methods = [m for m in sorted(table.columns) if m != IMPROVEMENT_FLOOR] + (
             [IMPROVEMENT_FLOOR] if IMPROVEMENT_FLOOR in table.columns else [])
@@ -258,8 +261,9 @@ def improvement_figures(subjects: pd.DataFrame, task: str, out: Path, score: str
         for i in range(k):
             for j in range(k):
                 axes[0].text(j, i, text[i][j], ha="center", va="center", fontsize=6)
-        axes[0].set_xticks(range(k), methods, rotation=45, ha="right", fontsize=7)
-        axes[0].set_yticks(range(k), methods, fontsize=7)
+        labels = [method_label(m) for m in methods]
+        axes[0].set_xticks(range(k), labels, rotation=45, ha="right", fontsize=7)
+        axes[0].set_yticks(range(k), labels, fontsize=7)
         axes[0].set_title(f"P(row beats column) on {score}, paired subjects", fontsize=9)
         fig.colorbar(im, ax=axes[0], fraction=0.046)
         if ranks:
@@ -267,7 +271,7 @@ def improvement_figures(subjects: pd.DataFrame, task: str, out: Path, score: str
             axes[1].errorbar([r["rank"] for r in ranks], y,
                              xerr=[[r["rank"] - r["ci_low"] for r in ranks], [r["ci_high"] - r["rank"] for r in ranks]],
                              fmt="o", capsize=3)
-            axes[1].set_yticks(y, methods, fontsize=7)
+            axes[1].set_yticks(y, labels, fontsize=7)
             axes[1].invert_yaxis()
             axes[1].set_xlim(0.5, k + 0.5)
             axes[1].set_title(f"rank by mean {score} (95% CI, {ranks[0]['n']} subjects)", fontsize=9)
@@ -296,7 +300,8 @@ def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
     real = Path(results_dir) / "runs" / "real_test.npz"
     for run in montage_runs(frame, sorted((Path(results_dir) / "runs").glob("*/samples.npz"))):
         name = run.parent.name
-        paths.append(montage(run, real, name.replace("__", "  "), out / f"montage_{name}.png"))
+        title = "  ".join(method_label(part) for part in name.split("__"))  # the stored name, labelled
+        paths.append(montage(run, real, title, out / f"montage_{name}.png"))
     return paths
 
 
