@@ -133,6 +133,7 @@ class Task:
 
 
 TASKS: dict[str, Task] = {}
+DEFAULT_TASK = "lv"  # the paper's main task: --task of every command when not given
 
 
 def _bad(task, problem: str, fix: str) -> TaskError:

@@ -191,7 +191,7 @@ class Conditions:
 
 
 class Engine(Protocol):
-    """What the runner passes to ``fit`` and ``generate`` (``benchmark.run.engine.RunEngine``)."""
+    """What the runner passes to ``fit`` and ``generate`` (``benchmark.run.session.RunSession``)."""
 
     settings: Any      # method training (benchmark.engine.training.TrainSettings: steps, batch_size, lr, checkpoint_every, ...)
     run_dir: Path      # the run's folder: checkpoints, resumed from when present

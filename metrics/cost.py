@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, Iterator
 
 import torch
@@ -166,16 +167,23 @@ class WallTimer:
         self.seconds = time.perf_counter() - self._t0
 
 
+# The paper's training protocol, which every method's cost is projected to (device-days): 500 training
+# volumes, 10,000 epochs, minibatch 16 -> 10,000 x ceil(500 / 16) = 320,000 steps. A fact of the paper,
+# not a setting: ``device_days(sps, **PAPER_PROTOCOL, ...)``.
+PAPER_PROTOCOL = MappingProxyType({"n_train": 500, "epochs": 10000, "batch_size": 16})
+
+
 def device_days(
     seconds_per_step: float,
-    n_train: int = 500,
-    epochs: int = 10000,
-    batch_size: int = 16,
+    *,
+    n_train: int,
+    epochs: int,
+    batch_size: int,
     device: torch.device | str | None = None,
     measured_batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Project seconds per step to the paper's protocol (default: 500 training volumes, 10,000
-    epochs, minibatch 16 -> 10,000 x ceil(500 / 16) = 320,000 steps).
+    """Project seconds per step to a protocol of ``epochs`` over ``n_train`` volumes in minibatches of
+    ``batch_size`` (the paper's: :data:`PAPER_PROTOCOL`).
 
     If the steps were timed at another minibatch (``measured_batch_size``), the time per step is
     scaled linearly to ``batch_size`` first (an estimate; the record says so)."""

@@ -200,8 +200,9 @@ def train_in_domain(
     kind: str,
     train_volumes: Any,
     cache_dir: str | Path,
+    *,
+    config: InDomainConfig,
     data_id: str | None = None,
-    config: InDomainConfig | None = None,
     device: torch.device | str | None = None,
     shipped_dirs: Sequence[str | Path] = (),
 ) -> FeatureExtractor:
@@ -213,7 +214,6 @@ def train_in_domain(
     :class:`WeightsError` naming it (delete it to retrain)."""
     if kind not in ("2d", "3d"):
         raise MetricError(f"in-domain extractor kind must be '2d' or '3d', got {kind!r}")
-    cfg = config or InDomainConfig()
     if isinstance(train_volumes, DeferredVolumes):  # read only if no shipped or cached network matches
         if data_id is None:
             raise MetricError("deferred in-domain training volumes need a data_id (the extractor's cache key)")
@@ -223,7 +223,7 @@ def train_in_domain(
     if vols.shape[0] < 2:
         raise MetricError("in-domain extractors need at least 2 real training volumes to train on")
     did = data_id if data_id is not None else "sha:" + array_digest(vols)
-    net, path = in_domain_network(kind, vols, cache_dir, did, cfg, device, shipped_dirs)
+    net, path = in_domain_network(kind, vols, cache_dir, did, config, device, shipped_dirs)
     what = "slice" if kind == "2d" else "volume"
     return FeatureExtractor(
         f"in-domain-{kind}",
@@ -260,7 +260,7 @@ def get_extractors(
     2D: RadImageNet ResNet-50 if its weights are found (``weights_dir``, then the torch.hub cache),
     else ``in-domain-2d``. 3D: ``medicalnet`` ('medicalnet-resnet10' or 'medicalnet-resnet50') if
     found, else ``in-domain-3d``. Each fallback is announced once per process with a warning. The
-    in-domain extractors need ``train_volumes`` (real training volumes; train them on the same
+    in-domain extractors need ``config`` (the profile's ``metrics.in_domain``) and ``train_volumes`` (real training volumes; train them on the same
     volumes for every row of a table, e.g. the full training pool, and pass a stable ``data_id``).
     A weights file that exists but is malformed raises :class:`WeightsError`.
     """
@@ -276,6 +276,9 @@ def get_extractors(
                     f"{weights_dir or '(no weights_dir)'} and the torch.hub cache) and no real training volumes "
                     "were given to train the in-domain fallback; pass train_volumes or put the weights file there"
                 )
+            if config is None:
+                raise MetricError(f"no weights for extractor '{pname}' and no config to train the in-domain fallback "
+                                  "with; pass config=InDomainConfig(...) (the profile's metrics.in_domain)")
             warn_once(
                 f"fallback-{pname}",
                 f"Pretrained {pname} weights not found (looked for '{WEIGHT_FILES[pname][0]}' in "

@@ -4,7 +4,7 @@ generated volumes follow their spatial condition (Dice of its segmentation again
 Network: ``monai.networks.nets.UNet(spatial_dims=3, channels=(8, 16, 32, 64), strides=(1, 2, 2),
 num_res_units=0)`` (instance norm, PReLU; the first level works at full resolution because the
 lateral ventricles are only a few voxels thick at small profiles). Task ``lv``: 2 classes (background, LV). Task
-``multimodal``: 5 classes (semantic labels 0-4). Training: 600 steps of
+``multimodal``: 5 classes (semantic labels 0-4). Training: ``steps`` (the profile's ``metrics.judge.steps``) of
 ``DiceCELoss(softmax, one-hot, include_background=False)``, AdamW (lr 5e-3, weight decay 1e-4),
 one-cycle learning rate, batches of real training volumes with random left-right flips (X) and a
 random intensity gain/offset (x U[0.9, 1.1] + U[-0.05, 0.05], then clipped to [0, 1]) so the judge
@@ -34,19 +34,34 @@ from .dice import condition_to_labels, dice_score
 
 JUDGE_VERSION = 1
 
+# The judge's network and optimiser are fixed, not profile keys: a new profile key would change every
+# resolved profile and so the config hash of every finished record. They are in the judge's cache key.
+JUDGE_CHANNELS = (8, 16, 32, 64)
+JUDGE_STRIDES = (1, 2, 2)  # first level at full resolution: the LV is thin
+JUDGE_RES_UNITS = 0
+JUDGE_BATCH_SIZE = 4
+JUDGE_LR = 5e-3
+JUDGE_WEIGHT_DECAY = 1e-4
+JUDGE_GAIN_JITTER = 0.1  # intensity augmentation: x U[1 - g, 1 + g] + U[-o, o]
+JUDGE_OFFSET_JITTER = 0.05
+JUDGE_SEED = 0
+
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    channels: tuple[int, ...] = (8, 16, 32, 64)
-    strides: tuple[int, ...] = (1, 2, 2)  # first level at full resolution: the LV is thin
-    num_res_units: int = 0
-    steps: int = 600
-    batch_size: int = 4
-    lr: float = 5e-3
-    weight_decay: float = 1e-4
-    gain_jitter: float = 0.1
-    offset_jitter: float = 0.05
-    seed: int = 0
+    """How the judge is trained (its cache key). ``steps`` is the profile's ``metrics.judge.steps``;
+    the rest are the fixed constants above (tests shrink them)."""
+
+    steps: int
+    channels: tuple[int, ...] = JUDGE_CHANNELS
+    strides: tuple[int, ...] = JUDGE_STRIDES
+    num_res_units: int = JUDGE_RES_UNITS
+    batch_size: int = JUDGE_BATCH_SIZE
+    lr: float = JUDGE_LR
+    weight_decay: float = JUDGE_WEIGHT_DECAY
+    gain_jitter: float = JUDGE_GAIN_JITTER
+    offset_jitter: float = JUDGE_OFFSET_JITTER
+    seed: int = JUDGE_SEED
 
 
 def _build(num_classes: int, cfg: JudgeConfig) -> torch.nn.Module:
@@ -185,8 +200,9 @@ def train_judge(
     labels: Any,
     num_classes: int,
     cache_dir: str | Path,
+    *,
+    config: JudgeConfig,
     data_id: str | None = None,
-    config: JudgeConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     shipped_dirs: Sequence[str | Path] = (),
@@ -195,7 +211,6 @@ def train_judge(
     a judge on real ``images`` (N, 1, X, Y, Z) in [0, 1] with integer ``labels`` (N, 1, X, Y, Z) in
     0..num_classes-1. Both may be :class:`metrics.common.DeferredVolumes` (with ``data_id``): read
     only if the judge must be trained."""
-    cfg = config or JudgeConfig()
     if isinstance(images, DeferredVolumes):  # read only if no shipped or cached judge matches
         if data_id is None:
             raise MetricError("deferred judge training images need a data_id (the judge's cache key)")
@@ -204,7 +219,7 @@ def train_judge(
         checked = _checked_training_data(images, labels, num_classes)
         shape = tuple(checked[0].shape)
         did = data_id if data_id is not None else "sha:" + array_digest(checked[0]) + array_digest(checked[1])
-    key = judge_cache_key(num_classes, shape, did, cfg)
+    key = judge_cache_key(num_classes, shape, did, config)
     path = trained_weights_path(f"judge-{num_classes}cls-{key}.pt", cache_dir, shipped_dirs)
     if not path.exists():
         with file_lock(path.with_suffix(".lock")):  # concurrent jobs: one trains, the others wait and load
@@ -214,20 +229,20 @@ def train_judge(
                 imgs, labs = checked
                 dev = torch.device(device) if device is not None else default_device()
                 t0 = time.perf_counter()
-                net, losses = _train(imgs, labs, num_classes, cfg, dev, progress)
-                meta = {"data_id": did, "train_shape": list(imgs.shape), "config": asdict(cfg),
+                net, losses = _train(imgs, labs, num_classes, config, dev, progress)
+                meta = {"data_id": did, "train_shape": list(imgs.shape), "config": asdict(config),
                         "final_loss": float(np.mean(losses[-20:])), "train_seconds": time.perf_counter() - t0,
                         "device": str(dev)}
                 atomic_torch_save({"state_dict": net.state_dict(), "meta": json.dumps(meta)}, path)
     todo = weights_remedy(path, cache_dir)
     state = read_state_dict(path, "a trained judge", todo=todo, keys=("state_dict",), error=WeightsError)
     try:
-        net = _build(num_classes, cfg)
+        net = _build(num_classes, config)
         net.load_state_dict(state, strict=True)
         meta = json.loads(torch.load(path, map_location="cpu", weights_only=True)["meta"])
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"judge weights {path} could not be loaded ({type(e).__name__}); {todo}") from e
-    return Judge(net, num_classes, cfg, sha256_file(path), str(path), meta, device)
+    return Judge(net, num_classes, config, sha256_file(path), str(path), meta, device)
 
 
 def get_judge(
@@ -235,8 +250,9 @@ def get_judge(
     images: Any,
     conditions: Any,
     cache_dir: str | Path,
+    *,
+    config: JudgeConfig,
     data_id: str | None = None,
-    config: JudgeConfig | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     shipped_dirs: Sequence[str | Path] = (),

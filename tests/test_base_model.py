@@ -321,7 +321,7 @@ def test_dark_region_measure_tracks_ventricles_in_real_data(pretrained_model):
 
 @pytest.mark.slow  # needs a fully pretrained base model: `make test-slow`
 def test_samples_in_range_and_not_constant(pretrained_model):
-    from benchmark.base.sampling import sample_volumes
+    from benchmark.base.unconditional_samples import sample_volumes
 
     profile, _, base = pretrained_model
     volumes = sample_volumes(base, [0.5, 0.5, 0.5, 0.5], 4, int(profile.sampling.ddim_steps), seed=0)
@@ -336,7 +336,7 @@ def test_samples_in_range_and_not_constant(pretrained_model):
 
 @pytest.mark.slow  # needs a fully pretrained base model: `make test-slow`
 def test_ventricular_volume_scalar_enlarges_the_dark_central_region(pretrained_model):
-    from benchmark.base.sampling import sample_volumes
+    from benchmark.base.unconditional_samples import sample_volumes
 
     profile, _, base = pretrained_model
     steps = int(profile.sampling.ddim_steps)
@@ -362,7 +362,7 @@ def test_sample_base_cli_writes_nifti_and_montage(pretrained_model, tmp_path):
     assert [f.name for f in files] == ["sample_000.nii.gz", "sample_001.nii.gz"]
     img = nib.load(files[0])
     assert img.shape == tuple(profile.image_shape)
-    from benchmark.base.sampling import population_affine
+    from benchmark.base.unconditional_samples import population_affine
 
     np.testing.assert_allclose(img.affine, population_affine(profile, cache))
     assert np.isfinite(np.asarray(img.dataobj)).all()

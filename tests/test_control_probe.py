@@ -17,7 +17,8 @@ from tests.fixtures import random_base_and_subjects
 OVERRIDES = ["training.steps=4", "training.batch_size=2", "training.checkpoint_every=2", "sampling.batch_size=2"]
 
 # the VCM authors' schedule and flip (the profiles' training.warmup_fraction, lr_floor, flip_probability)
-AUTHORS = dict(warmup_fraction=1 / 30, lr_floor=0.1, flip_probability=0.5)
+AUTHORS = dict(micro_batch_size=None, mixed_precision="fp32", schedule="authors", warmup_fraction=1 / 30, lr_floor=0.1,
+               flip_probability=0.5)  # base.yaml's training settings, as TrainSettings takes them
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +122,17 @@ def test_learning_rate_schedules():
     assert authors(0) == pytest.approx(0.1) and authors(10) == pytest.approx(1.0)  # warm-up: 300 // 30 steps
     assert authors(5) == pytest.approx(0.55)
     assert authors(155) == pytest.approx(0.55) and authors(299) == pytest.approx(0.1, abs=1e-4)
-    linear = TrainSettings(300, 4, 1e-4, 0.0, 10, 100, schedule="linear", **AUTHORS).lr_factor()
+    linear = TrainSettings(300, 4, 1e-4, 0.0, 10, 100, **{**AUTHORS, "schedule": "linear"}).lr_factor()
     assert linear(0) == pytest.approx(0.1) and linear(9) == 1.0 and linear(300) == 0.0
     with pytest.raises(ValueError, match="training.schedule must be one of authors, linear"):
-        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, schedule="cosine", **AUTHORS)
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, **{**AUTHORS, "schedule": "cosine"})
 
 
 def test_judged_tasks_get_four_reference_rows_first(tmp_path):
     from benchmark.report.figures import control_gap_curves
     from benchmark.run.grid import build_specs
-    from benchmark.report.tables import AUTOENCODER_ROW, OTHER_ROW, REFERENCE_ROW, BASE_ROW, records_frame, task_table
+    from benchmark.report.labels import AUTOENCODER_ROW, BASE_ROW, OTHER_ROW, REFERENCE_ROW
+    from benchmark.report.tables import records_frame, task_table
 
     profile = load_profile("smoke")
     specs = build_specs(["lv", "multimodal", "sr4"], "vcm", [10], [0], profile, validation=False)

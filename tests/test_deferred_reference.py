@@ -20,7 +20,7 @@ from tests.fixtures import one_thread  # noqa: F401  (autouse: one torch thread 
 from tests.phantom import phantom_population
 
 QUICK_JUDGE = JudgeConfig(steps=2, batch_size=2)
-QUICK_2D = InDomainConfig(steps_2d=2, batch_2d=4)
+QUICK_2D = InDomainConfig(steps_2d=2, steps_3d=2, batch_2d=4)
 
 
 @pytest.fixture(scope="module")

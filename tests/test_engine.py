@@ -21,7 +21,8 @@ OVERRIDES = ["training.steps=6", "training.batch_size=2", "training.checkpoint_e
              "sampling.ddim_steps=3", "sampling.batch_size=2"]
 
 # the VCM authors' schedule and flip (the profiles' training.warmup_fraction, lr_floor, flip_probability)
-AUTHORS = dict(warmup_fraction=1 / 30, lr_floor=0.1, flip_probability=0.5)
+AUTHORS = dict(micro_batch_size=None, mixed_precision="fp32", schedule="authors", warmup_fraction=1 / 30, lr_floor=0.1,
+               flip_probability=0.5)  # base.yaml's training settings, as TrainSettings takes them
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +154,10 @@ def test_micro_batches_accumulate_to_the_whole_batch_gradient(setup):
 
 def test_training_settings_reject_impossible_micro_batches_and_precisions():
     with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
-        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=0, **AUTHORS)
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, **{**AUTHORS, "micro_batch_size": 0})
     with pytest.raises(ValueError, match="mixed_precision must be 'fp32' or 'bf16'"):
-        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, mixed_precision="fp16", **AUTHORS)
-    assert TrainSettings(10, 4, 1e-4, 0.0, 0, 5, micro_batch_size=16, **AUTHORS).micro_batch_size == 4
+        TrainSettings(10, 4, 1e-4, 0.0, 0, 5, **{**AUTHORS, "mixed_precision": "fp16"})
+    assert TrainSettings(10, 4, 1e-4, 0.0, 0, 5, **{**AUTHORS, "micro_batch_size": 16}).micro_batch_size == 4
 
 
 def test_a_method_gets_its_own_learning_rate_where_the_profile_names_one():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from metrics.common import MetricError, as_volumes, central_slice_indices, extract_slices, pick_pairs
-from metrics.cost import PeakMemory, StepTimer, WallTimer, count_parameters, device_days
+from metrics.cost import PAPER_PROTOCOL, PeakMemory, StepTimer, WallTimer, count_parameters, device_days
 from metrics.dice import condition_to_labels, dice_score
 from metrics.fid import _frechet_svd, frechet_distance, slice_rule
 from metrics.msssim import msssim_diversity, msssim_fidelity, msssim_pairs, msssim_params
@@ -205,9 +205,9 @@ def test_condition_to_labels():
 
 
 def test_metric_descriptors_and_suites():
-    from metrics.suite import METRICS, metric_of, metric_suite
+    from metrics.suite import COLUMNS, metric_of, suite_columns as metric_suite
 
-    assert {m.family for m in METRICS} == {"FID-2D", "FID-3D", "PRDC", "FRD", "LPIPS", "MS-SSIM", "Dice", "PSNR",
+    assert {m.family for m in COLUMNS} == {"FID-2D", "FID-3D", "PRDC", "FRD", "LPIPS", "MS-SSIM", "Dice", "PSNR",
                                            "SSIM"}
     assert metric_of("FID-2D mean [in-domain-2d]").name == "FID-2D" and not metric_of("FID-3D [x]").higher_is_better
     assert metric_of("Dice").arrow == "↑" and metric_of("MS-SSIM diversity").arrow == "↓"
@@ -246,13 +246,13 @@ def test_step_timer_median_after_warmup():
 
 
 def test_device_days_projection_and_memory():
-    r = device_days(1.0)
+    r = device_days(1.0, **PAPER_PROTOCOL)
     assert r["steps"] == 10000 * 32 and r["device_days"] == pytest.approx(320000 / 86400)
     assert "CPU" in r["device"] or torch.cuda.is_available()
-    r8 = device_days(0.5, measured_batch_size=8)
+    r8 = device_days(0.5, **PAPER_PROTOCOL, measured_batch_size=8)
     assert r8["seconds_per_step"] == pytest.approx(1.0) and r8["scaling"]
     with pytest.raises(MetricError):
-        device_days(float("nan"))
+        device_days(float("nan"), **PAPER_PROTOCOL)
     with PeakMemory("cpu") as pm, WallTimer() as w:
         _ = np.ones(10**6)
     assert pm.peak_bytes > 10**6 and w.seconds >= 0

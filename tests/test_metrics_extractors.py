@@ -165,15 +165,15 @@ def test_missing_weights_fall_back_to_in_domain_with_one_warning(tmp_path, phant
 
 
 def test_in_domain_cache_key_and_corrupt_cache(tmp_path, phantoms):
-    a = train_in_domain("2d", phantoms["train"][:4], tmp_path, config=InDomainConfig(steps_2d=2, batch_2d=4), device="cpu")
-    b = train_in_domain("2d", phantoms["train"][:4], tmp_path, config=InDomainConfig(steps_2d=2, batch_2d=4), device="cpu")
+    a = train_in_domain("2d", phantoms["train"][:4], tmp_path, config=InDomainConfig(steps_2d=2, steps_3d=2, batch_2d=4), device="cpu")
+    b = train_in_domain("2d", phantoms["train"][:4], tmp_path, config=InDomainConfig(steps_2d=2, steps_3d=2, batch_2d=4), device="cpu")
     assert a.source == b.source and a.weights_hash == b.weights_hash
-    c = train_in_domain("2d", phantoms["train"][4:8], tmp_path, config=InDomainConfig(steps_2d=2, batch_2d=4), device="cpu")
+    c = train_in_domain("2d", phantoms["train"][4:8], tmp_path, config=InDomainConfig(steps_2d=2, steps_3d=2, batch_2d=4), device="cpu")
     assert c.source != a.source
     with open(a.source, "wb") as f:
         f.write(b"garbage")
     with pytest.raises(WeightsError, match="delete the file"):
-        train_in_domain("2d", phantoms["train"][:4], tmp_path, config=InDomainConfig(steps_2d=2, batch_2d=4), device="cpu")
+        train_in_domain("2d", phantoms["train"][:4], tmp_path, config=InDomainConfig(steps_2d=2, steps_3d=2, batch_2d=4), device="cpu")
 
 
 # ----------------------------------------------------------------------------- FID behaviour

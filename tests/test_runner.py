@@ -156,6 +156,7 @@ def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path, monkey
     from methods import registry
 
     registry.known_methods()  # the built-ins registered first, so that the copy below holds them
+    registry.load_plugin(str(EXAMPLE_PLUGIN))  # likewise the example: its module stays imported after this test
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # always_fails leaves with this test
     plugin = tmp_path / "failing_plugin.py"
     plugin.write_text(FAILING_PLUGIN)
@@ -187,7 +188,8 @@ def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
 def test_task_table_shows_the_unconditioned_base_as_the_floor_and_leaves_out_sphere_runs():
     import pandas as pd
 
-    from benchmark.report.tables import BASE_ROW, REFERENCE_ROW, task_table
+    from benchmark.report.labels import BASE_ROW, REFERENCE_ROW
+    from benchmark.report.tables import task_table
 
     runs = [("vcm", 50, 0.31), ("vcm", 50, 0.29), ("brainldm", 0, 0.24), ("reference", 0, 0.9), ("vcm+sphere", 50, 0.1),
             ("controlnet", 50, None)]

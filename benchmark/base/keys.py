@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-CODE_VERSION = 1  # bump when a change here changes the weights that pretraining produces
+BASE_MODEL_CODE_VERSION = 1  # bump when a change here changes the weights that pretraining produces
 
 
 
@@ -57,7 +57,7 @@ def autoencoder_key(profile) -> dict[str, Any]:
     d = profile.data
     indices = _pretrain_indices(profile)
     return {
-        "code_version": CODE_VERSION,
+        "code_version": BASE_MODEL_CODE_VERSION,
         "image_shape": list(profile.image_shape),
         "data": {
             "seed": d.seed,

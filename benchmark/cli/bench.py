@@ -47,11 +47,11 @@ import torch
 from benchmark.engine.latents import LatentCache, condition_batch, scalar_batch
 from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainSettings, train_method
-from benchmark.run.engine import RunEngine, control_probe
+from benchmark.run.session import RunSession, control_probe
 from benchmark.run.runner import build_method
 from benchmark.cli import load_plugins, load_profile_from
 from benchmark.run.spec import RunContext
-from datasets.tasks import get_task
+from datasets.tasks import DEFAULT_TASK, get_task
 from methods.base import Method
 from methods.registry import MethodError, get_method, resolve_methods
 
@@ -140,11 +140,11 @@ def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: i
         method.eval()
         if "sample" in parts:
             test = ctx.data.validation_subjects(int(ctx.profile.sampling.batch_size))  # timing only; never test subjects
-            engine = RunEngine(ctx, Path(run_dir), seed, settings, probe=None)
+            session = RunSession(ctx, Path(run_dir), seed, settings, probe=None)
             conditions, scalars = condition_batch(task, test, device=ctx.device), scalar_batch(test, ctx.device)
             start = time.perf_counter()
             with _maybe_profile(ops is not None, ops if ops is not None else [], f"{name}, speed {label}: sampling"):
-                volumes = method.generate(conditions, scalars, test, engine)
+                volumes = method.generate(conditions, scalars, test, session)
             row.update(sample_seconds=time.perf_counter() - start, sample_batch=len(test),
                        ddim_steps=int(ctx.profile.sampling.ddim_steps), _volumes=volumes.detach().cpu())
         if "probe" in parts:
@@ -246,7 +246,7 @@ def markdown(report: dict) -> str:
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench", parents=[common], help="seconds per training step of every method",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="lv")
+    p.add_argument("--task", default=DEFAULT_TASK)
     p.add_argument("--methods", default="all")
     p.add_argument("--size", type=int, default=50)
     p.add_argument("--steps", type=int, default=8, help="measured steps per method")

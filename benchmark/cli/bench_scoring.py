@@ -1,5 +1,5 @@
 """Time the scoring of generated volumes with every metric, and measure the judge, on the suite's
-synthetic population (the timing itself is ``metrics.bench_scoring``, which knows no data set).
+synthetic population (the timing itself is ``metrics.scoring_benchmark``, which knows no data set).
 
     python run_benchmark.py bench-scoring                       # cpu profile size, 100 "generated" volumes
     python run_benchmark.py bench-scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
@@ -12,7 +12,10 @@ import numpy as np
 
 from datasets.splits import make_splits
 from datasets.synthetic import SyntheticPopulation
-from metrics import bench_scoring
+from benchmark.cli import load_profile_from
+from metrics import scoring_benchmark
+from metrics.extractors import InDomainConfig
+from metrics.judge import JudgeConfig
 
 
 def load_data(shape, n_train, n_ref, n_fake, seed, cache_dir) -> tuple[dict[str, np.ndarray], str]:
@@ -38,10 +41,13 @@ def load_data(shape, n_train, n_ref, n_fake, seed, cache_dir) -> tuple[dict[str,
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("bench-scoring", parents=[common], help="time the scoring of generated volumes; measure the judge",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench_scoring.add_arguments(p)
+    scoring_benchmark.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    bench_scoring.run(args, load_data, args.command_line)
+    metrics = load_profile_from(args).metrics  # how long the judge and the in-domain extractors train
+    judge = JudgeConfig(steps=args.judge_steps or int(metrics.judge.steps))
+    in_domain = InDomainConfig(steps_2d=int(metrics.in_domain.steps_2d), steps_3d=int(metrics.in_domain.steps_3d))
+    scoring_benchmark.run(args, load_data, args.command_line, judge, in_domain)
     return 0

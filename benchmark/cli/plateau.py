@@ -12,7 +12,7 @@ from pathlib import Path
 from benchmark.cli import load_plugins, load_profile_from
 from benchmark.run.plateau import plateau
 from benchmark.run.spec import RunContext
-from datasets.tasks import get_task
+from datasets.tasks import DEFAULT_TASK, get_task
 from methods.base import Method
 from methods.registry import MethodError, get_method, resolve_methods
 
@@ -20,7 +20,7 @@ from methods.registry import MethodError, get_method, resolve_methods
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plateau", parents=[common], help="validation Dice and the probe gap against training steps",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="lv")
+    p.add_argument("--task", default=DEFAULT_TASK)
     p.add_argument("--methods", default="vcm,controlnet")
     p.add_argument("--sizes", default="10,500", help="comma-separated training sizes")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: twice the profile's budget)")

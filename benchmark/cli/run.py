@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    from datasets.tasks import TASKS
+    from datasets.tasks import DEFAULT_TASK, TASKS
 
     p = sub.add_parser("run", parents=[common], help="run the grid, then write tables, figures and REPORT.md",
                        description="Train every method on nested training sets, sample the test subjects, score "
@@ -33,7 +33,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=None,
                    help="training-set sizes, comma-separated (nested subsets of the training pool); "
                         "default: the profile's (10,50,500)")
-    p.add_argument("--task", default="lv", help=f"one of {', '.join(TASKS)}, a comma-separated list, or 'all'")
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"one of {', '.join(TASKS)}, a comma-separated list, or 'all'")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each seed is a separate run")
     p.add_argument("--out", default=None, help="results folder (default results/<profile>)")
     p.add_argument("--data", default=None, metavar="MANIFEST.csv",

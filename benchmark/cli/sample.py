@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmark.base.sampling import parse_scalars, population_affine, sample_volumes, save_montage
+from benchmark.base.unconditional_samples import parse_scalars, population_affine, sample_volumes, save_montage
 from benchmark.cli import device_from, load_profile_from
 from datasets.subject import SCALAR_NAMES, DataError
 

@@ -24,13 +24,13 @@ from benchmark.report.figures import montage
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.runner import control_probe, save_real, save_samples, train_or_load
 from datasets.subject import DataError
-from datasets.tasks import get_task
+from datasets.tasks import DEFAULT_TASK, get_task
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="one method, one size: probe at every checkpoint, then samples",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="lv")
+    p.add_argument("--task", default=DEFAULT_TASK)
     p.add_argument("--method", help="a registered method (required unless --sweep-table)")
     p.add_argument("--size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

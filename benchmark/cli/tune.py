@@ -16,7 +16,7 @@ from benchmark.run.spec import RunContext
 from benchmark.engine.recipes import recipe_path
 from benchmark.engine.training import TrainSettings
 from benchmark.run.tune import summary, tune
-from datasets.tasks import get_task
+from datasets.tasks import DEFAULT_TASK, get_task
 from methods.base import Method
 from methods.registry import MethodError, get_method, resolve_methods
 
@@ -24,7 +24,7 @@ from methods.registry import MethodError, get_method, resolve_methods
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("tune", parents=[common], help="the same tuning budget for every method: a recipe file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="lv")
+    p.add_argument("--task", default=DEFAULT_TASK)
     p.add_argument("--methods", default="all", help="'all' (every method the suite trains for the task) or a list")
     p.add_argument("--out", default=None, help="trial records (default results/tune/<profile>-<task>)")
     p.add_argument("--recipe-dir", default=None, help="where the recipe file goes (default benchmark/recipes)")

@@ -46,13 +46,13 @@ class TrainSettings:
     weight_decay: float
     warmup_steps: int
     checkpoint_every: int
-    micro_batch_size: int | None = None  # gradients accumulated over micro-batches of this size
-    mixed_precision: str = "fp32"        # "bf16": autocast on CUDA (the VCM authors' setting)
-    schedule: str = "authors"            # learning-rate schedule, see SCHEDULES
-    # Settings that change results, given by the profile (training.*) and never defaulted there:
-    warmup_fraction: float = field(default=float("nan"), kw_only=True)  # "authors" schedule: warm-up share of the run
-    lr_floor: float = field(default=float("nan"), kw_only=True)         # "authors" schedule: lr multiplier at both ends
-    flip_probability: float = field(default=float("nan"), kw_only=True)  # left-right flip of a training example
+    # Given by the profile (training.*) by name, never defaulted here:
+    micro_batch_size: int | None = field(kw_only=True)  # gradients accumulated over micro-batches of this size (None: none)
+    mixed_precision: str = field(kw_only=True)          # "bf16": autocast on CUDA (the VCM authors' setting)
+    schedule: str = field(kw_only=True)                 # learning-rate schedule, see SCHEDULES
+    warmup_fraction: float = field(kw_only=True)        # "authors" schedule: warm-up share of the run
+    lr_floor: float = field(kw_only=True)               # "authors" schedule: lr multiplier at both ends
+    flip_probability: float = field(kw_only=True)       # left-right flip of a training example
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -94,8 +94,9 @@ class TrainSettings:
             chosen = recipe.chosen(method) if recipe is not None else {}
         lr = float(chosen.get("training.lr", lr_by_method.get(method, t.lr)))
         return cls(steps, int(t.batch_size), lr, float(t.weight_decay),
-                   int(t.warmup_steps), int(t.checkpoint_every), int(t.micro_batch_size), str(t.mixed_precision),
-                   str(t.schedule), warmup_fraction=float(t.warmup_fraction), lr_floor=float(t.lr_floor),
+                   int(t.warmup_steps), int(t.checkpoint_every), micro_batch_size=int(t.micro_batch_size),
+                   mixed_precision=str(t.mixed_precision), schedule=str(t.schedule),
+                   warmup_fraction=float(t.warmup_fraction), lr_floor=float(t.lr_floor),
                    flip_probability=float(t.flip_probability))
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from benchmark.report.tables import PSEUDO_METHODS, fd_span
+from benchmark.report.labels import PSEUDO_METHODS
+from benchmark.report.tables import fd_span
+from benchmark.run.spec import SPHERE_SUFFIX
 from metrics.ranking import probability_of_improvement
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, NOT_TESTED = "reproduced", "not reproduced", "inconclusive", "not tested"
@@ -41,7 +43,7 @@ def _scores(subjects: pd.DataFrame, task: str, size: int, score: str) -> pd.Data
     if subjects.empty or score not in subjects:
         return pd.DataFrame()
     rows = subjects[(subjects.task == task) & (subjects["size"] == size) & subjects[score].notna()
-                    & ~subjects.method.str.endswith("+sphere")]
+                    & ~subjects.method.str.endswith(SPHERE_SUFFIX)]
     return rows.pivot_table(index=["seed", "id"], columns="method", values=score, aggfunc="first")
 
 
@@ -157,12 +159,12 @@ def finding_d(frame: pd.DataFrame) -> dict:
 def finding_e(frame: pd.DataFrame) -> dict:
     claim = ("(e) FID-2D can rate a broken generator (sphere-shaped masks) as good where FID-3D does not "
              "(Table 6).")
-    spheres = frame[frame.method.str.endswith("+sphere") & (frame.status == "ok")] if not frame.empty else frame
+    spheres = frame[frame.method.str.endswith(SPHERE_SUFFIX) & (frame.status == "ok")] if not frame.empty else frame
     if spheres.empty:
         return {"claim": claim, "verdict": NOT_TESTED, "evidence": "no sphere-mask validation runs (table6: false)"}
     verdicts, evidence = [], []
     for _, run in spheres.iterrows():
-        method = run.method.removesuffix("+sphere")
+        method = run.method.removesuffix(SPHERE_SUFFIX)
         real = _intervals_of(frame, run.task, method, run["size"])
         sphere = _intervals_of(frame, run.task, run.method, run["size"])
         if not real or not sphere:

@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 
 from benchmark.engine.probe import NOISE_MSE_RATIO
+from benchmark.report.labels import BASE_ROW
 from benchmark.run.records import iter_records
+from benchmark.run.spec import AUTOENCODER, BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX
 from metrics.control_delta import bootstrap_mean, holm, paired_difference
 
 ALPHA = 0.05
-HEADLINE_ROWS = {"reference": "real volumes, own condition", "autoencoder": "autoencoder reconstruction (ceiling)",
-                 "reference_other": "real volumes, another's condition", "brainldm": "base model, unconditioned"}
+HEADLINE_ROWS = {REFERENCE: "real volumes, own condition", AUTOENCODER: "autoencoder reconstruction (ceiling)",
+                 REFERENCE_OTHER: "real volumes, another's condition", BASE_UNCONDITIONED: BASE_ROW}
 
 
 def per_subject_frame(folder: Path) -> pd.DataFrame:
@@ -76,7 +78,7 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
     ok = records[(records.task == task) & (records.status == "ok")] if not records.empty else records
     if ok.empty:
         return pd.DataFrame()
-    ok = ok[~ok.method.str.endswith("+sphere")]
+    ok = ok[~ok.method.str.endswith(SPHERE_SUFFIX)]
     mine = subjects[subjects.task == task] if not subjects.empty else subjects
     fid = next((c for c in ok.columns if c.startswith("FID-2D mean rel [") and ok[c].notna().any()), None)
     rows, pvalues = [], []

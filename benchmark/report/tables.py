@@ -18,23 +18,20 @@ import pandas as pd
 from benchmark.engine.probe import NOISE_MSE_RATIO
 from benchmark.engine.recipes import tuning_hours
 from benchmark.report.headline import interval_text, per_subject_frame
+from benchmark.report.labels import BASE_ROW, PSEUDO_METHODS, REFERENCE_ROW
 from benchmark.run.records import iter_records
+from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX
 from datasets.tasks import TASKS, TaskError, get_task
 from metrics.control_delta import bootstrap_mean, paired_difference
 from metrics.suite import metric_of
 
 PAPER_REFERENCE = Path(__file__).resolve().parents[2] / "results" / "paper_reference"
-REFERENCE_ROW = "reference (real vs real)"  # real volumes against their own conditions: the Dice ceiling
-OTHER_ROW = "real, another subject's condition"  # a perfect generator that ignores its condition
-BASE_ROW = "base model, unconditioned"  # no spatial control: the Dice its anatomical prior alone reaches
-AUTOENCODER_ROW = "autoencoder reconstruction"  # test volumes encoded and decoded: what a latent generator can reach
-PSEUDO_METHODS = {"reference": REFERENCE_ROW, "autoencoder": AUTOENCODER_ROW, "reference_other": OTHER_ROW,
-                  "brainldm": BASE_ROW}
+SPHERE_VCM = "vcm" + SPHERE_SUFFIX
 VALIDATION_ROWS = {  # Table 6: row label -> (method in the records, size)
-    "brainldm": ("brainldm", 0),
+    BASE_ROW: (BASE_UNCONDITIONED, 0),
     "ldm_finetune": ("ldm_finetune", 50),
     "ldm_scratch": ("ldm_scratch", 50),
-    "vcm+sphere": ("vcm+sphere", 50),
+    SPHERE_VCM: (SPHERE_VCM, 50),
 }
 
 
@@ -180,7 +177,7 @@ def task_table(frame: pd.DataFrame, task: str, subjects: pd.DataFrame | None = N
     SD over seeds; Dice, Control Δ and volume error also come as mean [95% CI] over subjects
     (``subjects``: :func:`benchmark.report.headline.per_subject_frame`)."""
     ok = frame[(frame.task == task) & (frame.status == "ok")]
-    ok = ok[~ok.method.str.endswith("+sphere")]
+    ok = ok[~ok.method.str.endswith(SPHERE_SUFFIX)]
     columns = [c for c in metric_columns(ok) if ok[c].notna().any()]
     table = with_fd_intervals(summarise(ok, ["method", "size"], columns), ok)
     if subjects is not None and not table.empty:
@@ -258,16 +255,16 @@ def sr_table(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[frame.task.isin(list(labels)) & (frame.status == "ok")] if not frame.empty else frame
     if ok.empty:
         return pd.DataFrame()
-    ok = ok[~ok.method.isin(["brainldm", "reference_other"]) & ~ok.method.str.endswith("+sphere")]
+    ok = ok[~ok.method.isin([BASE_UNCONDITIONED, REFERENCE_OTHER]) & ~ok.method.str.endswith(SPHERE_SUFFIX)]
     # LPIPS fidelity stays as a column of "–" when LPIPS was unavailable (no AlexNet weights)
     wanted = [c for c in metric_columns(ok) if c.split(" [")[0] in SR_METRICS
               and (ok[c].notna().any() or c == "LPIPS fidelity")]
     wanted.sort(key=lambda c: (SR_METRICS.index(c.split(" [")[0]), c))
-    sizes = sorted(ok.loc[ok.method != "reference", "size"].dropna().unique())
+    sizes = sorted(ok.loc[ok.method != REFERENCE, "size"].dropna().unique())
     by = ["method", "size"] if len(sizes) > 1 else ["method"]
     keys = ok[by].drop_duplicates()
     rank = {m: i for i, m in enumerate(SR_ORDER)}
-    keys = keys.assign(_order=keys.method.map(lambda m: (2, 0) if m == "reference" else (0, rank[m]) if m in rank
+    keys = keys.assign(_order=keys.method.map(lambda m: (2, 0) if m == REFERENCE else (0, rank[m]) if m in rank
                                               else (1, 0)))
     keys = keys.sort_values(["_order"] + by).drop(columns="_order")
     rows = []
@@ -275,7 +272,7 @@ def sr_table(frame: pd.DataFrame) -> pd.DataFrame:
         chosen = ok
         for col in by:
             chosen = chosen[chosen[col] == key[col]]
-        row = {"method": REFERENCE_ROW if key["method"] == "reference" else key["method"]}
+        row = {"method": REFERENCE_ROW if key["method"] == REFERENCE else key["method"]}
         if "size" in by:
             row["size"] = key["size"]
         row["seeds"] = int(chosen.groupby("task").seed.nunique().max())
@@ -299,7 +296,7 @@ def paper_reference(name: str) -> pd.DataFrame:
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 5: parameters and device-days per method, beside the paper's."""
     ok = frame[(frame.status == "ok") & ~frame.method.isin(list(PSEUDO_METHODS))]
-    ok = ok[~ok.method.str.endswith("+sphere")]
+    ok = ok[~ok.method.str.endswith(SPHERE_SUFFIX)]
     if ok.empty:
         return pd.DataFrame()
     cost_cols = [c for c in ok.columns if c.startswith("cost: ") and pd.to_numeric(ok[c], errors="coerce").notna().any()]
@@ -332,7 +329,7 @@ def validation_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     wanted = [c for c in metric_columns(ok) if c.startswith(("FID-2D mean", "FID-3D", "LPIPS diversity"))]
     rows = []
     for label, (method, size) in VALIDATION_ROWS.items():
-        chosen = ok[(ok.method == method) & ((ok["size"] == size) | (method == "brainldm"))]
+        chosen = ok[(ok.method == method) & ((ok["size"] == size) | (method == BASE_UNCONDITIONED))]
         row = {"row": label, "runs": len(chosen)}
         for c in wanted:
             row[c] = _mean_std(chosen[c]) if not chosen.empty else "–"
@@ -408,7 +405,7 @@ def build_tables(results_dir: Path, out_dir: Path | None = None) -> dict[str, pd
                 "Cost: trainable parameters, seconds per step, projected device-days (paper Table 5 beside)")
     # Table 6 only where sphere-validation runs were recorded: without them (--no-validation) its rows are empty
     validated = [name for name, task in tasks.items() if task is not None and task.validation
-                 and ((frame.task == name) & (frame.method == "vcm+sphere")).any()]
+                 and ((frame.task == name) & (frame.method == SPHERE_VCM)).any()]
     for name in validated:  # one Table 6 per task with validation rows (named by task when there are several)
         key = "table6_validation" if len(validated) == 1 else f"table6_validation_{name}"
         tables[key] = validation_table(frame, name)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from benchmark.engine.speed import SpeedOptions
 from benchmark.run.grid import GridError
 from benchmark.run.identity import mixed_folder_error, run_identity, stale_fields, uses_base_model
-from benchmark.run.records import iter_records, library_versions, read_record, record_name, write_record
+from benchmark.run.records import RECORD_VERSION, iter_records, library_versions, read_record, record_name, write_record
 from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.status import RUN_LOCK, RUNNING, running_marker, write_grid_plan
@@ -42,7 +42,7 @@ def run_and_record(spec: RunSpec, ctx: RunContext, force: bool = False) -> dict:
         "task": spec.task, "method": spec.method, "size": spec.size, "seed": spec.seed,
         "profile": ctx.profile.name, "config_hash": ctx.config_hash(spec),
         "versions": library_versions(), "device": device_name(ctx.device),
-        "data": ctx.data.identity, "record_version": 1,
+        "data": ctx.data.identity, "record_version": RECORD_VERSION,
         "speed": SpeedOptions.from_profile(ctx.profile).as_dict(),
         "recipe": ctx.recipe(spec) or {"source": f"profile (training.recipe: {ctx.profile.training.get('recipe', 'profile')})"},
         "splits": ctx.data.split_rule,

@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmark.engine.recipes import load_recipe
 from benchmark.engine.training import TrainSettings, train_method
-from benchmark.run.engine import control_probe
+from benchmark.run.session import control_probe
 from benchmark.run.runner import build_method
 from benchmark.run.ship import _git_commit
 from benchmark.run.spec import RunContext

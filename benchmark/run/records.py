@@ -9,7 +9,11 @@ from typing import Iterator
 
 from core.files import atomic_json
 
-RECORD_VERSION = 1
+RECORD_VERSION = 1  # bump when a record's fields change meaning; older records stay readable
+
+
+class RecordError(ValueError):
+    """A record this version of the suite cannot read."""
 
 
 def library_versions() -> dict[str, str]:
@@ -43,13 +47,21 @@ def _jsonable(value):
 
 
 def read_record(path: Path) -> dict | None:
-    """The record, or None when it is missing or unreadable (then the run is redone)."""
+    """The record, or None when it is missing or unreadable (then the run is redone). A record newer than
+    this suite raises :class:`RecordError`: skipping it would have the grid redo the run and overwrite
+    it, and the tables drop it without a word."""
     try:
         with open(path) as fh:
             record = json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) and "status" in record else None
+    if not (isinstance(record, dict) and "status" in record):
+        return None
+    version = record.get("record_version", 1)  # the first records had no version field
+    if not isinstance(version, int) or version > RECORD_VERSION:
+        raise RecordError(f"{path} is a record of version {version!r}, newer than this suite reads "
+                          f"({RECORD_VERSION}): update the suite, or move the record out of the folder")
+    return record
 
 
 def record_name(record: dict) -> str:

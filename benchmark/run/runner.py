@@ -16,7 +16,7 @@ from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
 from benchmark.engine.sampling import sample_unconditioned
 from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainSettings
-from benchmark.run.engine import RunEngine, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
+from benchmark.run.session import RunSession, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
 from benchmark.run.spec import RunContext, RunKind, RunSpec
 from core.files import atomic_npz
 from datasets.tasks import Task, get_task
@@ -39,20 +39,20 @@ def build_method(name: str, task: Task, ctx: RunContext, seed: int, speed: Speed
     return (speed or SpeedOptions.from_profile(ctx.profile)).apply(method)
 
 
-def run_engine(spec: RunSpec, ctx: RunContext, n_train: int, probe="profile", stop_after: int | None = None):
-    return RunEngine(ctx, ctx.run_dir(spec), spec.seed,
-                     TrainSettings.from_profile(ctx.profile, n_train, spec.method, spec.task),
-                     probe=probe, stop_after=stop_after)
+def run_session(spec: RunSpec, ctx: RunContext, n_train: int, probe="profile", stop_after: int | None = None):
+    return RunSession(ctx, ctx.run_dir(spec), spec.seed,
+                      TrainSettings.from_profile(ctx.profile, n_train, spec.method, spec.task),
+                      probe=probe, stop_after=stop_after)
 
 
 def train_or_load(spec: RunSpec, task: Task, ctx: RunContext, stop_after: int | None = None, probe=None):
-    """Train the run's (steering) method through the engine, resuming if interrupted; returns
+    """Train the run's (steering) method through a run session, resuming if interrupted; returns
     (method, TrainResult)."""
     method = build_method(spec.method, task, ctx, spec.seed)
     subjects = ctx.data.train_subjects(spec.size)
-    engine = run_engine(spec, ctx, len(subjects), probe=probe, stop_after=stop_after)
-    method.fit(subjects, task, engine)
-    return method, engine.train_result
+    session = run_session(spec, ctx, len(subjects), probe=probe, stop_after=stop_after)
+    method.fit(subjects, task, session)
+    return method, session.train_result
 
 
 # ---- the kinds of run --------------------------------------------------------------------
@@ -125,10 +125,10 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
     trained = spec.trained()
     method = build_method(trained.method, task, ctx, spec.seed)
     subjects = ctx.data.train_subjects(spec.size)
-    engine = run_engine(trained, ctx, len(subjects))
+    session = run_session(trained, ctx, len(subjects))
     fit_start = time.perf_counter()
     with PeakMemory(ctx.device) as memory:
-        info = dict(method.fit(subjects, task, engine) or {})
+        info = dict(method.fit(subjects, task, session) or {})
     fit_seconds = time.perf_counter() - fit_start
     sample_task = task
     if spec.kind is RunKind.SPHERE_VALIDATION:
@@ -138,7 +138,7 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
     torch.manual_seed(stable_seed(spec.seed, "sampling"))
     method.eval()
     gen_start = time.perf_counter()
-    generated = generate(method, test, sample_task, engine, ctx)
+    generated = generate(method, test, sample_task, session, ctx)
     gen_seconds = time.perf_counter() - gen_start
     swapped = None
     if task.dice is not None and spec.kind is RunKind.METHOD:  # the method's own null: another subject's condition
@@ -146,13 +146,13 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
 
         other = derangement(len(test), spec.seed)
         torch.manual_seed(stable_seed(spec.seed, "sampling"))
-        swapped = (other, generate(method, test, sample_task, engine, ctx, [test[j] for j in other]))
-    if engine.train_result is not None:  # trained by the suite's loop: its cost, and the control probe
-        train = engine.train_result
-        result = {"training": {**training_fields(info), "lr": engine.settings.lr},
+        swapped = (other, generate(method, test, sample_task, session, ctx, [test[j] for j in other]))
+    if session.train_result is not None:  # trained by the suite's loop: its cost, and the control probe
+        train = session.train_result
+        result = {"training": {**training_fields(info), "lr": session.settings.lr},
                   "cost": ctx.scorer(task).cost(method, train, spec.size)}
-        if engine.probe is not None:
-            result["control_probe"] = {"protocol": engine.probe.describe(), "history": train.extra["control_probe"]}
+        if session.probe is not None:
+            result["control_probe"] = {"protocol": session.probe.describe(), "history": train.extra["control_probe"]}
     else:  # the method fitted itself
         result = direct_fields(method, info, ctx, fit_seconds, gen_seconds, len(test), memory.summary())
         result["control_probe"] = {"not_applicable": f"{spec.method} generates volumes directly; it has no noise "
@@ -173,7 +173,7 @@ RUNS = {
 # ---- shared steps ---------------------------------------------------------------------------
 
 
-def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunContext,
+def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: RunContext,
              condition_subjects=None) -> np.ndarray:
     """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1].
     ``condition_subjects`` (one per test subject) gives the spatial conditions instead, each subject
@@ -188,7 +188,7 @@ def generate(method: BaseMethod, test, task: Task, engine: RunEngine, ctx: RunCo
     for start in tqdm(range(0, len(test), batch_size), desc=desc, disable=not ctx.progress, leave=False):
         chunk = test[start : start + batch_size]
         conditions = condition_batch(task, givers[start : start + batch_size], device=ctx.device)
-        volumes = method.generate(conditions, scalar_batch(chunk, ctx.device), chunk, engine)
+        volumes = method.generate(conditions, scalar_batch(chunk, ctx.device), chunk, session)
         # Finite values are required of direct methods, whose volumes no engine check has seen; a steering
         # method's are the sampler's and are scored as before.
         check_generated(method.name, volumes, (len(chunk), 1, *ctx.profile.image_shape),
@@ -236,8 +236,8 @@ def training_fields(info: dict) -> dict:
 
 def direct_fields(method: BaseMethod, info: dict, ctx: RunContext, fit_seconds: float, gen_seconds: float,
                   n_test: int, memory: dict) -> dict:
-    """The record's training and cost of a method that fitted itself (not through the engine)."""
-    from metrics.cost import count_parameters, device_days
+    """The record's training and cost of a method that fitted itself (not through a run session)."""
+    from metrics.cost import PAPER_PROTOCOL, count_parameters, device_days
 
     params = count_parameters(method)
     cost = {
@@ -257,8 +257,8 @@ def direct_fields(method: BaseMethod, info: dict, ctx: RunContext, fit_seconds: 
         cost["batch_size"] = int(info["batch_size"])
     sps = info.get("seconds_per_step")
     if sps is not None and np.isfinite(sps) and info.get("losses"):
-        # The same projection as the diffusion methods (N=500, 10,000 epochs, minibatch 16).
-        projection = device_days(sps, n_train=500, epochs=10000, batch_size=16, device=ctx.device,
+        # The same projection as the diffusion methods: the paper's protocol.
+        projection = device_days(sps, **PAPER_PROTOCOL, device=ctx.device,
                                  measured_batch_size=cost.get("batch_size"))
         cost["device_days_paper_protocol"] = projection["device_days"]
         cost["device_days_rule"] = projection["rule"] + (f"; {projection['scaling']}" if projection["scaling"] else "")

@@ -20,7 +20,7 @@ from functools import cached_property
 import numpy as np
 
 from metrics.common import DeferredVolumes, sha256_bytes
-from metrics.cost import count_parameters, device_days
+from metrics.cost import PAPER_PROTOCOL, count_parameters, device_days
 from metrics.dice import condition_to_labels
 from metrics.extractors import InDomainConfig, get_extractors
 from metrics.frd import frd_unavailable
@@ -34,7 +34,7 @@ class SharedScoring:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.settings = ctx.profile.get("metrics", {})
+        self.settings = ctx.profile["metrics"]
 
     def config(self, key: str, cls):
         """metrics.<key> of the profile as a metrics config object (defaults where absent)."""
@@ -46,7 +46,7 @@ class SharedScoring:
 
     @cached_property
     def reference_count(self) -> int:
-        return min(len(self.ctx.data.splits.train_pool), int(self.settings.get("reference_volumes", 500)))
+        return min(len(self.ctx.data.splits.train_pool), int(self.settings["reference_volumes"]))
 
     @cached_property
     def train_reference(self):
@@ -99,10 +99,16 @@ class SharedScoring:
         """FRD's mask: voxels where at least half the real training volumes have brain tissue (label > 0);
         None when FRD cannot be computed here (its protocol then gives frd_unavailable's reason) or the
         profile turns it off (``metrics.frd: false``)."""
-        if frd_unavailable() is not None or not self.settings.get("frd", True):
+        if frd_unavailable() is not None or not self.settings["frd"]:
             return None
         semantics = np.stack([s.semantics for s in self.train_reference])
         return (semantics[:, 0] > 0).mean(0) >= 0.5
+
+    @cached_property
+    def scoring_settings(self) -> ScoringSettings:
+        """The profile's ``metrics.frd``; the other settings (slices, pairs, seeds, k, bootstrap) have no
+        profile key and are ``metrics.protocol``'s named constants, with which every record was made."""
+        return ScoringSettings(frd=bool(self.settings["frd"]))
 
     @cached_property
     def lpips(self):
@@ -144,7 +150,7 @@ class Scorer:
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
                               lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask,
-                              settings=ScoringSettings(frd=bool(self.shared.settings.get("frd", True))),
+                              settings=self.shared.scoring_settings,
                               voxel_ml=subjects[0].voxel_volume_ml if conditions is not None else None)
         protocol = row.pop("protocol")
         protocol["voxel_mm"] = [round(v, 4) for v in subjects[0].voxel_mm]
@@ -178,8 +184,7 @@ class Scorer:
         }
         sps = train.seconds_per_step
         if sps is not None and math.isfinite(sps):
-            # The paper's protocol: N=500, 10,000 epochs, minibatch 16, on this run's device.
-            projection = device_days(sps, n_train=500, epochs=10000, batch_size=16, device=self.ctx.device,
+            projection = device_days(sps, **PAPER_PROTOCOL, device=self.ctx.device,
                                      measured_batch_size=cost["batch_size"])
             cost["device_days_paper_protocol"] = projection["device_days"]
             cost["device_days_rule"] = projection["rule"] + (f"; {projection['scaling']}" if projection["scaling"] else "")

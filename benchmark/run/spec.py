@@ -16,13 +16,16 @@ from benchmark.engine.latents import LatentCache
 from benchmark.run.data_source import DataSource
 from datasets.tasks import Task
 
-CODE_VERSION = "1"  # bump when a change invalidates finished runs
+RUN_CODE_VERSION = "1"  # bump when a change invalidates finished runs
 
 # The ``method`` of the runs that train no registered method: the reference rows of the task tables
 # and of Table 6. They name the runs' records and folders.
 REFERENCE = "reference"         # real test volumes against real training volumes
 REFERENCE_OTHER = "reference_other"  # real test volumes against another test subject's condition (Dice)
-BASE_UNCONDITIONED = "brainldm"  # the frozen base model alone
+# The suite's own frozen base model alone. The stored name is historical (the base model once was
+# BrainLDM) but stays: it names every results folder's record files (lv__brainldm__n0__s0.json) and the
+# committed study's records. Tables and figures call it "base model, unconditioned" (benchmark.report.labels).
+BASE_UNCONDITIONED = "brainldm"
 AUTOENCODER = "autoencoder"     # test volumes through the base autoencoder: the ceiling of a latent generator
 SPHERE_SUFFIX = "+sphere"        # a method sampled with sphere masks (out of distribution)
 
@@ -177,7 +180,7 @@ class RunContext:
         """What makes the run's numbers: the profile (less its ``speed`` section, which changes only how
         fast the same numbers come), the run, the code version, the data and the weights."""
         profile = {k: v for k, v in self.profile.to_dict().items() if k != "speed"}
-        identity = {"profile": profile, "spec": spec.identity(), "code": CODE_VERSION,
+        identity = {"profile": profile, "spec": spec.identity(), "code": RUN_CODE_VERSION,
                     "data": self.data.identity, "weights": str(self.weights_dir)}
         recipe = self.recipe(spec)
         if recipe is not None:  # what the recipe chose for this method: retuning another method keeps this run

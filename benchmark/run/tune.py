@@ -38,7 +38,7 @@ from benchmark.engine.probe import derangement, noise_mse_ratio
 from benchmark.engine.recipes import RECIPE_DIR, recipe_path
 from benchmark.engine.sampling import sample_method
 from benchmark.engine.training import TrainingDiverged, TrainSettings, train_method
-from benchmark.run.engine import control_probe
+from benchmark.run.session import control_probe
 from benchmark.run.runner import build_method
 from benchmark.run.ship import _git_commit  # one place for the commit a file was made at
 from benchmark.run.spec import RunContext

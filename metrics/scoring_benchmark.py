@@ -3,7 +3,7 @@
     python run_benchmark.py bench-scoring                       # cpu profile size, 100 "generated" volumes
     python run_benchmark.py bench-scoring --shape 32 48 32 --n-fake 20 --n-train 24 --judge-steps 100
 
-The data come from the caller (``run(args, load_data, command)``; ``benchmark.cli.bench_scoring`` passes the
+The data and the judge's and extractors' configs come from the caller (``run(args, load_data, command, ...)``; ``benchmark.cli.bench_scoring`` passes the
 suite's synthetic population): the metrics package depends on no data set.
 
 What it does:
@@ -49,6 +49,7 @@ from .extractors import (
     MEDICALNET_PREPROCESSING,
     RADIMAGENET_PREPROCESSING,
     FeatureExtractor,
+    InDomainConfig,
     _medicalnet_features,
     _radimagenet_features,
     get_extractors,
@@ -80,7 +81,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n-ref", type=int, default=100)
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--judge-steps", type=int, default=JudgeConfig().steps)
+    ap.add_argument("--judge-steps", type=int, default=None, help="default: the profile's metrics.judge.steps")
     ap.add_argument("--timing-architectures", action="store_true")
     ap.add_argument("--lpips-random-trunk", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
@@ -90,9 +91,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=None)
 
 
-def run(args: argparse.Namespace, load_data: LoadData, command: str) -> dict[str, Any]:
+def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_config: JudgeConfig,
+        in_domain_config: InDomainConfig) -> dict[str, Any]:
     """``load_data(shape, n_train, n_ref, n_fake, seed, cache_dir)`` -> (arrays, source line); the arrays
-    are ``train``, ``train_lv``, ``ref``, ``ref_lv``, ``fake_src``, ``fake_lv`` ((N, 1, X, Y, Z))."""
+    are ``train``, ``train_lv``, ``ref``, ``ref_lv``, ``fake_src``, ``fake_lv`` ((N, 1, X, Y, Z)). The judge
+    and the in-domain fallback train as the configs say (the caller's profile)."""
     out: dict[str, Any] = {"command": command,
                            "device": device_name(), "torch_threads": torch.get_num_threads(), "seconds": {}}
     t0 = time.perf_counter()
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str) -> dict[str
 
     t0 = time.perf_counter()
     judge = train_judge(data["train"], condition_to_labels(data["train_lv"], 2), 2, args.cache_dir,
-                        data_id=data_id + ":lv", config=JudgeConfig(steps=args.judge_steps), progress=True)
+                        data_id=data_id + ":lv", config=judge_config, progress=True)
     out["seconds"]["judge_train_or_load"] = round(time.perf_counter() - t0, 1)
     out["judge"] = judge.describe()
 
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str) -> dict[str
         extractors = _timing_extractors()
     else:
         extractors = get_extractors(weights_dir=args.weights_dir, cache_dir=args.cache_dir,
-                                    train_volumes=data["train"], data_id=data_id)
+                                    train_volumes=data["train"], data_id=data_id, config=in_domain_config)
     out["seconds"]["extractors_train_or_load"] = round(time.perf_counter() - t0, 1)
     out["extractors"] = {k: e.describe() for k, e in extractors.items()}
 

@@ -1,5 +1,7 @@
-"""The ``engine`` a method's ``fit`` and ``generate`` receive (``methods.base.Engine``): the suite's
-training loop and DDIM sampler, bound to one run. Methods never import the benchmark; a steering
+"""One run's session: the suite's training loop and DDIM sampler bound to one run, the object a
+method's ``fit`` and ``generate`` receive (their argument ``engine``, typed ``methods.base.Engine``;
+both names stay because method code is hashed into records). "Engine" otherwise means the package
+:mod:`benchmark.engine` this session calls. Methods never import the benchmark; a steering
 method's default ``fit``/``generate`` call ``engine.train``/``engine.sample``, a method that makes
 volumes itself reads ``settings``, ``run_dir``, ``seed`` and ``progress`` only."""
 
@@ -31,9 +33,9 @@ def control_probe(task: Task, ctx, seed: int):
                         device=ctx.device, reuse_frozen=SpeedOptions.from_profile(ctx.profile).reuse_frozen_prediction)
 
 
-class RunEngine:
-    """One run's engine. ``probe``: a ControlProbe, ``"profile"`` (made from the profile when a method
-    trains through the engine) or None. After ``train``, ``train_result`` holds the loop's result."""
+class RunSession:
+    """One run's session. ``probe``: a ControlProbe, ``"profile"`` (made from the profile when a method
+    trains through the session) or None. After ``train``, ``train_result`` holds the loop's result."""
 
     def __init__(self, ctx, run_dir: Path, seed: int, settings: TrainSettings, probe: Any = "profile",
                  stop_after: int | None = None):
