@@ -261,6 +261,15 @@ def test_montages_are_drawn_for_each_methods_first_seed_at_the_two_ends_of_the_s
     kept = sorted(p.parent.name for p in montage_runs(frame, samples))
     assert kept == ["lv__brainldm__n0__s0", "lv__controlnet__n10__s0", "lv__controlnet__n500__s0",
                     "lv__vcm__n10__s0", "lv__vcm__n500__s0"]
+    # a montage drawn when N = 50 was the largest goes once N = 500 has landed; one of a run without a
+    # record (still running) stays
+    from benchmark.report.figures import remove_unselected_montages
+
+    for name in ("lv__vcm__n50__s0", "lv__vcm__n500__s0", "lv__mcm__n10__s0"):
+        (tmp_path / f"montage_{name}.png").write_bytes(b"png")
+    remove_unselected_montages(frame, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("montage_*.png")) == ["montage_lv__mcm__n10__s0.png",
+                                                                     "montage_lv__vcm__n500__s0.png"]
 
 
 # ---- the paper's findings, checked against records (benchmark/report/findings.py) -----------------

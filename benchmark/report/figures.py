@@ -298,11 +298,22 @@ def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
                 paths.append(path)
         paths += improvement_figures(subjects, task, out)
     real = Path(results_dir) / "runs" / "real_test.npz"
+    remove_unselected_montages(frame, out)
     for run in montage_runs(frame, sorted((Path(results_dir) / "runs").glob("*/samples.npz"))):
         name = run.parent.name
         title = "  ".join(method_label(part) for part in name.split("__"))  # the stored name, labelled
         paths.append(montage(run, real, title, out / f"montage_{name}.png"))
     return paths
+
+
+def remove_unselected_montages(frame: pd.DataFrame, out: Path) -> None:
+    """Delete the montage of a recorded run that is no longer at either end of its size axis (N = 50 once
+    N = 500 has landed), so that the figures folder holds what :func:`montage_runs` selects. Decided from
+    the records alone: a clone without ``runs/`` keeps its committed montages."""
+    recorded = [f"{r.task}__{r.method}__n{r.size}__s{r.seed}" for r in frame[frame.status == "ok"].itertuples()]
+    selected = {p.parent.name for p in montage_runs(frame, [Path(name) / "samples.npz" for name in recorded])}
+    for name in set(recorded) - selected:
+        (out / f"montage_{name}.png").unlink(missing_ok=True)
 
 
 RUN_NAME = re.compile(r"^(?P<task>.+)__(?P<method>.+)__n(?P<size>\d+)__s(?P<seed>\d+)$")
