@@ -79,13 +79,13 @@ def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
     return record
 
 
-def run_state(spec: RunSpec, ctx: RunContext) -> tuple[str, list[str]]:
+def run_state(spec: RunSpec, ctx: RunContext, now: dict | None = None) -> tuple[str, list[str]]:
     """``done``, ``stale`` (finished, but made otherwise than this context would make it: with what differs)
-    or ``todo`` (no record, or a failed one)."""
+    or ``todo`` (no record, or a failed one). ``now``: the run's identity here, if already computed."""
     record = read_record(ctx.record_path(spec))
     if not record or record.get("status") != "ok":
         return "todo", []
-    differs = stale_fields(record, run_identity(spec, ctx))
+    differs = stale_fields(record, now if now is not None else run_identity(spec, ctx))
     return ("stale", differs) if differs else ("done", [])
 
 
@@ -262,7 +262,8 @@ def pending_runs(specs: Iterable[RunSpec], ctx: RunContext, force: bool = False,
     ``force`` or ``redo_stale``) or a folder mixing profiles or base models (without ``allow_mixed``)
     stops with a GridError."""
     specs = list(specs)
-    states = {s.name: run_state(s, ctx) for s in specs}
+    identities = {s.name: run_identity(s, ctx) for s in specs}  # once per spec: both checks below use them
+    states = {s.name: run_state(s, ctx, identities[s.name]) for s in specs}
     stale = [f"{name} ({'; '.join(differs)})" for name, (state, differs) in states.items() if state == "stale"]
     if stale and not (force or redo_stale):
         shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
@@ -272,7 +273,7 @@ def pending_runs(specs: Iterable[RunSpec], ctx: RunContext, force: bool = False,
     if not allow_mixed:
         redone = {s.name for s in specs} if force else {n for n, (state, _) in states.items() if state != "done"}
         kept = [r for r in iter_records(ctx.out_dir) if record_name(r) not in redone]
-        made_now = [{"identity": run_identity(s, ctx)} for s in specs]
+        made_now = [{"identity": identity} for identity in identities.values()]
         error = mixed_folder_error(ctx.out_dir, kept + made_now)
         if error:
             raise GridError(error)
