@@ -103,7 +103,7 @@ class Training:
     budget: str = key("steps: the same steps at every N; epochs: steps = epochs x ceil(N / batch_size)")
     steps: int = key("optimiser steps per run (budget steps)")
     epochs: int = key("epochs per run (budget epochs)")
-    recipe: str = key("tuned (benchmark/recipes/), profile (these settings) or paper (PAPER_RECIPE)")
+    recipe: str = key("tuned (benchmark/recipes/), profile (these settings) or paper (profiles.paper_recipe)")
     batch_size: int = key("examples per optimiser step")
     micro_batch_size: int = key("examples per forward pass; below batch_size the gradient accumulates")
     mixed_precision: str = key("fp32 or bf16 (autocast on CUDA only)")

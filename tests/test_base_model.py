@@ -140,7 +140,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(cache, tmp_path, da
 
 
 def _old_pretraining_loop(stage, module, cfg, ckpt_path, step_fn, seed, callback):
-    """``_Pretrainer._loop`` before it moved onto core.loop (commit 74fe83c), verbatim but for the
+    """``Pretrainer._loop`` before it moved onto core.loop (commit 74fe83c), verbatim but for the
     progress bar: it writes the checkpoints of the old format, ``{step, model, optimizer, generator,
     seconds, running, ema}``."""
     import math
@@ -188,7 +188,7 @@ def _old_pretraining_loop(stage, module, cfg, ckpt_path, step_fn, seed, callback
 def test_a_checkpoint_of_the_old_pretraining_loop_resumes_bit_for_bit(tmp_path, decay):
     """A pretraining run interrupted under the loop before core.loop (its checkpoint format) is
     resumed by today's loop and ends with the weights and logs of an uninterrupted run, bit for bit."""
-    from benchmark.base.pretrain import _Pretrainer, upgrade_old_checkpoint
+    from benchmark.base.pretrain import Pretrainer, upgrade_old_checkpoint
 
     cfg = load_profile("smoke", ["diffusion.steps=7", "diffusion.lr=0.05", "diffusion.warmup_steps=2",
                                  "diffusion.checkpoint_every=2", f"diffusion.ema_decay={decay}"]).diffusion
@@ -207,7 +207,7 @@ def test_a_checkpoint_of_the_old_pretraining_loop_resumes_bit_for_bit(tmp_path, 
         return step_fn
 
     def pretrainer(callback=None):
-        p = _Pretrainer.__new__(_Pretrainer)  # only what _loop reads
+        p = Pretrainer.__new__(Pretrainer)  # only what _loop reads
         p.seed, p.progress, p.callback, p.device = 5, False, callback, torch.device("cpu")
         return p
 

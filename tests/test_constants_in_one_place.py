@@ -32,9 +32,8 @@ def occurrences(pattern: str, allowed: set[str]) -> list[str]:
 
 
 def test_paper_protocol_is_written_once():
-    # metrics.cost.PAPER_PROTOCOL; benchmark/profiles.py's PAPER_RECIPE sets the paper's training epochs as a
-    # profile value (and must not import torch, which metrics.cost does)
-    found = occurrences(r"(?<![\d.])10_?000(?![\d.])", {"metrics/cost.py", "benchmark/profiles.py"})
+    # metrics.cost.PAPER_PROTOCOL; benchmark.profiles.paper_recipe takes its epochs from there
+    found = occurrences(r"(?<![\d.])10_?000(?![\d.])", {"metrics/cost.py"})
     assert not found, "use metrics.cost.PAPER_PROTOCOL instead of:\n" + "\n".join(found)
 
 
@@ -58,6 +57,27 @@ def test_config_dataclasses_have_no_literal_number_defaults():
                     found.append(f"{path.relative_to(ROOT)}:{field.lineno}: {node.name}.{ast.unparse(field.target)}")
     assert not found, ("a number that changes a result comes from the profile, or is a named module constant "
                        "(with why):\n" + "\n".join(found))
+
+
+def test_no_dataclass_restates_a_profile_section():
+    """A class holding a whole profile section takes its keys from the schema (``SpeedOptions(Speed)``)
+    instead of listing them, with defaults of its own, a second time."""
+    import dataclasses
+
+    from benchmark import profile_schema
+
+    sections = {frozenset(f.name for f in dataclasses.fields(cls)): name for name, cls in vars(profile_schema).items()
+                if dataclasses.is_dataclass(cls) and cls.__module__ == profile_schema.__name__}
+    found = []
+    for path in sources(*PACKAGES):
+        if path.name == "profile_schema.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+                names = frozenset(ast.unparse(f.target) for f in node.body if isinstance(f, ast.AnnAssign))
+                if names in sections:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} (profile_schema.{sections[names]})")
+    assert not found, "derive from the schema's section instead of restating its keys:\n" + "\n".join(found)
 
 
 def test_report_names_pseudo_methods_by_their_constants():

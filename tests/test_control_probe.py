@@ -132,7 +132,8 @@ def test_judged_tasks_get_four_reference_rows_first(tmp_path):
     from benchmark.report.figures import control_gap_curves
     from benchmark.run.grid import build_specs
     from benchmark.report.labels import AUTOENCODER_ROW, BASE_ROW, OTHER_ROW, REFERENCE_ROW
-    from benchmark.report.tables import records_frame, task_table
+    from benchmark.report.frame import records_frame
+    from benchmark.report.tables import task_table
 
     profile = load_profile("smoke")
     specs = build_specs(["lv", "multimodal", "sr4"], "vcm", [10], [0], profile, validation=False)

@@ -94,7 +94,7 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(tmp_path, vari
 
 
 def _pretrain_reference(steps=10, decay=0.9):
-    """benchmark.base.pretrain._Pretrainer._loop's arithmetic, without its files."""
+    """benchmark.base.pretrain.Pretrainer._loop's arithmetic, without its files."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     def lr_at(step, total, base_lr, warmup):  # pretrain._lr_at, verbatim

@@ -8,7 +8,7 @@ import torch
 
 from benchmark.profiles import load_profile
 from benchmark.report.headline import control_by_size, headline_table, per_subject_frame
-from benchmark.report.tables import records_frame
+from benchmark.report.frame import records_frame
 from datasets.tasks import get_task
 from metrics.control_delta import bootstrap_mean, follows_condition, holm, paired_difference
 from metrics.dice import dice_score, structure_volumes_ml, volume_agreement, volume_error

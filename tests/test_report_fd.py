@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from benchmark.engine.probe import NOISE_MSE_RATIO, summary_columns
-from benchmark.report.tables import (DAGGER, UNDERSAMPLED, WARNING, task_table, undersampled_columns,
-                                     write_table)
+from benchmark.report.frame import UNDERSAMPLED, undersampled_columns
+from benchmark.report.tables import DAGGER, WARNING, task_table, write_table
 
 
 def test_collapsed_method_is_warned_and_undersampled_fd_is_marked(tmp_path):

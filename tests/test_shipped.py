@@ -74,7 +74,8 @@ def test_ship_writes_a_folder_that_verifies_and_is_found(cache, tmp_path):
     judge per class count and both in-domain extractors, and the folder is found by the base model's key."""
     from benchmark.run.ship import ship
 
-    profile = tiny()
+    # the judges and extractors a few steps each: what is written is checked here, not how well they work
+    profile = tiny("metrics.judge.steps=2", "metrics.in_domain.steps_2d=2", "metrics.in_domain.steps_3d=2")
     load_base_model(profile, cache, progress=False)  # pretrained into the cache, as `pretrain` does
     out = ship(profile, cache, tmp_path / "shipped", {"MS-SSIM": 0.5}, command="pytest", notes="tiny")
     record = shipped.provenance(out)

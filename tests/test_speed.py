@@ -12,7 +12,7 @@ from benchmark.engine.probe import ControlProbe
 from benchmark.engine.sampling import sample_batch
 from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainSettings, train_method
-from benchmark.profiles import load_profile
+from benchmark.profiles import ProfileError, load_profile
 from core.speed import channels_last_convs, contiguous_convs, fused_swish, uses_channels_last_convs
 from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import get_task
@@ -46,14 +46,15 @@ def setup(tmp_path_factory):
     return base, subjects, LatentCache(base, None)
 
 
-def test_profiles_switch_every_option_on_and_unknown_keys_are_refused():
+def test_profiles_switch_every_option_on_and_the_schema_checks_them():
     for name in ("smoke", "cpu", "gpu", "paper"):
         options = SpeedOptions.from_profile(load_profile(name))
         assert all(options.as_dict().values()), name
-    with pytest.raises(ValueError, match="unknown setting"):
-        SpeedOptions.from_profile({"speed": {"channel_last": True}})
-    with pytest.raises(ValueError, match="true or false"):
-        SpeedOptions.from_profile({"speed": {"channels_last_convs": "yes"}})
+    assert not any(OFF.as_dict().values())
+    with pytest.raises(ProfileError, match="did you mean 'speed.channels_last_convs'"):
+        load_profile("smoke", ["speed.channel_last=true"])
+    with pytest.raises(ProfileError, match="'speed.channels_last_convs' expects true or false"):
+        load_profile("smoke", ["speed.channels_last_convs=often"])
 
 
 @pytest.mark.parametrize("make", [lambda: ConditionEncoder(2, [4, 8], 2, 4),

@@ -24,7 +24,8 @@ import torch
 from benchmark.base.model import BaseLDM
 from benchmark.engine.latents import condition_batch, scalar_batch
 from benchmark.profiles import load_profile
-from benchmark.report.tables import AXIAL_MM, sr_table
+from benchmark.report.frame import AXIAL_MM
+from benchmark.report.tables import sr_table
 from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import degrade_axial, get_task
 from methods._sr import kept_slices

@@ -59,14 +59,15 @@ def load_base_model(
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / "lock"):  # two processes never pretrain the same model at once
         if not (out / "done").is_file():
-            from benchmark.base.pretrain import _DecoderFinetuner, _DiffusionFinetuner, _Pretrainer
+            from benchmark.base.finetune import DecoderFinetuner, DiffusionFinetuner
+            from benchmark.base.pretrain import Pretrainer
 
             if diffusion_finetune_steps(profile) > 0:
-                _DiffusionFinetuner(profile, cache_dir, device, progress, step_callback).run()
+                DiffusionFinetuner(profile, cache_dir, device, progress, step_callback).run()
             elif decoder_finetune_steps(profile) > 0:
-                _DecoderFinetuner(profile, cache_dir, device, progress, step_callback).run()
+                DecoderFinetuner(profile, cache_dir, device, progress, step_callback).run()
             else:
-                _Pretrainer(profile, cache_dir, device, progress, step_callback).run()
+                Pretrainer(profile, cache_dir, device, progress, step_callback).run()
         elif progress:
             print(f"base model: loaded from {out}", file=sys.stderr, flush=True)
         base = _load_cached(profile, out, device)

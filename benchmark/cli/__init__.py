@@ -18,17 +18,21 @@ Every command takes the common flags (``--profile``, ``--override``, ``--cache-d
 ``--device``, ``--plugin``, ``--retrain-base``, ``--quiet``, ``--debug``) with the same meaning and defaults.
 The device, the cache folder and a command's output folder are checked before any work: a problem is one
 line ``error: ...`` and exit status 2, nothing written; Ctrl-C is one line and exit status 130.
-Each command lives in its own module here and registers itself with ``register(subparsers, common)``.
+Each command lives in its own module here, named in ``COMMANDS``, and registers itself with
+``register(subparsers, common)``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
+# the modules of this package that register commands, in the order --help lists them
+COMMANDS = ("run", "study", "train", "tune", "plateau", "pretrain", "data", "sample", "bench", "bench_scoring")
 DEFAULT_PROFILE = "cpu"
 INTERRUPTED = "interrupted; rerun the same command to resume from the last checkpoint"
 
@@ -142,8 +146,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmark.cli import bench, bench_scoring, data, plateau, pretrain, run, sample, study, train, tune
-
     parser = argparse.ArgumentParser(
         prog="run_benchmark.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every spatial-control method on nested training sets, sample the test subjects, "
@@ -151,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_flags()
-    for module in (run, study, train, tune, plateau, pretrain, data, sample, bench, bench_scoring):
-        module.register(sub, common)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub, common)
     return parser
 
 

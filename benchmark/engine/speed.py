@@ -22,35 +22,24 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from benchmark.profile_schema import Speed
 from core.speed import channels_last_convs, channels_last_inference, fused_swish
 from methods.base import BaseMethod, Method
 
-SECTION = "speed"
-
 
 @dataclass(frozen=True)
-class SpeedOptions:
-    channels_last_convs: bool = False
-    fused_activations: bool = False
-    reuse_condition_features: bool = False
-    reuse_frozen_prediction: bool = False
+class SpeedOptions(Speed):
+    """The options (their names and meanings: :class:`benchmark.profile_schema.Speed`; their values: the
+    profile, checked when it is loaded) and how they set up a method and the base model."""
 
     @classmethod
     def from_profile(cls, profile) -> "SpeedOptions":
-        section = dict(profile.get(SECTION) or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"the profile's {SECTION} section has unknown setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
-        bad = [k for k, v in section.items() if not isinstance(v, bool)]
-        if bad:
-            raise ValueError(f"{SECTION}.{bad[0]} must be true or false, got {section[bad[0]]!r}")
-        return cls(**section)
+        return cls(**profile["speed"])
 
     @classmethod
     def off(cls) -> "SpeedOptions":
-        return cls()
+        """Every option off: plain PyTorch, to compare with."""
+        return cls(**{f.name: False for f in fields(cls)})
 
     def apply(self, method: BaseMethod) -> BaseMethod:
         """Set ``method`` up with these options (once, right after it is built); returns it."""

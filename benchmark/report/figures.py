@@ -17,7 +17,7 @@ from benchmark.run.records import iter_records  # noqa: E402
 from benchmark.run.spec import AUTOENCODER, BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX  # noqa: E402
 from metrics.control_delta import bootstrap_mean, paired_difference  # noqa: E402
 from metrics.ranking import probability_of_improvement, rank_intervals  # noqa: E402
-from benchmark.report.tables import metric_columns  # noqa: E402
+from benchmark.report.frame import metric_columns  # noqa: E402
 
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
 

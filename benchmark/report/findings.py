@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.report.labels import PSEUDO_METHODS
-from benchmark.report.tables import fd_span
+from benchmark.report.frame import fd_span
 from benchmark.run.spec import SPHERE_SUFFIX
 from metrics.ranking import probability_of_improvement
 

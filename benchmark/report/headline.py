@@ -73,7 +73,7 @@ def _cell(value: float, digits: int) -> str:
 
 
 def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, with_keys: bool = False) -> pd.DataFrame:
-    """The headline rows of ``task`` (``records``: :func:`benchmark.report.tables.records_frame`); with
+    """The headline rows of ``task`` (``records``: :func:`benchmark.report.frame.records_frame`); with
     ``with_keys``, each row's method, size and number of seeds too (columns ``_method``, ``_size``, ``_seeds``)."""
     ok = records[(records.task == task) & (records.status == "ok")] if not records.empty else records
     if ok.empty:

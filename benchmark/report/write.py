@@ -8,7 +8,8 @@ from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
 from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
 from benchmark.report.findings import NOT_TESTED, paper_findings
-from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, records_frame, sr_tasks
+from benchmark.report.frame import records_frame
+from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, sr_tasks
 
 
 def _extractors(results_dir: Path) -> list[str]:
