@@ -124,7 +124,8 @@ class TrainingLoop:
     ``step_fn`` draws from. ``extra_state``: a dict saved with the checkpoint and updated in place on
     resume. ``on_step(done, loss, logs)`` runs after every step (an exception stops training; the
     next run resumes from the last checkpoint); ``on_diverged(done, loss)`` makes the exception a
-    non-finite loss raises.
+    non-finite loss raises. ``writes_checkpoint=False`` (data-parallel ranks other than 0) resumes from
+    the checkpoint and keeps the same state, but leaves writing it to the one rank that does.
     """
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn,
@@ -132,7 +133,7 @@ class TrainingLoop:
                  lr_at: Callable[[int], float] | None = None, rngs: Sequence[Rng] = (),
                  extra_state: dict | None = None, on_checkpoint: Callable[[int], None] | None = None,
                  on_step: Callable[[int, float, dict], None] | None = None,
-                 on_diverged: Callable[[int, float], BaseException] | None = None):
+                 on_diverged: Callable[[int, float], BaseException] | None = None, writes_checkpoint: bool = True):
         if schedule is not None and lr_at is not None:
             raise ValueError("give a learning-rate schedule or lr_at, not both")
         if settings.checkpoint_every and checkpoint_path is None:
@@ -143,6 +144,7 @@ class TrainingLoop:
         self._access = [_rng_access(r) for r in self.rngs]  # an unsupported kind fails now, not at a checkpoint
         self.extra = extra_state if extra_state is not None else {}
         self.on_checkpoint, self.on_step, self.on_diverged = on_checkpoint, on_step, on_diverged
+        self.writes_checkpoint = writes_checkpoint
         # Copied now, from the initial weights; a resumed run overwrites it from the checkpoint.
         decay = settings.ema_decay
         self.ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
@@ -251,7 +253,8 @@ class TrainingLoop:
                     if self.on_checkpoint is not None:
                         self.on_checkpoint(done)
                     self.seconds = seconds_before + time.perf_counter() - call_start
-                    atomic_torch_save(self.state_dict(), self.path)
+                    if self.writes_checkpoint:
+                        atomic_torch_save(self.state_dict(), self.path)
                 if self.on_step is not None:
                     self.on_step(done, value, logs)
         finally:

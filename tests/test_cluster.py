@@ -73,6 +73,24 @@ def test_local_jobs_2_writes_the_same_records_as_jobs_1(in_process, cache, tmp_p
     print(f"the grid: --jobs 1 {seconds_one:.0f} s, --jobs 2 {seconds_two:.0f} s (wall, warm cache)")
 
 
+@pytest.mark.slow
+def test_ddp_2_writes_the_records_of_one_process_and_says_so(in_process, cache, tmp_path):
+    """`run --ddp 2`: the method run trained by 2 ranks (the reference rows in this process); the same
+    records to float rounding, with the split in the record and the device-days of 2 devices."""
+    reference, _ = in_process
+    out = tmp_path / "ddp2"
+    proc = run_cli([*GRID, "--ddp", "2"], cache, out)
+    log = proc.communicate()[0]
+    assert proc.returncode == 0, log
+    record = read_record(out / "records" / "lv__residual_shift__n2__s0.json")
+    assert record["training"]["distributed"] == {"world_size": 2, "per_rank_batch": [1, 1]}
+    assert record["cost"]["device_days_rule"].endswith("seconds per step x 2 devices (data parallel)")
+    both, diffs = compare_folders(reference, out, tolerance=1e-3, absolute=1e-6)
+    diffs = [d for d in diffs if not any(key in d for key in ("/volume r:", "/r_per_class[", "distributed",
+                                                               "device_days"))]
+    assert len(both) == 5 and not diffs, diffs
+
+
 def test_submitit_runs_give_the_same_records_as_the_in_process_runner(in_process, cache, tmp_path):
     reference, _ = in_process
     out = tmp_path / "submitit"
@@ -225,8 +243,9 @@ def test_slurm_settings_become_the_sbatch_script(tmp_path, monkeypatch):
                              sbatch=parse_sbatch_options(["account=mylab", "--qos=high"]))
     executor = SlurmExecutor(settings, tmp_path / "slurm").executor()
     script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit X", "uid")
-    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=16", "--mem=128GB", "--time=2880",
-                 "--account=mylab", "--qos=high", "--signal=USR2@", "--ntasks-per-node=1"):
+    # 2 GPUs: 2 tasks (the ranks of one data-parallel run), the run's 16 cores shared between them
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=8", "--mem=128GB", "--time=2880",
+                 "--account=mylab", "--qos=high", "--signal=USR2@", "--ntasks-per-node=2"):
         assert f"#SBATCH {line}" in script, script
     assert executor._executor.max_num_timeout == 5
     assert executor._executor.parameters["array_parallelism"] == 10

@@ -179,6 +179,8 @@ def test_failing_method_is_recorded_and_the_grid_goes_on(cache, tmp_path, monkey
     (["--task", "bogus"], "bogus"),
     (["--profile", "huge"], "unknown profile"),
     (["--sizes", "a,b"], "comma-separated integers"),
+    (["--ddp", "2", "--jobs", "2"], "--ddp 2 trains one run at a time"),
+    (["--ddp", "16"], "training.batch_size 8 cannot be split over 16 ranks"),
 ])
 def test_bad_command_lines_are_clear_errors(tmp_path, args, message):
     code, log = main_in_process(["--out", tmp_path, *args])

@@ -116,6 +116,15 @@ def _maybe_profile(enabled: bool, sink: list, title: str):
     sink.append(_ops_table(prof, title))
 
 
+def timing_settings(profile, n_train: int, name: str, steps: int) -> TrainSettings:
+    """The method's training settings, cut to ``WARMUP + steps`` steps with only a final checkpoint."""
+    settings = TrainSettings.from_profile(profile, n_train, name)
+    settings.steps = WARMUP + steps
+    settings.warmup_steps = min(settings.warmup_steps, WARMUP)
+    settings.checkpoint_every = 10**9  # only the final checkpoint, in a throw-away folder
+    return settings
+
+
 def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: int,
                 speed: SpeedOptions, parts=PARTS, ops: list | None = None) -> dict:
     """Times ``parts`` of method ``name`` built with ``speed``; returns timings and what was computed
@@ -124,10 +133,7 @@ def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: i
     speed.apply_base(ctx.base)
     method = build_method(name, task, ctx, seed, speed)
     subjects = ctx.data.train_subjects(size)
-    settings = TrainSettings.from_profile(ctx.profile, len(subjects), name)
-    settings.steps = WARMUP + steps
-    settings.warmup_steps = min(settings.warmup_steps, WARMUP)
-    settings.checkpoint_every = 10**9  # only the final checkpoint, in a throw-away folder
+    settings = timing_settings(ctx.profile, len(subjects), name, steps)
     row: dict = {"trainable_parameters": count_parameters(method)["trainable"]}
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as run_dir:
         if "train" in parts:
@@ -259,6 +265,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    help=f"with --compare-off: what to time, comma-separated from {', '.join(PARTS)} (default train)")
     p.add_argument("--profile-ops", action="store_true",
                    help="write each method's top operators by self time (torch.profiler) to <stem>-ops.md")
+    p.add_argument("--ddp", type=int, default=1, metavar="N",
+                   help="time each method's step trained by 1 process and by N data-parallel ranks (docs/CLUSTER.md)")
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=run)
 
@@ -286,6 +294,12 @@ def run(args) -> int:
         ctx.base = BaseLDM.from_profile(profile).freeze().to(ctx.device)
         ctx.latents = LatentCache(ctx.base, None, device=ctx.device)
 
+    if args.ddp > 1:
+        from benchmark.cli.bench_ddp import time_ranks
+
+        if args.random_base or args.compare_off:
+            raise MethodError("--ddp times the profile's base model in fresh processes: leave out --random-base and --compare-off")
+        return time_ranks(args, ctx, task, names)
     rows = []
     batch = int(profile.training.batch_size)
     report = {"profile": args.profile, "task": task.name, "size": args.size, "batch_size": batch,

@@ -78,11 +78,16 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
                         "through submitit (pip install '.[cluster]'), each task one run")
     g.add_argument("--jobs", type=int, default=1,
                    help="local: runs at once, each in its own process (default 1: one after another, in this process)")
+    g.add_argument("--ddp", type=int, default=1, metavar="N",
+                   help="local: train each run with N data-parallel processes (ranks) on this machine, one device "
+                        "each (cuda:0..N-1; on CPU a share of the threads), the minibatch split over them; with "
+                        "--jobs 1 (default 1: one process)")
     g.add_argument("--devices", default=None,
                    help="local: comma-separated devices shared out among the jobs, e.g. cuda:0,cuda:1 "
                         "(default: --device; on CPU each job gets its share of the threads)")
     g.add_argument("--slurm-partition", default=None, help="slurm: partition (default: the cluster's default)")
-    g.add_argument("--slurm-gpus", type=int, default=1, help="slurm: GPUs per run (default 1)")
+    g.add_argument("--slurm-gpus", type=int, default=1,
+                   help="slurm: GPUs per run (default 1); N > 1 trains each run with N data-parallel ranks, one per GPU")
     g.add_argument("--slurm-cpus", type=int, default=8, help="slurm: CPU cores per run (default 8)")
     g.add_argument("--slurm-mem-gb", type=int, default=64, help="slurm: memory per run in GB (default 64)")
     g.add_argument("--slurm-time", type=int, default=24 * 60,
@@ -104,6 +109,8 @@ def make_executor(args, out: Path):
     from benchmark.run.grid import GridError
 
     if args.executor == "slurm":
+        if args.ddp != 1:
+            raise GridError("--ddp starts ranks on this machine; on Slurm, --slurm-gpus N trains each run with N ranks")
         from benchmark.run.slurm import SlurmExecutor, SlurmSettings, parse_sbatch_options
 
         settings = SlurmSettings(partition=args.slurm_partition, gpus_per_run=args.slurm_gpus,
@@ -113,6 +120,8 @@ def make_executor(args, out: Path):
         return SlurmExecutor(settings, out / "slurm")
     if args.jobs < 1:
         raise GridError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.ddp != 1:
+        return _data_parallel(args)
     devices = _devices(args.devices)
     if args.jobs == 1:
         if devices:
@@ -121,6 +130,24 @@ def make_executor(args, out: Path):
     from benchmark.run.executors import LocalPoolExecutor
 
     return LocalPoolExecutor(args.jobs, devices)
+
+
+def _data_parallel(args):
+    from benchmark.run.ddp import DataParallelExecutor
+    from benchmark.run.grid import GridError
+
+    if args.ddp < 1:
+        raise GridError(f"--ddp must be at least 1 (the processes that train each run), got {args.ddp}")
+    if args.jobs != 1 or args.devices:
+        raise GridError(f"--ddp {args.ddp} trains one run at a time on this machine's devices (rank r on cuda:r); "
+                        "leave out --jobs and --devices, or drop --ddp to run several runs at once")
+    import torch
+
+    cuda = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda"
+    if cuda and args.ddp > torch.cuda.device_count():
+        raise GridError(f"--ddp {args.ddp} needs {args.ddp} CUDA devices, one per rank; this machine has "
+                        f"{torch.cuda.device_count()}")
+    return DataParallelExecutor(args.ddp)
 
 
 def _devices(text: str | None) -> list[str]:
@@ -161,7 +188,7 @@ def _results_dir(args, profile) -> Path:
 def run(args) -> int:
     from benchmark.report.write import write_outputs
     from benchmark.run.executors import run_grid
-    from benchmark.run.grid import build_specs
+    from benchmark.run.grid import GridError, build_specs
     from benchmark.run.spec import RunContext
     from datasets.tasks import TASKS
 
@@ -173,6 +200,11 @@ def run(args) -> int:
     specs = build_specs(tasks, args.methods, sizes, _int_list(args.seeds, "seeds"), profile,
                         validation=not args.no_validation)
     executor = make_executor(args, out)
+    ranks = max(args.ddp, args.slurm_gpus if args.executor == "slurm" else 1)
+    if ranks > int(profile.training.batch_size):
+        raise GridError(f"training.batch_size {profile.training.batch_size} cannot be split over {ranks} ranks; "
+                        f"use at most {profile.training.batch_size} ranks or a larger batch "
+                        "(--override training.batch_size=N)")
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, args.data, args.device,
                      progress=not args.quiet)
     ctx.data.check_grid(sizes, int(profile.sampling.n_test))  # before any run starts: not when one reaches it

@@ -5,6 +5,11 @@
     python run_benchmark.py train --task lv --method vcm --size 50 --profile cpu --no-sampling \
         --override methods.vcm.l1_weight=0 --out results/sweep/vcm-l1-0      # a recipe sweep point
 
+Under torchrun every rank trains its share of each minibatch and rank 0 alone probes, samples and writes
+(docs/CLUSTER.md):
+
+    torchrun --nproc_per_node 2 run_benchmark.py train --task lv --method vcm --size 50 --profile smoke
+
 Writes the checkpoint, the control probe's history (probe.json: the gap per timestep band at every
 checkpoint) and, unless --no-sampling, the generated volumes (samples.npz) and a montage under --out,
 and prints the probe table and a one-line summary. Scoring and records are the grid runner's job
@@ -19,6 +24,8 @@ import time
 from pathlib import Path
 
 from benchmark.cli import load_plugins, load_profile_from, writable_folder
+from benchmark.engine.distributed import rank_and_size
+from benchmark.run import ddp
 from benchmark.engine.sampling import sample_method
 from benchmark.report.figures import montage
 from benchmark.run.spec import RunContext, RunSpec
@@ -65,10 +72,19 @@ def run(args) -> int:
     if not 1 <= args.size <= profile.data.train_pool:
         raise DataError(f"--size {args.size} must be between 1 and the training pool of "
                         f"{profile.data.train_pool} subjects")
+    with ddp.environment_group(args.device) as device:  # torchrun's ranks; None: one process
+        args.device = device or args.device
+        return _train(args, profile, task)
+
+
+def _train(args, profile, task) -> int:
     out = writable_folder(args.out or f"results/{profile.name}-train", "--out")
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device,
                      progress=not args.quiet)
     spec = RunSpec(task.name, args.method, args.size, args.seed)
+    if rank_and_size()[0] > 0:  # train beside rank 0, which probes, samples and writes
+        ddp.follow(spec, ctx)
+        return 0
     started = time.perf_counter()
     probe = control_probe(task, ctx, args.seed)
     method, result = train_or_load(spec, task, ctx, probe=probe)

@@ -5,7 +5,9 @@ noise, applies the task's modality drop, and asks the method for its loss. AdamW
 authors' schedule (warm-up, cosine to lr/10) or linear warm-up and annealing; the minibatch's
 gradient may be accumulated over micro-batches, under bf16 autocast on CUDA
 (``training.micro_batch_size``, ``mixed_precision``). Checkpoints are written atomically as
-training goes and an interrupted run resumes from the last one with the same numbers."""
+training goes and an interrupted run resumes from the last one with the same numbers. Under a
+torch.distributed process group each rank backpropagates its share of every minibatch
+(``benchmark.engine.distributed``); rank 0 alone probes, logs and writes."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from methods.base import FrozenLDM, Method, check_noise_prediction
 from methods.registry import known_methods
 from metrics.cost import PeakMemory
 
+from benchmark.engine import distributed
 from benchmark.engine.latents import ConditionStore, LatentCache, scalar_batch, stable_seed
 from benchmark.engine.recipes import load_recipe
 
@@ -154,29 +157,32 @@ def warmup_then_linear(warmup_steps: int, total_steps: int) -> Callable[[int], f
 
 
 def backward_in_micro_batches(loss_of: Callable[[object], torch.Tensor], n: int, micro_batch_size: int,
-                              precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                              ) -> float:
+                              precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                              share: range | None = None) -> float:
     """Backpropagate a minibatch of ``n`` examples in micro-batches; returns the minibatch's loss.
 
     ``loss_of(index)`` is the mean loss of the examples at ``index``; each micro-batch's loss is
     weighted by its share of the minibatch, so the accumulated gradient is the minibatch's (the
-    VCM authors split their minibatch of 16 over GPUs, 2 per GPU). Stops at the first non-finite
-    loss, before its backward, and returns it.
+    VCM authors split their minibatch of 16 over GPUs, 2 per GPU). ``share``: the examples this
+    data-parallel rank backpropagates (default all), still weighted by their share of all ``n``; the
+    loss returned is then their part of it. Stops at the first non-finite loss, before its backward,
+    and returns it.
     """
-    if micro_batch_size >= n:
+    share = range(n) if share is None else share
+    if len(share) == n and micro_batch_size >= n:
         parts = [slice(None)]
     else:
-        parts = torch.split(torch.arange(n), micro_batch_size)
+        parts = torch.split(torch.arange(share.start, share.stop), micro_batch_size)
     value = 0.0
     for part in parts:
-        share = 1.0 if isinstance(part, slice) else len(part) / n
+        weight = 1.0 if isinstance(part, slice) else len(part) / n  # of the whole minibatch, on every rank
         with precision():
             loss = loss_of(part)
         part_value = float(loss.detach())
         if not math.isfinite(part_value):
             return part_value
-        (loss * share).backward()
-        value += part_value * share
+        (loss * weight).backward()
+        value += part_value * weight
     return value
 
 
@@ -222,9 +228,18 @@ def train_method(
     would; used to test resumption. ``probe`` (a :class:`benchmark.engine.probe.ControlProbe`)
     is measured before the first step and at every checkpoint; its history is kept in the
     checkpoint and returned in ``TrainResult.extra["control_probe"]``.
+
+    Under a process group every rank calls this alike; rank 0 alone probes, shows progress and writes
+    the checkpoint, and ``TrainResult.extra["distributed"]`` says how the minibatch was split. Rank 0's
+    first call in a process tells the other ranks, waiting in ``distributed.wait_for_lead``, that the
+    caches they read are written.
     """
+    rank, world_size = distributed.rank_and_size()
+    writer = rank == 0
+    probe, progress = (probe, progress) if writer else (None, False)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     torch.manual_seed(stable_seed(seed, "init"))
     method.to(device)
@@ -236,6 +251,8 @@ def train_method(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_factor())
     rng = np.random.default_rng(stable_seed(seed, "batches"))
     noise_gen = torch.Generator().manual_seed(stable_seed(seed, "noise"))
+    batch_n = min(settings.batch_size, len(subjects))
+    mine = distributed.shares(batch_n, world_size)[rank]  # every rank draws the whole batch, then takes its share
     extra: dict = {"probe_history": []}  # kept in the checkpoint; a resumed run's replaces the list
 
     def measure_probe(step: int) -> None:
@@ -258,9 +275,10 @@ def train_method(
         z_t = base.train_scheduler.add_noise(z0, noise, t)
         conditions = conditions_all.batch(batch, present, flip, device)
         scalars, z_t, t, noise = scalars_all[torch.from_numpy(batch)].to(device), z_t.to(device), t.to(device), noise.to(device)
-        return backward_in_micro_batches(  # a float: the micro-batches backpropagated themselves
+        loss = backward_in_micro_batches(  # a float: the micro-batches backpropagated themselves
             lambda part: method.training_loss(z_t[part], t[part], conditions.select(part), scalars[part], noise[part]),
-            len(batch), settings.micro_batch_size, precision), {}
+            len(batch), settings.micro_batch_size, precision, mine)
+        return (distributed.sum_over_ranks(params, loss) if world_size > 1 else loss), {}
 
     loop = TrainingLoop(
         method, optimizer, train_step,
@@ -270,11 +288,12 @@ def train_method(
         on_checkpoint=measure_probe,  # before the checkpoint, outside the step timing
         on_diverged=lambda n, v: TrainingDiverged(
             f"method '{method.name}' diverged: the loss became {v} at step {n}; "
-            "lower training.lr in the profile or check the inputs"))
+            "lower training.lr in the profile or check the inputs"), writes_checkpoint=writer)
     start_step = loop.resume()
 
     base.train_scheduler  # noqa: B018  (fail early if the base model lacks a scheduler)
     encoded = latents.get(subjects, progress=progress)  # (N, 2, 2, C, x, y, z)
+    distributed.tell_followers(True)  # rank 0: the caches the other ranks read are written now
     scalars_all = scalar_batch(subjects)
     conditions_all = ConditionStore(task, subjects, device)
     num_timesteps = base.train_scheduler.num_train_timesteps
@@ -289,6 +308,9 @@ def train_method(
             measure_probe(0)  # before training: the gap the initialisation already has
         with PeakMemory(device) as memory:
             r = loop.run(stop_after)
+    extra_out = {"control_probe": extra["probe_history"]} if probe is not None else {}
+    if world_size > 1:  # a one-process record stays as it was
+        extra_out["distributed"] = distributed.describe(batch_n, world_size)
     return TrainResult(
         steps=r.steps,
         losses=r.losses,
@@ -296,5 +318,5 @@ def train_method(
         wall_seconds=time.perf_counter() - wall_start,
         peak_memory=memory.summary(),
         resumed_from=r.resumed_from,
-        extra={"control_probe": extra["probe_history"]} if probe is not None else {},
+        extra=extra_out,
     )

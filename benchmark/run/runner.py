@@ -151,6 +151,8 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
         train = session.train_result
         result = {"training": {**training_fields(info), "lr": session.settings.lr},
                   "cost": ctx.scorer(task).cost(method, train, spec.size)}
+        if "distributed" in train.extra:  # trained by several ranks (a one-process record has no such field)
+            result["training"]["distributed"] = train.extra["distributed"]
         if session.probe is not None:
             result["control_probe"] = {"protocol": session.probe.describe(), "history": train.extra["control_probe"]}
     else:  # the method fitted itself

@@ -183,9 +183,13 @@ class Scorer:
             **{k: v for k, v in train.peak_memory.items() if k != "peak_memory_gib"},
         }
         sps = train.seconds_per_step
+        ranks = train.extra.get("distributed", {}).get("world_size", 1)
         if sps is not None and math.isfinite(sps):
-            projection = device_days(sps, **PAPER_PROTOCOL, device=self.ctx.device,
+            # a data-parallel step holds every rank's device for its seconds
+            projection = device_days(sps * ranks, **PAPER_PROTOCOL, device=self.ctx.device,
                                      measured_batch_size=cost["batch_size"])
             cost["device_days_paper_protocol"] = projection["device_days"]
             cost["device_days_rule"] = projection["rule"] + (f"; {projection['scaling']}" if projection["scaling"] else "")
+            if ranks > 1:
+                cost["device_days_rule"] += f"; seconds per step x {ranks} devices (data parallel)"
         return cost

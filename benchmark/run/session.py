@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from benchmark.engine.distributed import rank_and_size
 from benchmark.engine.sampling import sample_batch
 from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainResult, TrainSettings, train_method
@@ -58,8 +59,8 @@ class RunSession:
     def train(self, method, train_subjects: Sequence, task: Task) -> dict[str, Any]:
         """The suite's training loop (``benchmark.engine.training.train_method``), resuming from the run
         folder, with the control probe before the first step and at every checkpoint."""
-        if isinstance(self.probe, str):
-            self.probe = control_probe(task, self.ctx, self.seed)
+        if isinstance(self.probe, str):  # rank 0 alone probes (the others would write its latents too)
+            self.probe = control_probe(task, self.ctx, self.seed) if rank_and_size()[0] == 0 else None
         result = train_method(method, self.ctx.base, train_subjects, task, self.settings, self.ctx.latents,
                               self.run_dir, self.seed, self.device, self.progress, self.stop_after, self.probe)
         self.train_result = result

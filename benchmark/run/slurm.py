@@ -6,6 +6,10 @@ record into the shared results folder. A task that reaches its time limit or is 
 Slurm's signal; submitit then requeues it (at most ``max_requeue`` times for time limits; preemptions
 do not count), and the requeued task resumes the run from its last checkpoint. The submitting
 command returns once the array is queued; ``status`` follows it and ``tables`` reads what is done.
+
+With ``gpus_per_run`` N > 1 each array task is N Slurm tasks on one node, one GPU each: the ranks of a
+data-parallel run (``benchmark.run.ddp``), with the rendezvous from Slurm's environment through
+submitit's ``TorchDistributedEnvironment``; rank 0 writes the record. Untested on a real cluster.
 """
 from __future__ import annotations
 
@@ -51,11 +55,17 @@ class SlurmSettings:
                 raise GridError(f"Slurm setting {name} must be a whole number "
                                 f"{'>= 0' if name in ('gpus_per_run', 'max_requeue') else '>= 1'}, got {value!r}")
 
+    @property
+    def ranks(self) -> int:
+        """Processes per run: one per GPU (data parallel when more than one), one without GPUs."""
+        return max(1, self.gpus_per_run)
+
     def parameters(self) -> dict:
         """submitit's ``AutoExecutor.update_parameters`` keywords."""
         params = {
             "name": self.job_name, "timeout_min": self.time_min, "gpus_per_node": self.gpus_per_run,
-            "cpus_per_task": self.cpus_per_run, "mem_gb": self.mem_gb, "tasks_per_node": 1, "nodes": 1,
+            "cpus_per_task": max(1, self.cpus_per_run // self.ranks), "mem_gb": self.mem_gb,
+            "tasks_per_node": self.ranks, "nodes": 1,
             "slurm_array_parallelism": self.array_parallelism,
         }
         if self.partition:
@@ -80,13 +90,24 @@ def parse_sbatch_options(options: Sequence[str]) -> dict[str, str]:
 
 class RequeueableRun:
     """A grid job that submitit requeues: on the time-limit (or preemption) signal submitit calls
-    ``checkpoint``, which resubmits the same call; the run itself resumes from its own checkpoint."""
+    ``checkpoint``, which resubmits the same call; the run itself resumes from its own checkpoint.
+    With ``ranks`` > 1 every Slurm task of the array task calls it: rank 0 runs the run and returns its
+    record, the others train beside it and return None."""
 
-    def __init__(self, job: GridJob):
-        self.job = job
+    def __init__(self, job: GridJob, ranks: int = 1):
+        self.job, self.ranks = job, ranks
 
-    def __call__(self, spec: RunSpec) -> dict:
-        return self.job(spec)
+    def __call__(self, spec: RunSpec) -> dict | None:
+        if self.ranks == 1:
+            return self.job(spec)
+        from benchmark.run import ddp
+
+        rank = _submitit().JobEnvironment().global_rank
+        if not ddp.trains_in_engine(spec):  # nothing to split: rank 0 alone runs it
+            return self.job(spec) if rank == 0 else None
+        _submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        with ddp.environment_group(self.job.device) as device:
+            return ddp.run_rank(rank, device, self.job, spec)
 
     def checkpoint(self, spec: RunSpec):
         return _submitit().helpers.DelayedSubmission(self, spec)
@@ -122,7 +143,7 @@ class SlurmExecutor:
         if not specs:
             return []
         executor = self.executor()
-        return executor.map_array(RequeueableRun(job.without_progress()), list(specs))
+        return executor.map_array(RequeueableRun(job.without_progress(), self.settings.ranks), list(specs))
 
     def map(self, job: GridJob, specs: Sequence[RunSpec]) -> Iterator[tuple[RunSpec, dict]]:
         """Submit and wait for every task: (spec, record) as each finishes."""
