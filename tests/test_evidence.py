@@ -340,3 +340,17 @@ def test_the_control_figure_draws_dice_and_control_delta_against_n_with_interval
     path = control_vs_size(pd.DataFrame(rows), "lv", tmp_path)
     assert path.name == "control_vs_size_lv.png" and path.stat().st_size > 0
     assert control_vs_size(pd.DataFrame(rows)[lambda f: f["size"] == 0], "lv", tmp_path) is None  # nothing trained
+
+
+def test_the_metrics_figure_is_drawn_against_two_sizes_or_more(tmp_path):
+    import pandas as pd
+
+    from benchmark.report.figures import metric_vs_size
+
+    rows = [{"task": "lv", "method": m, "size": n, "seed": s, "status": "ok", "Dice": 0.5 + 0.01 * s, "FID-3D": 10.0 - n / 100}
+            for m in ("vcm", "controlnet") for n in (10, 50) for s in (0, 1)]
+    rows.append({"task": "lv", "method": "reference", "size": 0, "seed": 0, "status": "ok", "Dice": 0.7, "FID-3D": 1.0})
+    frame = pd.DataFrame(rows)
+    path = metric_vs_size(frame, "lv", tmp_path)
+    assert path.name == "metrics_vs_size_lv.png" and path.stat().st_size > 0
+    assert metric_vs_size(frame[frame["size"] != 50], "lv", tmp_path / "one") is None  # one size: no figure

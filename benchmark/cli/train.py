@@ -27,7 +27,6 @@ from benchmark.cli import load_plugins, load_profile_from, writable_folder
 from benchmark.engine.distributed import rank_and_size
 from benchmark.run import ddp
 from benchmark.engine.sampling import sample_method
-from benchmark.report.figures import montage
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.runner import control_probe, save_real, save_samples, train_or_load
 from datasets.subject import DataError
@@ -105,6 +104,8 @@ def _train(args, profile, task) -> int:
     generated = sample_method(method, ctx.base, subjects, task, s.ddim_steps, s.batch_size, args.seed, ctx.device)
     save_samples(run_dir, subjects, generated, task)
     real = save_real(out, subjects, "real_validation")
+    from benchmark.report.figures import montage  # matplotlib: imported where drawn, not by every process
+
     figure = montage(run_dir / "samples.npz", real, spec.name, run_dir / "montage.png")
     print(f"{summary}, {len(subjects)} validation volumes sampled in {time.perf_counter() - started:.0f} s total; "
           f"outputs in {run_dir} (montage {figure.name})")

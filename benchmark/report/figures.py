@@ -32,11 +32,12 @@ def size_axis(ax, sizes) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
-    """Each metric against training-set size, one line per method (mean ± std over seeds)."""
+    """Each metric against training-set size, one line per method (mean ± std over seeds); None with fewer
+    than two sizes (nothing to draw against: the tables hold the values)."""
     ok = frame[(frame.task == task) & (frame.status == "ok") & (frame["size"] > 0)]
     ok = ok[~ok.method.str.endswith(SPHERE_SUFFIX)]
     columns = [c for c in metric_columns(ok) if pd.to_numeric(ok[c], errors="coerce").notna().any()]
-    if ok.empty or not columns:
+    if ok["size"].nunique() < 2 or not columns:
         return None
     reference = frame[(frame.task == task) & (frame.method == REFERENCE) & (frame.status == "ok")]
     other = frame[(frame.task == task) & (frame.method == REFERENCE_OTHER) & (frame.status == "ok")]
