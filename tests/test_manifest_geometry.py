@@ -17,9 +17,12 @@ BALL_RADIUS_MM = 14.0
 
 
 def _ball(shape, affine) -> np.ndarray:
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
-    world = ijk @ affine[:3, :3].T + affine[:3, 3]
-    return (np.linalg.norm(world - BALL_CENTRE_MM, axis=1) <= BALL_RADIUS_MM).reshape(shape).astype(np.uint8)
+    # each voxel's offset from the centre in mm, summed axis by axis by broadcasting (no index grid)
+    offset = affine[:3, 3] - BALL_CENTRE_MM
+    axes = [np.arange(n)[:, None] * affine[:3, a] for a, n in enumerate(shape)]  # (n, 3) per voxel axis
+    squared = sum(((axes[0][:, None, None, c] + axes[1][None, :, None, c] + axes[2][None, None, :, c] + offset[c]) ** 2)
+                  for c in range(3))
+    return (squared <= BALL_RADIUS_MM ** 2).astype(np.uint8)
 
 
 def _rotation_x(degrees: float) -> np.ndarray:
