@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -246,17 +247,25 @@ def test_a_killed_generator_leaves_no_worker_holding_its_locks(tmp_path):
     import fcntl
 
     lock = tmp_path / "lock"
+    # a session of its own, so that what the killed parent leaves running is ended after the check
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_GENERATING, str(lock)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "generating"
-    proc.kill()
-    proc.wait()
-    deadline = time.time() + 20
-    while True:
-        with open(lock, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                assert time.time() < deadline, "an orphaned worker still holds the lock 20 s after its parent was killed"
-        time.sleep(0.2)
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "generating"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 20
+        while True:
+            with open(lock, "a") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.time() < deadline, "an orphaned worker still holds the lock 20 s after its parent was killed"
+            time.sleep(0.2)
+    finally:  # the orphaned forkserver and its worker would otherwise compute beside the tests that follow
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
