@@ -25,8 +25,8 @@ from pathlib import Path
 
 from benchmark.cli import load_plugins, load_profile_from, writable_folder
 from benchmark.engine.distributed import rank_and_size
-from benchmark.run import ddp
 from benchmark.engine.sampling import sample_method
+from benchmark.run import ddp
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.runner import control_probe, save_real, save_samples, train_or_load
 from datasets.subject import DataError
