@@ -37,10 +37,11 @@ smoke: $(STAMP)
 study: $(STAMP)
 	$(PY) run_benchmark.py study studies/cpu.yaml
 
-# The fast suite. Tests marked `slow` sample the shipped cpu base model (a few minutes on 2 cores)
-# and run with `make test-slow`.
+# The fast suite, one pytest-xdist worker per core (at most 4; tests/conftest.py gives each one thread).
+# Tests marked `slow` sample the shipped cpu base model (a few minutes on 2 cores) and run with
+# `make test-slow`.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" -n auto --maxprocesses 4 --dist worksteal tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
