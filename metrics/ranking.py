@@ -4,9 +4,10 @@ Following rliable (Agarwal et al., NeurIPS 2021), a ranking is reported with its
 
 * **probability of improvement** P(A > B): over the subjects both methods were sampled for (the same
   subject, seed and initial noise), the fraction where A's score is higher, ties counting one half;
-  its 95% interval is a percentile bootstrap over subjects, stratified by seed;
-* **rank intervals**: in every bootstrap resample of the subjects (the same resample for every
-  method, stratified by seed) the methods are ranked by their mean score (1 = best, ties share the
+  its 95% interval is a percentile bootstrap over subjects, over seeds and then subjects with several
+  seeds (:mod:`metrics.control_delta`);
+* **rank intervals**: in every bootstrap resample (the same resample for every method, drawn the
+  same way) the methods are ranked by their mean score (1 = best, ties share the
   mean rank); each method's interval is the 2.5-97.5% range of its rank over the resamples.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from metrics.control_delta import LEVEL, RESAMPLES, bootstrap_mean
+from metrics.control_delta import LEVEL, RESAMPLES, bootstrap_mean, resample_indices
 
 
 def probability_of_improvement(first: Sequence[float], second: Sequence[float], strata: Sequence | None = None,
@@ -46,10 +47,8 @@ def rank_intervals(scores: np.ndarray, strata: Sequence | None = None, seed: int
     observed = rankdata(-x.mean(axis=0))
     rng = np.random.default_rng([0x5A7E, int(seed)])
     ranks = np.empty((resamples, x.shape[1]))
-    index_by_stratum = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     for r in range(resamples):
-        picks = np.concatenate([idx[rng.integers(0, len(idx), len(idx))] for idx in index_by_stratum])
-        ranks[r] = rankdata(-x[picks].mean(axis=0))
+        ranks[r] = rankdata(-x[resample_indices(groups, rng)].mean(axis=0))
     alpha = (1.0 - level) / 2
     return [{"rank": float(observed[j]), "mean_rank": float(ranks[:, j].mean()),
              "ci_low": float(np.quantile(ranks[:, j], alpha)), "ci_high": float(np.quantile(ranks[:, j], 1 - alpha)),

@@ -25,12 +25,31 @@ def test_paired_bootstrap_equals_a_direct_computation():
     assert result["ci_low"] == pytest.approx(np.quantile(means, 0.025))
     assert result["ci_high"] == pytest.approx(np.quantile(means, 0.975))
     assert result["p_value"] == pytest.approx(max(np.mean(means <= 0), 1 / 500))
-    # stratified by seed: every resample keeps each seed's subjects
+    # with several seeds: the seeds are drawn, then subjects within each drawn seed
     strata = np.array([0, 0, 0, 1, 1, 1])
-    stratified = paired_difference(own, swapped, seed=3, strata=strata, resamples=500)
-    assert stratified["mean"] == pytest.approx(diff.mean())
-    assert stratified["ci_low"] <= diff.mean() <= stratified["ci_high"]
+    two_level = paired_difference(own, swapped, seed=3, strata=strata, resamples=500)
+    assert two_level["mean"] == pytest.approx(diff.mean())
+    assert two_level["ci_low"] <= diff.mean() <= two_level["ci_high"]
     assert bootstrap_mean(own)["mean"] == pytest.approx(own.mean())
+
+
+def test_a_seed_that_does_not_follow_its_condition_widens_the_interval_to_it():
+    """Two training runs of 64 subjects: one follows its condition (Δ about 0.16), one does not (Δ about
+    0). Resampling only the subjects of each run would put the pooled interval far above 0 (about
+    [0.07, 0.10]); the interval over runs, then subjects, must reach the run that does not follow."""
+    rng = np.random.default_rng(0)
+    follows, ignores = 0.16 + 0.05 * rng.standard_normal(64), 0.001 * rng.standard_normal(64)
+    diff = np.concatenate([follows, ignores])
+    strata = np.repeat([0, 1], 64)
+    result = paired_difference(diff, np.zeros_like(diff), strata=strata)
+    assert result["mean"] == pytest.approx(diff.mean())
+    assert result["ci_low"] < 0.01 and result["ci_high"] > 0.15
+    assert follows_condition(result) == "no" and result["p_value"] > 0.05
+    # the two runs agreeing: the interval is about that of the pooled subjects, and above 0
+    agree = paired_difference(np.concatenate([follows, follows[::-1] + 0.01]), np.zeros(128), strata=strata)
+    assert 0.13 < agree["ci_low"] < agree["ci_high"] < 0.19 and follows_condition(agree) == "yes"
+    # one seed: exactly the bootstrap over subjects (unlabelled)
+    assert bootstrap_mean(follows, strata=np.zeros(64)) == bootstrap_mean(follows)
 
 
 def test_holm_matches_known_adjusted_p_values():

@@ -1,6 +1,8 @@
 """A study of record (``python run_benchmark.py study``): a small study at smoke runs what is missing,
 estimates before it starts, and a second call runs nothing and rebuilds the same tables; bad study
 files stop with a sentence."""
+import shutil
+
 import pytest
 import yaml
 
@@ -42,12 +44,19 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     assert "table_sr.csv" in first and (out / "REPORT.md").is_file()
     capsys.readouterr()
 
-    for p in (out / "tables").glob("*"):  # a clone with the records only
+    montages = sorted(p.name for p in (out / "figures").glob("montage_*.png"))
+    assert montages and all(f"(figures/{name})" in (out / "REPORT.md").read_text() for name in montages)
+
+    for p in (out / "tables").glob("*"):  # a clone: the records and figures, no tables, no runs/
         p.unlink()
+    shutil.rmtree(out / "runs")
     assert main(["study", str(path), *common]) == 0
     assert "5 done, 0 to run" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == records  # nothing rerun
     assert _tables(out) == first
+    # the montages drawn before stay, and the report still links them
+    assert sorted(p.name for p in (out / "figures").glob("montage_*.png")) == montages
+    assert all(f"(figures/{name})" in (out / "REPORT.md").read_text() for name in montages)
 
 
 def test_a_study_waits_for_the_tuned_recipes_of_its_judged_tasks(tmp_path, capsys):

@@ -176,8 +176,8 @@ CONTEXT_LINES = {AUTOENCODER: ("autoencoder (ceiling)", "k", "--"), BASE_UNCONDI
 
 def control_vs_size(subjects: pd.DataFrame, task: str, out: Path) -> Path | None:
     """Dice with the own condition and Control Δ against training-set size, one line per method, each
-    point the mean over subjects and seeds with its 95% interval (stratified bootstrap over subjects
-    within seeds, :mod:`metrics.control_delta`); the autoencoder ceiling and the unconditioned base model
+    point the mean over subjects and seeds with its 95% interval (bootstrap over seeds, then subjects
+    within each, :mod:`metrics.control_delta`); the autoencoder ceiling and the unconditioned base model
     drawn across, and 0 for Control Δ."""
     if subjects.empty or "Dice" not in subjects:
         return None
@@ -304,6 +304,8 @@ def write_figures(results_dir: Path, frame: pd.DataFrame) -> list[Path]:
         name = run.parent.name
         title = "  ".join(method_label(part) for part in name.split("__"))  # the stored name, labelled
         paths.append(montage(run, real, title, out / f"montage_{name}.png"))
+    # montages drawn earlier whose volumes this folder no longer holds (a clone: runs/ is not committed)
+    paths += sorted(p for p in out.glob("montage_*.png") if p not in paths)
     return paths
 
 

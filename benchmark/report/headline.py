@@ -1,9 +1,9 @@
 """The headline table that opens REPORT.md: per task, one row per method and training size, at most
 eight columns, every ranking number with its interval.
 
-Computed from the records' per-subject values alone (pooled over seeds, the bootstrap stratified by
-seed): Dice with its 95% CI; Control Δ = Dice(own condition) − Dice(another subject's condition) of
-the method's own samples, with its CI and the verdict "follows its condition" (one-sided bootstrap
+Computed from the records' per-subject values alone (pooled over seeds; with several seeds the
+bootstrap draws seeds, then subjects): Dice with its 95% CI; Control Δ = Dice(own condition) −
+Dice(another subject's condition) of the method's own samples, with its CI and the verdict "follows its condition" (one-sided bootstrap
 p-value, Holm-corrected across the methods of the table at that size, at 0.05); the structure volume
 error in mL with its CI and the correlation of the judge's volumes with the conditions' across subjects;
 FID-2D rel (one fidelity column), MS-SSIM diversity, noise MSE / frozen and seconds per step as means
@@ -146,7 +146,7 @@ def control_by_size(records: pd.DataFrame, subjects: pd.DataFrame, task: str) ->
 
 
 HEADLINE_NOTE = ("Dice: the judge's Dice of the samples against their own condition, mean over subjects and seeds "
-                 "[stratified bootstrap 95% CI]. Control Δ: the same samples' Dice minus the Dice of samples drawn "
+                 "[95% CI: bootstrap over seeds, then subjects]. Control Δ: the same samples' Dice minus the Dice of samples drawn "
                  "from the same noise and scalars with another test subject's condition, both scored against the "
                  "own condition; \"yes\" = follows its condition (one-sided bootstrap p, Holm-corrected across the "
                  "methods at that size, ≤ 0.05, and CI above 0). Volume error: the judge's volume "

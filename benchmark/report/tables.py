@@ -95,7 +95,7 @@ INTERVAL_COLUMNS = {"Dice": "Dice [95% CI]", "volume error": "volume error [95% 
 
 def subject_intervals(subjects: pd.DataFrame, task: str, method: str, size: int) -> dict:
     """Dice, Control Δ and volume error of one row as mean [95% CI]: per-subject values pooled over
-    seeds, the bootstrap stratified by seed (:mod:`metrics.control_delta`)."""
+    seeds, the bootstrap over seeds and then subjects (:mod:`metrics.control_delta`)."""
     if subjects.empty:
         return {}
     per = subjects[(subjects.task == task) & (subjects.method == method) & (subjects["size"] == size)]

@@ -100,7 +100,7 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     lines += ["", "## Tables (appendix: every column)", "",
               "Cells are mean ± SD over seeds. A Fréchet cell adds its 95% bootstrap CI over volumes in brackets "
               "(with several seeds, from the lowest seed's low to the highest seed's high); Dice, Control Δ and the "
-              "volume errors have their own [95% CI] columns, from per-subject values stratified by seed.", ""]
+              "volume errors have their own [95% CI] columns, from per-subject values (bootstrap over seeds, then subjects).", ""]
     for name, table in tables.items():
         if table is None or table.empty:
             continue
