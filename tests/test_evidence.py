@@ -147,11 +147,15 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
         same = rng.uniform(0.3, 0.5, 16)
         _record(tmp_path, "mcm", 50, seed, same, same + rng.normal(0, 0.01, 16))  # does not
         _record(tmp_path, "autoencoder", 0, seed, rng.uniform(0.8, 0.9, 16))
+        own = rng.uniform(0.5, 0.7, 16)  # follows in seed 0 only
+        _record(tmp_path, "controlnet", 50, seed, own, own - (rng.uniform(0.1, 0.2, 16) if seed == 0 else 0.0))
     frame, subjects = records_frame(tmp_path), per_subject_frame(tmp_path)
-    assert len(subjects) == 2 * 3 * 16 and set(subjects.seed) == {0, 1}
+    assert len(subjects) == 2 * 4 * 16 and set(subjects.seed) == {0, 1}
     table = headline_table(frame, subjects, "lv")
     rows = dict(zip(table.method, table["Control Δ [95% CI] follows?"]))
-    assert rows["vcm, N=50, 2 seeds"].endswith("yes") and rows["mcm, N=50, 2 seeds"].endswith("no")
+    assert rows["vcm, N=50, 2 seeds"].endswith("yes (2 of 2 seeds)")
+    assert rows["mcm, N=50, 2 seeds"].endswith("no (0 of 2 seeds)")
+    assert rows["controlnet, N=50, 2 seeds"].endswith("no (1 of 2 seeds)")
     assert table.method.iloc[0] == "autoencoder reconstruction (ceiling), 2 seeds"
     assert len(table.columns) <= 8
     # the same values give the same table again (nothing but the records is read)
@@ -161,7 +165,7 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
 
     full = task_table(frame, "lv", subjects)
     vcm = full[full.method == "vcm"].iloc[0]
-    assert vcm["Control Δ [95% CI]"] + " yes" == rows["vcm, N=50, 2 seeds"] and vcm["Dice [95% CI]"].count("[") == 1
+    assert vcm["Control Δ [95% CI]"] + " yes (2 of 2 seeds)" == rows["vcm, N=50, 2 seeds"] and vcm["Dice [95% CI]"].count("[") == 1
 
 
 def test_the_answer_by_size_is_the_headline_pivoted(tmp_path):

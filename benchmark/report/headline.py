@@ -99,6 +99,9 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
             if "Dice swapped" in per and per["Dice swapped"].notna().any():
                 delta = paired_difference(per["Dice"], per["Dice swapped"], strata=strata)
                 p = delta["p_value"]
+                if seeds > 1:  # each training run on its own: does its interval lie above 0?
+                    each = [paired_difference(g["Dice"], g["Dice swapped"]) for _, g in per.groupby("seed")]
+                    row["_by_seed"] = f"({sum(d['ci_low'] > 0 for d in each)} of {len(each)} seeds)"
             row["Control Δ [95% CI]"] = interval_text(delta) if delta else "–"
             row["_p"] = p
             row["_ci_low"] = delta.get("ci_low", float("nan"))
@@ -117,9 +120,12 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
         adjusted = holm([table["_p"][i] for i in index])
         for i, q in zip(index, adjusted):
             verdicts[i] = "yes" if q <= ALPHA and table["_ci_low"][i] > 0 else "no"
-    table["Control Δ [95% CI]"] = [f"{c} {v}".strip() if v else c for c, v in zip(table["Control Δ [95% CI]"], verdicts)]
+    by_seed = table["_by_seed"].fillna("") if "_by_seed" in table else [""] * len(table)
+    table["Control Δ [95% CI]"] = [" ".join(part for part in (c, v, s) if part)
+                                   for c, v, s in zip(table["Control Δ [95% CI]"], verdicts, by_seed)]
     table = table.rename(columns={"Control Δ [95% CI]": "Control Δ [95% CI] follows?"})
-    return table.drop(columns=["_p", "_ci_low"] + ([] if with_keys else ["_size", "_method", "_seeds"]))
+    internal = ["_p", "_ci_low"] + (["_by_seed"] if "_by_seed" in table else [])
+    return table.drop(columns=internal + ([] if with_keys else ["_size", "_method", "_seeds"]))
 
 
 def control_by_size(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -149,7 +155,8 @@ HEADLINE_NOTE = ("Dice: the judge's Dice of the samples against their own condit
                  "[95% CI: bootstrap over seeds, then subjects]. Control Δ: the same samples' Dice minus the Dice of samples drawn "
                  "from the same noise and scalars with another test subject's condition, both scored against the "
                  "own condition; \"yes\" = follows its condition (one-sided bootstrap p, Holm-corrected across the "
-                 "methods at that size, ≤ 0.05, and CI above 0). Volume error: the judge's volume "
+                 "methods at that size, ≤ 0.05, and CI above 0); with several seeds, \"(k of n seeds)\" counts the training "
+                 "runs whose own interval lies above 0. Volume error: the judge's volume "
                  "of each conditioned structure against the condition's, mean absolute error in mL [95% CI], with the "
                  "Pearson r across subjects. The autoencoder row is the ceiling a latent generator can reach; the real "
                  "rows are context.")
