@@ -156,6 +156,14 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
     assert rows["vcm, N=50, 2 seeds"].endswith("yes (2 of 2 seeds)")
     assert rows["mcm, N=50, 2 seeds"].endswith("no (0 of 2 seeds)")
     assert rows["controlnet, N=50, 2 seeds"].endswith("no (1 of 2 seeds)")
+    # the report's "do the training runs agree?" names the run that does not follow
+    from benchmark.report.findings import seed_agreement
+
+    agreement = seed_agreement(subjects).set_index("method")
+    assert set(agreement.index) == {"controlnet", "mcm", "vcm"}  # not the autoencoder's context row
+    assert agreement.loc["controlnet", "agree"] == "**no**" and agreement.loc["controlnet", "seeds above 0"] == "1 of 2"
+    assert agreement.loc["controlnet", "Control Δ [95% CI] per seed"].split("; ")[1].startswith("seed 1: +0.000")
+    assert agreement.loc["vcm", "agree"] == "yes" and agreement.loc["mcm", "seeds above 0"] == "0 of 2"
     assert table.method.iloc[0] == "autoencoder reconstruction (ceiling), 2 seeds"
     assert len(table.columns) <= 8
     # the same values give the same table again (nothing but the records is read)

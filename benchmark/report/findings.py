@@ -27,6 +27,7 @@ import pandas as pd
 
 from benchmark.report.labels import PSEUDO_METHODS
 from benchmark.report.frame import fd_span
+from benchmark.report.headline import control_delta_by_seed
 from benchmark.run.spec import SPHERE_SUFFIX
 from metrics.ranking import probability_of_improvement
 
@@ -252,3 +253,25 @@ def _intervals_of(frame: pd.DataFrame, task: str, method: str, size) -> dict | N
         if spans[key] is None:
             return None
     return spans
+
+
+def seed_agreement(subjects: pd.DataFrame) -> pd.DataFrame:
+    """Beyond the paper: do a method's training runs (seeds) agree on following its condition? One row per
+    (task, method, N) with at least two seeds: each seed's Control Δ with its own 95% interval, and how
+    many of them lie above 0. The pooled verdict (the headline) draws seeds, then subjects, so one run
+    that does not follow is enough to withhold it; this table shows which run that was."""
+    if subjects.empty or "Dice swapped" not in subjects:
+        return pd.DataFrame()
+    rows = []
+    scored = subjects[~subjects.method.isin(PSEUDO_METHODS) & subjects["Dice swapped"].notna()]
+    for (task, method, size), cell in scored.groupby(["task", "method", "size"]):
+        if cell.seed.nunique() < 2:
+            continue
+        each = control_delta_by_seed(cell)
+        above = sum(d["ci_low"] > 0 for d in each.values())
+        rows.append({"task": task, "method": method, "N": int(size),
+                     "Control Δ [95% CI] per seed": "; ".join(
+                         f"seed {s}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" for s, d in each.items()),
+                     "seeds above 0": f"{above} of {len(each)}",
+                     "agree": "yes" if above in (0, len(each)) else "**no**"})
+    return pd.DataFrame(rows)

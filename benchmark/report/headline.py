@@ -44,6 +44,11 @@ def per_subject_frame(folder: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def control_delta_by_seed(per: pd.DataFrame) -> dict:
+    """Each training run's (seed's) own Control Δ with its 95% interval, from per-subject values."""
+    return {seed: paired_difference(g["Dice"], g["Dice swapped"]) for seed, g in per.groupby("seed")}
+
+
 def interval_text(stats: dict, digits: int = 3) -> str:
     if not np.isfinite(stats.get("mean", float("nan"))):
         return "–"
@@ -100,7 +105,7 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
                 delta = paired_difference(per["Dice"], per["Dice swapped"], strata=strata)
                 p = delta["p_value"]
                 if seeds > 1:  # each training run on its own: does its interval lie above 0?
-                    each = [paired_difference(g["Dice"], g["Dice swapped"]) for _, g in per.groupby("seed")]
+                    each = control_delta_by_seed(per).values()
                     row["_by_seed"] = f"({sum(d['ci_low'] > 0 for d in each)} of {len(each)} seeds)"
             row["Control Δ [95% CI]"] = interval_text(delta) if delta else "–"
             row["_p"] = p

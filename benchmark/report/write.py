@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from benchmark.report.figures import write_figures
 from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
 from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
-from benchmark.report.findings import NOT_TESTED, paper_findings
+from benchmark.report.findings import NOT_TESTED, paper_findings, seed_agreement
 from benchmark.report.frame import records_frame
 from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, sr_tasks
 
@@ -77,6 +79,13 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                       "higher on a subject (same subject, seed and noise) has its 95% interval above 0.5; "
                       "*inconclusive* when tested but the intervals do not decide; *not tested* when the records "
                       "lack the runs."]
+    agreement = seed_agreement(subjects) if not frame.empty else pd.DataFrame()
+    if not agreement.empty:
+        lines += ["", "## Beyond the paper: do the training runs agree?", "",
+                  "Each seed is a training run. A cell's verdict pools its seeds (bootstrap over seeds, then "
+                  "subjects); here each run has its own Control Δ and interval, so a run that did not learn to "
+                  "follow its condition is named (`benchmark/report/findings.py`, `seed_agreement`).", "",
+                  agreement.to_markdown(index=False)]
     lines += ["", "## Feature extractors and protocol", ""]
     extractors = _extractors(results_dir)
     lines += [f"- {e}" for e in extractors] or ["- (no scored runs yet)"]
