@@ -119,6 +119,8 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         lines.append("")
     lines += ["## Figures", ""]
     lines += [f"- [{p.name}](figures/{p.name})" for p in figures] or ["- (none)"]
+    # `plateau --out <folder>/plateau` (docs/CONTROL.md): has the step budget converged, on validation subjects
+    lines += [f"- [{p.name}](plateau/{p.name}) (the plateau figure)" for p in sorted((results_dir / "plateau").glob("*.png"))]
     failed = frame[frame.status != "ok"] if not frame.empty else frame
     lines += ["", "## Failures", ""]
     if failed.empty:
