@@ -50,6 +50,8 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     for p in (out / "tables").glob("*"):  # a clone: the records and figures, no tables, no runs/
         p.unlink()
     shutil.rmtree(out / "runs")
+    (out / "plateau").mkdir()  # what `plateau --out <study>/plateau` leaves: the report links its figure
+    (out / "plateau" / "plateau-lv.png").write_bytes(b"")
     assert main(["study", str(path), *common]) == 0
     assert "5 done, 0 to run" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == records  # nothing rerun
@@ -57,6 +59,7 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     # the montages drawn before stay, and the report still links them
     assert sorted(p.name for p in (out / "figures").glob("montage_*.png")) == montages
     assert all(f"(figures/{name})" in (out / "REPORT.md").read_text() for name in montages)
+    assert "(plateau/plateau-lv.png)" in (out / "REPORT.md").read_text()
 
 
 def test_a_study_waits_for_the_tuned_recipes_of_its_judged_tasks(tmp_path, capsys):
