@@ -3,8 +3,9 @@ eight columns, every ranking number with its interval.
 
 Computed from the records' per-subject values alone (pooled over seeds; with several seeds the
 bootstrap draws seeds, then subjects): Dice with its 95% CI; Control Δ = Dice(own condition) −
-Dice(another subject's condition) of the method's own samples, with its CI and the verdict "follows its condition" (one-sided bootstrap
-p-value, Holm-corrected across the methods of the table at that size, at 0.05); the structure volume
+Dice(another subject's condition) of the method's own samples, with its CI and the verdict "follows
+its condition" (one-sided bootstrap p-value, Holm-corrected across the methods of the table at that
+size, at 0.05; with several seeds, how many runs follow on their own); the structure volume
 error in mL with its CI and the correlation of the judge's volumes with the conditions' across subjects;
 FID-2D rel (one fidelity column), MS-SSIM diversity, noise MSE / frozen and seconds per step as means
 over seeds. The full-width tables stay in ``tables/`` and REPORT's appendix.
@@ -96,7 +97,7 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
             per = mine[(mine.method == method) & (mine["size"] == size)] if not mine.empty else mine
             seeds = int(runs.seed.nunique())
             label = HEADLINE_ROWS.get(method, f"{method}, N={size}") + (f", {seeds} seeds" if seeds > 1 else "")
-            row = {"method": label, "_method": method, "_seeds": seeds}
+            row = {"method": label, "_method": method, "_seeds": seeds, "_by_seed": ""}
             strata = per["seed"].to_numpy() if not per.empty else None
             dice = bootstrap_mean(per["Dice"], strata=strata) if "Dice" in per else {"mean": _mean(runs, "Dice")}
             row["Dice [95% CI]"] = interval_text(dice)
@@ -125,12 +126,10 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
         adjusted = holm([table["_p"][i] for i in index])
         for i, q in zip(index, adjusted):
             verdicts[i] = "yes" if q <= ALPHA and table["_ci_low"][i] > 0 else "no"
-    by_seed = table["_by_seed"].fillna("") if "_by_seed" in table else [""] * len(table)
     table["Control Δ [95% CI]"] = [" ".join(part for part in (c, v, s) if part)
-                                   for c, v, s in zip(table["Control Δ [95% CI]"], verdicts, by_seed)]
+                                   for c, v, s in zip(table["Control Δ [95% CI]"], verdicts, table["_by_seed"])]
     table = table.rename(columns={"Control Δ [95% CI]": "Control Δ [95% CI] follows?"})
-    internal = ["_p", "_ci_low"] + (["_by_seed"] if "_by_seed" in table else [])
-    return table.drop(columns=internal + ([] if with_keys else ["_size", "_method", "_seeds"]))
+    return table.drop(columns=["_p", "_ci_low", "_by_seed"] + ([] if with_keys else ["_size", "_method", "_seeds"]))
 
 
 def control_by_size(records: pd.DataFrame, subjects: pd.DataFrame, task: str) -> pd.DataFrame:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from benchmark.report.figures import write_figures
 from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
@@ -79,7 +77,7 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                       "higher on a subject (same subject, seed and noise) has its 95% interval above 0.5; "
                       "*inconclusive* when tested but the intervals do not decide; *not tested* when the records "
                       "lack the runs."]
-    agreement = seed_agreement(subjects) if not frame.empty else pd.DataFrame()
+    agreement = seed_agreement(subjects)
     if not agreement.empty:
         lines += ["", "## Beyond the paper: do the training runs agree?", "",
                   "Each seed is a training run. A cell's verdict pools its seeds (bootstrap over seeds, then "
