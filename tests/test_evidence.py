@@ -349,6 +349,27 @@ def test_findings_on_cost_follow_the_stated_thresholds():
     assert finding_f(frame[frame.method != "vcm"])["verdict"] == "inconclusive (partly tested)"
 
 
+def test_finding_e_asks_whether_fid_2d_misses_sphere_masks_that_fid_3d_sees_once_per_cell():
+    import pandas as pd
+
+    from benchmark.report.findings import NOT_REPRODUCED, NOT_TESTED, REPRODUCED, finding_e
+    from benchmark.report.frame import FD_CI
+
+    fid2d, fid3d = "FID-2D mean [in-domain-2d]", "FID-3D [in-domain-3d]"
+
+    def run(method, seed, span2d, span3d):
+        return {"task": "lv", "method": method, "size": 50, "seed": seed, "status": "ok", fid2d: span2d[0],
+                fid3d: span3d[0], FD_CI + fid2d: list(span2d), FD_CI + fid3d: list(span3d)}
+
+    real = [run("vcm", s, (4.0, 5.0), (10.0, 12.0)) for s in (0, 1)]
+    fooled = pd.DataFrame(real + [run("vcm+sphere", s, (4.5, 5.5), (14.0, 16.0)) for s in (0, 1)])
+    found = finding_e(fooled)
+    assert found["verdict"] == REPRODUCED and found["evidence"].count("N=50") == 1  # seeds pooled: one cell
+    seen_in_2d = pd.DataFrame(real + [run("vcm+sphere", 0, (6.0, 7.0), (14.0, 16.0))])
+    assert finding_e(seen_in_2d)["verdict"] == NOT_REPRODUCED
+    assert finding_e(pd.DataFrame(real))["verdict"] == NOT_TESTED
+
+
 def test_parts_of_a_finding_combine_into_one_verdict():
     from benchmark.report.findings import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTED, REPRODUCED, _combine
 

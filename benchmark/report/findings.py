@@ -164,16 +164,16 @@ def finding_e(frame: pd.DataFrame) -> dict:
     if spheres.empty:
         return {"claim": claim, "verdict": NOT_TESTED, "evidence": "no sphere-mask validation runs (table6: false)"}
     verdicts, evidence = [], []
-    for _, run in spheres.iterrows():
-        method = run.method.removesuffix(SPHERE_SUFFIX)
-        real = _intervals_of(frame, run.task, method, run["size"])
-        sphere = _intervals_of(frame, run.task, run.method, run["size"])
+    for (task, sphere_method, size), _ in spheres.groupby(["task", "method", "size"]):  # seeds pooled
+        method = sphere_method.removesuffix(SPHERE_SUFFIX)
+        real = _intervals_of(frame, task, method, size)
+        sphere = _intervals_of(frame, task, sphere_method, size)
         if not real or not sphere:
             continue
         fid2d_fooled = sphere["2d"][0] <= real["2d"][1]
         fid3d_sees = sphere["3d"][0] > real["3d"][1]
         verdicts.append(REPRODUCED if fid2d_fooled and fid3d_sees else NOT_REPRODUCED)
-        evidence.append(f"{method} N={run['size']}: FID-2D {'overlaps' if fid2d_fooled else 'above'}, FID-3D "
+        evidence.append(f"{method} N={size}: FID-2D {'overlaps' if fid2d_fooled else 'above'}, FID-3D "
                         f"{'above' if fid3d_sees else 'overlaps'} the real-mask run's interval")
     return {"claim": claim, "verdict": _combine(verdicts) if verdicts else NOT_TESTED,
             "evidence": "; ".join(evidence) or "sphere runs without their real-mask runs"}
