@@ -173,10 +173,15 @@ def finding_e(frame: pd.DataFrame) -> dict:
         fid2d_fooled = sphere["2d"][0] <= real["2d"][1]
         fid3d_sees = sphere["3d"][0] > real["3d"][1]
         verdicts.append(REPRODUCED if fid2d_fooled and fid3d_sees else NOT_REPRODUCED)
-        evidence.append(f"{method} N={size}: FID-2D {'overlaps' if fid2d_fooled else 'above'}, FID-3D "
-                        f"{'above' if fid3d_sees else 'overlaps'} the real-mask run's interval")
+        evidence.append(f"{method} N={size}, sphere vs real masks (95% intervals): FID-2D {_versus(sphere['2d'], real['2d'])} "
+                        f"({'overlaps' if fid2d_fooled else 'above'}), FID-3D {_versus(sphere['3d'], real['3d'])} "
+                        f"({'above' if fid3d_sees else 'overlaps'})")
     return {"claim": claim, "verdict": _combine(verdicts) if verdicts else NOT_TESTED,
             "evidence": "; ".join(evidence) or "sphere runs without their real-mask runs"}
+
+
+def _versus(first: tuple[float, float], second: tuple[float, float]) -> str:
+    return f"[{first[0]:.3g}, {first[1]:.3g}] vs [{second[0]:.3g}, {second[1]:.3g}]"
 
 
 def finding_f(frame: pd.DataFrame) -> dict:
