@@ -146,10 +146,14 @@ def test_tables_refuse_a_folder_that_mixes_profiles(grid, tmp_path):
 
 def test_the_report_names_the_profile_the_records_were_made_with(grid, tmp_path):
     out, _, cache = _copy(grid, tmp_path)
+    records = sorted((out / "records").glob("*.json"))
+    for path in records:  # 1.25 h each, so that the report's sum is not a rounded 0.0
+        path.write_text(json.dumps({**json.loads(path.read_text()), "elapsed_seconds": 4500.0}))
     code, log = main_in_process(["tables", "--profile", "cpu", "--quiet", "--cache-dir", cache, "--out", out])
     assert code == 0, log
-    assert "Profile `smoke` (what the records say; the tables were rebuilt with `--profile cpu`)" in (
-        out / "REPORT.md").read_text()
+    report = (out / "REPORT.md").read_text()
+    assert "Profile `smoke` (what the records say; the tables were rebuilt with `--profile cpu`)" in report
+    assert f"failed, {1.25 * len(records):.1f} wall-hours (each record's `elapsed_seconds`" in report
 
 
 def test_records_made_before_identities_are_read_by_the_fields_they_have(grid, tmp_path):

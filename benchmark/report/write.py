@@ -55,8 +55,10 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                      f"(what the records say; the tables were rebuilt with `--profile {profile.name}`).")
     if not frame.empty:
         ok = int((frame.status == "ok").sum())
-        lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed. "
-                     f"Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+        hours = sum(float(r.get("elapsed_seconds") or 0.0) for r in iter_records(results_dir)) / 3600
+        lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed, {hours:.1f} wall-hours "
+                     "(each record's `elapsed_seconds`: the attempt that finished it; an interrupted attempt's time "
+                     f"is not counted). Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     subjects = per_subject_frame(results_dir)
     for task in sorted(frame.task.dropna().unique()) if not frame.empty else []:
