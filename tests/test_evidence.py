@@ -370,6 +370,21 @@ def test_finding_e_asks_whether_fid_2d_misses_sphere_masks_that_fid_3d_sees_once
     assert finding_e(pd.DataFrame(real))["verdict"] == NOT_TESTED
 
 
+def test_timings_from_machines_of_different_speed_are_named_per_method():
+    import pandas as pd
+
+    from benchmark.report.tables import timing_spread
+
+    def run(method, seconds, seed):
+        return {"task": "lv", "method": method, "size": 50, "seed": seed, "status": "ok",
+                "cost: seconds_per_step": seconds}
+
+    frame = pd.DataFrame([run("vcm", 0.50, 0), run("vcm", 0.55, 1), run("t2i_adapter", 0.32, 0),
+                          run("t2i_adapter", 1.06, 1), run("t2i_adapter", 0.33, 2), run("reference", 9.0, 0)])
+    assert timing_spread(frame) == ["t2i_adapter 0.32-1.06 s over 3 records, median 0.33"]
+    assert timing_spread(frame[frame.method != "t2i_adapter"]) == []
+
+
 def test_parts_of_a_finding_combine_into_one_verdict():
     from benchmark.report.findings import INCONCLUSIVE, NOT_REPRODUCED, NOT_TESTED, REPRODUCED, _combine
 

@@ -233,6 +233,26 @@ def paper_reference(name: str) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
+MACHINE_SPREAD = 1.5  # s/step of one method varying more than this across its records: not one machine's speed
+
+
+def timing_spread(frame: pd.DataFrame, limit: float = MACHINE_SPREAD) -> list[str]:
+    """One sentence per method whose seconds per step vary more than ``limit``-fold across its records:
+    runs made in different sessions whose machines differ in speed (3-10x on shared CPUs), which a
+    single cell's s/step does not show."""
+    ok = frame[(frame.status == "ok") & ~frame.method.isin(list(PSEUDO_METHODS))] if "status" in frame else frame
+    column = "cost: seconds_per_step"
+    if ok.empty or column not in ok:
+        return []
+    out = []
+    for method, steps in ok.assign(s=pd.to_numeric(ok[column], errors="coerce")).groupby("method")["s"]:
+        steps = steps.dropna()
+        if len(steps) > 1 and steps.max() > limit * steps.min():
+            out.append(f"{method} {steps.min():.3g}-{steps.max():.3g} s over {len(steps)} records, "
+                       f"median {steps.median():.3g}")
+    return out
+
+
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 5: parameters and device-days per method, beside the paper's."""
     ok = frame[(frame.status == "ok") & ~frame.method.isin(list(PSEUDO_METHODS))]

@@ -9,7 +9,7 @@ from benchmark.run.records import iter_records
 from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
 from benchmark.report.findings import NOT_TESTED, paper_findings, seed_agreement
 from benchmark.report.frame import records_frame
-from benchmark.report.tables import NOT_DENOISING_ABOVE, build_tables, sr_tasks
+from benchmark.report.tables import MACHINE_SPREAD, NOT_DENOISING_ABOVE, build_tables, sr_tasks, timing_spread
 
 
 def _extractors(results_dir: Path) -> list[str]:
@@ -60,6 +60,11 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                      "(each record's `elapsed_seconds`: the attempt that finished it; an interrupted attempt's time "
                      f"is not counted). Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
+    spread = timing_spread(frame) if not frame.empty else []
+    if spread:
+        lines.append(f"Timings come from machines of different speed: the seconds per step of a method vary more "
+                     f"than {MACHINE_SPREAD:g}-fold across its records ({'; '.join(spread)}). Table 5 and finding "
+                     "(f) take each method's median over its records; a cell's s/step is its own runs' mean.")
     subjects = per_subject_frame(results_dir)
     for task in sorted(frame.task.dropna().unique()) if not frame.empty else []:
         headline = headline_table(frame, subjects, task)
