@@ -29,11 +29,12 @@ def _tables(out):
 
 
 def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(tmp_path, capsys, tiny_cache):
-    path = _study(tmp_path)
+    path = _study(tmp_path, bench={"task": "sr4", "size": 2, "steps": 1})
     common = ["--quiet", "--cache-dir", str(tiny_cache)]
     assert main(["study", str(path), "--dry-run", *common]) == 0
     printed = capsys.readouterr().out
     assert "0 done, 5 to run" in printed and "estimated" in printed and "sr4 controlnet_mlp:" in printed
+    assert "would run python run_benchmark.py bench --profile smoke --task sr4 --size 2 --steps 1" in printed
     assert not (tmp_path / "study" / "records").exists()  # a dry run runs nothing
 
     assert main(["study", str(path), "--no-estimate", *common]) == 0
@@ -42,6 +43,10 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     assert "sr4__controlnet_mlp__n2__s0.json" in records and "sr8__trilinear__n2__s0.json" in records
     first = _tables(out)
     assert "table_sr.csv" in first and (out / "REPORT.md").is_file()
+    # the bench entry: every method's step timed in one process, beside the records' medians in Table 5
+    bench = out / "bench" / "methods-smoke-sr4-2.json"
+    assert bench.is_file() and "s/step (one bench run)" in first["table5_cost.csv"].decode()
+    assert "One bench run timed every method's training step" in (out / "REPORT.md").read_text()
     capsys.readouterr()
 
     montages = sorted(p.name for p in (out / "figures").glob("montage_*.png"))
@@ -53,7 +58,8 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     (out / "plateau").mkdir()  # what `plateau --out <study>/plateau` leaves: the report links its figure
     (out / "plateau" / "plateau-lv.png").write_bytes(b"")
     assert main(["study", str(path), *common]) == 0
-    assert "5 done, 0 to run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "5 done, 0 to run" in printed and "timing every method" not in printed  # the bench is not rerun
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").glob("*.json")} == records  # nothing rerun
     assert _tables(out) == first
     # the montages drawn before stay, and the report still links them
@@ -77,6 +83,8 @@ def test_a_study_waits_for_the_tuned_recipes_of_its_judged_tasks(tmp_path, capsy
     ({"grid": [{"task": "lv", "methods": "vcm", "sizes": [10]}]}, "exactly the keys"),
     ({"grid": [{"task": "lv", "methods": "vcm", "sizes": ["ten"], "seeds": [0]}]}, "whole numbers"),
     ({"colour": "blue"}, "unknown key"),
+    ({"bench": {"task": "lv", "size": 50}}, "exactly the keys"),
+    ({"bench": {"task": "lv", "size": 50, "steps": 0}}, "at least 1"),
 ])
 def test_bad_study_files_stop_with_a_sentence(tmp_path, change, message):
     with pytest.raises(GridError, match=message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -87,13 +88,41 @@ def run(args) -> int:
         print("\n".join(lines))
         print(f"estimated {seconds / 3600:.1f} h of training and sampling for the pending runs on this machine "
               "(scoring, the probe and the reference rows come on top)")
+    bench = bench_argv(study, overrides, args) if not waiting else None
     if args.dry_run:
         for spec in pending:
             print(f"  would run {spec.name}")
+        if bench:
+            print(f"  would run python run_benchmark.py {' '.join(bench)}")
         return 1 if waiting else 0
     started = time.perf_counter()
     summary = run_grid(specs, ctx, None, plugins=args.plugin, redo_stale=args.redo_stale) if pending else None
+    bench_code = _run_bench(bench) if bench else 0
     write_outputs(study.out, profile)
     line = summary.line() if summary is not None else "nothing to run"
     print(f"{line} in {(time.perf_counter() - started) / 60:.1f} min; tables, figures and REPORT.md in {study.out}")
-    return 0 if (summary is None or summary.ok) and not waiting else 1
+    return 0 if (summary is None or summary.ok) and not waiting and bench_code == 0 else 1
+
+
+def bench_argv(study, overrides: list[str], args) -> list[str] | None:
+    """The ``bench`` command of the study's ``bench`` entry when its timings are not yet in the folder:
+    every method's training step, timed in one process on this machine."""
+    path = study.bench_file()
+    if path is None or path.is_file():
+        return None
+    argv = ["bench", "--profile", study.profile, "--task", study.bench.task, "--size", str(study.bench.size),
+            "--steps", str(study.bench.steps), "--methods", "all", "--out", str(path.parent)]
+    if str(args.cache_dir) != os.environ.get("SCB_CACHE_DIR", ".cache"):  # the default is the bench's too
+        argv += ["--cache-dir", str(args.cache_dir)]
+    for flag, values in (("--override", overrides), ("--plugin", args.plugin)):
+        argv += [item for value in values for item in (flag, value)]
+    for flag, value in (("--weights-dir", args.weights_dir), ("--device", args.device)):
+        argv += [flag, str(value)] if value else []
+    return argv + (["--quiet"] if args.quiet else [])
+
+
+def _run_bench(argv: list[str]) -> int:
+    from benchmark.cli import main
+
+    print(f"timing every method's training step in one process: python run_benchmark.py {' '.join(argv)}", flush=True)
+    return main(argv)

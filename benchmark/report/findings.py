@@ -184,10 +184,17 @@ def _versus(first: tuple[float, float], second: tuple[float, float]) -> str:
     return f"[{first[0]:.3g}, {first[1]:.3g}] vs [{second[0]:.3g}, {second[1]:.3g}]"
 
 
-def finding_f(frame: pd.DataFrame) -> dict:
+def finding_f(frame: pd.DataFrame, bench: dict | None = None) -> dict:
+    """With ``bench`` (``tables.bench_timings``) covering two or more of the family, its seconds per step (one
+    process, one machine); else the median over each method's records, which may come from machines of
+    different speed."""
     claim = ("(f) training cost differs little between ControlNet, ControlNet-LITE, ControlNet-MLP and VCM "
              "despite their sizes (Table 5).")
     steps, params = _median_cost(frame, "seconds_per_step"), _median_cost(frame, "trainable_parameters")
+    timed = (bench or {}).get("seconds_per_step", {})
+    source = "median over the records"
+    if sum(m in timed for m in CONTROLNET_FAMILY) >= 2:
+        steps, source = timed, f"one bench run, {bench['file']}"
     present = [m for m in CONTROLNET_FAMILY if m in steps and m in params]
     if len(present) < 2:
         return {"claim": claim, "verdict": NOT_TESTED, "evidence": "fewer than two of those methods have cost records"}
@@ -196,17 +203,18 @@ def finding_f(frame: pd.DataFrame) -> dict:
     verdict = REPRODUCED if step_spread <= COST_SPREAD and param_spread >= PARAMETER_SPREAD else NOT_REPRODUCED
     if verdict == REPRODUCED and len(present) < len(CONTROLNET_FAMILY):
         verdict = f"{INCONCLUSIVE} (partly tested)"  # a method still missing could break the spread
-    evidence = (f"s/step {step_spread:.2f}x apart, trainable parameters {param_spread:.1f}x apart ("
+    evidence = (f"s/step ({source}) {step_spread:.2f}x apart, trainable parameters {param_spread:.1f}x apart ("
                 + ", ".join(f"{m} {steps[m]:.3f} s, {params[m]:,.0f}" for m in present) + ")"
                 + "".join(f"; {m} not run" for m in CONTROLNET_FAMILY if m not in present))
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
 
 
-def paper_findings(frame: pd.DataFrame, subjects: pd.DataFrame, spacing: dict[str, str]) -> list[dict]:
+def paper_findings(frame: pd.DataFrame, subjects: pd.DataFrame, spacing: dict[str, str],
+                   bench: dict | None = None) -> list[dict]:
     """Findings (a)-(f), each ``{"claim", "verdict", "evidence"}``."""
     ok = frame[frame.status == "ok"] if not frame.empty else frame
     return [finding_a(subjects), finding_b(ok), finding_c(ok, subjects, spacing), finding_d(ok), finding_e(ok),
-            finding_f(ok)]
+            finding_f(ok, bench)]
 
 
 def _combine(verdicts: list[str]) -> str:

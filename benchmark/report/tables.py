@@ -11,6 +11,7 @@ with validation rows get Table 6. The Markdown tables mark each metric column wi
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -253,8 +254,26 @@ def timing_spread(frame: pd.DataFrame, limit: float = MACHINE_SPREAD) -> list[st
     return out
 
 
-def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Paper Table 5: parameters and device-days per method, beside the paper's."""
+BENCH_STEP = "s/step (one bench run)"  # cost_table's column from the folder's bench/ timings
+
+
+def bench_timings(results_dir: Path) -> dict | None:
+    """The folder's ``bench/methods-*.json`` (a study's ``bench`` entry, or ``bench --out <folder>/bench``):
+    every method's training step timed in one process, so comparable across methods where the records,
+    made over sessions on machines of different speed, are not. Its report, plus ``seconds_per_step``
+    (method -> s) and ``file``; None without one. Several files: the last by name (deterministic in a clone)."""
+    files = sorted(Path(results_dir).glob("bench/methods-*.json"))
+    files = [f for f in files if not f.stem.endswith("-speed")]  # --compare-off's option ratios are another table
+    if not files:
+        return None
+    report = json.loads(files[-1].read_text())
+    steps = {row["method"]: float(row["seconds_per_step"]) for row in report.get("methods", []) if "seconds_per_step" in row}
+    return {**report, "seconds_per_step": steps, "file": f"bench/{files[-1].name}"}
+
+
+def cost_table(frame: pd.DataFrame, bench: dict | None = None) -> pd.DataFrame:
+    """Paper Table 5: parameters and device-days per method (medians over the records), with the seconds
+    per step of one ``bench`` run where the folder has one, beside the paper's."""
     ok = frame[(frame.status == "ok") & ~frame.method.isin(list(PSEUDO_METHODS))]
     ok = ok[~ok.method.str.endswith(SPHERE_SUFFIX)]
     if ok.empty:
@@ -267,6 +286,8 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     devices = ok.groupby("method")["device"].first().reset_index()
     table = table.merge(devices, on="method")
     table.columns = [c.removeprefix("cost: ") for c in table.columns]
+    if bench is not None:
+        table[BENCH_STEP] = table["method"].map(bench["seconds_per_step"])
     # the tuning budget beside the training cost: the same trials for every method (benchmark/recipes)
     pairs = ok[["profile", "task", "method"]].drop_duplicates() if "profile" in ok else pd.DataFrame()
     hours = {}
@@ -360,7 +381,7 @@ def build_tables(results_dir: Path, out_dir: Path | None = None) -> dict[str, pd
         tables["table_sr"] = sr_table(frame)
         write_table(tables["table_sr"], out_dir, "table_sr",
                     "Axial super-resolution (paper Table 4): methods by slice spacing, fidelity to the ground truth and FID")
-    tables["table5_cost"] = cost_table(frame)
+    tables["table5_cost"] = cost_table(frame, bench_timings(results_dir))
     write_table(tables["table5_cost"], out_dir, "table5_cost",
                 "Cost: trainable parameters, seconds per step, projected device-days (paper Table 5 beside)")
     # Table 6 only where sphere-validation runs were recorded: without them (--no-validation) its rows are empty

@@ -9,7 +9,8 @@ from benchmark.run.records import iter_records
 from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
 from benchmark.report.findings import NOT_TESTED, paper_findings, seed_agreement
 from benchmark.report.frame import records_frame
-from benchmark.report.tables import MACHINE_SPREAD, NOT_DENOISING_ABOVE, build_tables, sr_tasks, timing_spread
+from benchmark.report.tables import (BENCH_STEP, MACHINE_SPREAD, NOT_DENOISING_ABOVE, bench_timings, build_tables,
+                                     sr_tasks, timing_spread)
 
 
 def _extractors(results_dir: Path) -> list[str]:
@@ -61,10 +62,16 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                      f"is not counted). Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     spread = timing_spread(frame) if not frame.empty else []
+    bench = bench_timings(results_dir)
     if spread:
         lines.append(f"Timings come from machines of different speed: the seconds per step of a method vary more "
-                     f"than {MACHINE_SPREAD:g}-fold across its records ({'; '.join(spread)}). Table 5 and finding "
-                     "(f) take each method's median over its records; a cell's s/step is its own runs' mean.")
+                     f"than {MACHINE_SPREAD:g}-fold across its records ({'; '.join(spread)}). Table 5 takes each "
+                     "method's median over its records; a cell's s/step is its own runs' mean.")
+    if bench is not None:
+        lines.append(f"One bench run timed every method's training step in one process on one machine "
+                     f"([{bench['file']}]({bench['file'].removesuffix('.json')}.md), `{bench.get('command', '')}`; "
+                     f"machine speed: one base-autoencoder step {bench.get('autoencoder_step_seconds', float('nan')):.3f} s): "
+                     f"Table 5's \"{BENCH_STEP}\" and finding (f) compare methods by it.")
     subjects = per_subject_frame(results_dir)
     for task in sorted(frame.task.dropna().unique()) if not frame.empty else []:
         headline = headline_table(frame, subjects, task)
@@ -75,7 +82,7 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         if len(by_size.columns) > 3:  # more than one training-set size: the answer at each N, side by side
             lines += ["", f"### Which methods follow their condition at each N (`{task}`)", "",
                       by_size.to_markdown(index=False)]
-    findings = paper_findings(frame, subjects, sr_tasks(frame)) if not frame.empty else []
+    findings = paper_findings(frame, subjects, sr_tasks(frame), bench) if not frame.empty else []
     if any(f["verdict"] != NOT_TESTED for f in findings):
         lines += ["", "## The paper's findings, at this scale", "",
                   "| finding | verdict | evidence |", "|---|---|---|"]

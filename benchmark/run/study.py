@@ -8,10 +8,16 @@ tables, figures and REPORT.md go to, and the grids, in the order they should run
     grid:
       - {task: lv, methods: all, sizes: [10, 50, 500], seeds: [0, 1, 2]}
       - {task: sr4, methods: [vcm, liif3d, inversesr, trilinear], sizes: [50], seeds: [0, 1, 2]}
+    bench: {task: lv, size: 50, steps: 8}
 
 ``python run_benchmark.py study studies/cpu.yaml`` runs what is missing (a run whose record exists
 with the same config hash is not run again; an interrupted one resumes from its checkpoint), then
 rebuilds the tables, figures and report from the records alone.
+
+``bench`` (optional): once the grids are done, one ``bench`` run times every method's training step in
+one process into ``<out>/bench/``. A study's runs may come from sessions on machines of different speed
+(shared CPUs differ 3-10x), so the records' seconds per step are not comparable across methods; the
+bench's are (Table 5's "s/step (one bench run)" and finding (f)).
 """
 from __future__ import annotations
 
@@ -23,8 +29,9 @@ import yaml
 from benchmark.run.grid import GridError, build_specs
 from benchmark.run.spec import RunSpec
 
-STUDY_KEYS = {"profile", "out", "overrides", "grid", "table6", "about"}
+STUDY_KEYS = {"profile", "out", "overrides", "grid", "table6", "about", "bench"}
 BLOCK_KEYS = {"task", "methods", "sizes", "seeds"}
+BENCH_KEYS = {"task", "size", "steps"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,13 @@ class GridBlock:
 
 
 @dataclass(frozen=True)
+class StudyBench:
+    task: str
+    size: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class Study:
     path: Path
     profile: str
@@ -44,7 +58,14 @@ class Study:
     overrides: tuple[str, ...] = ()
     table6: bool = False  # the sphere-validation runs (Table 6) where a block has VCM at their size
     about: str = ""
+    bench: StudyBench | None = None  # one bench run of every method's training step, after the grids
     extra: dict = field(default_factory=dict)
+
+    def bench_file(self) -> Path | None:
+        """Where ``bench`` writes this study's timings (its own naming: methods-<profile>-<task>-<size>.json)."""
+        if self.bench is None:
+            return None
+        return self.out / "bench" / f"methods-{self.profile}-{self.bench.task}-{self.bench.size}.json"
 
 
 def _int_tuple(value, what: str, where: str) -> tuple[int, ...]:
@@ -87,7 +108,19 @@ def load_study(path: str | Path) -> Study:
         raise GridError(f"study file {path}: 'overrides' must be a list of key=value strings")
     out = Path(data["out"])
     return Study(path, str(data["profile"]), out, tuple(blocks), tuple(str(o) for o in overrides),
-                 bool(data.get("table6", False)), str(data.get("about", "")).strip())
+                 bool(data.get("table6", False)), str(data.get("about", "")).strip(), _bench(data.get("bench"), path))
+
+
+def _bench(value, path: Path) -> StudyBench | None:
+    if value is None:
+        return None
+    where = f"study file {path}, bench"
+    if not isinstance(value, dict) or set(value) != BENCH_KEYS:
+        raise GridError(f"{where} must have exactly the keys {', '.join(sorted(BENCH_KEYS))}, got {value!r}")
+    size, steps = (_int_tuple(value[k], k, where) for k in ("size", "steps"))
+    if len(size) != 1 or len(steps) != 1 or steps[0] < 1 or size[0] < 1:
+        raise GridError(f"{where}: size and steps must each be one whole number of at least 1, got {value!r}")
+    return StudyBench(str(value["task"]), size[0], steps[0])
 
 
 def untuned(block: GridBlock, profile) -> list[str]:
