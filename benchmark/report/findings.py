@@ -203,7 +203,8 @@ def finding_f(frame: pd.DataFrame, bench: dict | None = None) -> dict:
     verdict = REPRODUCED if step_spread <= COST_SPREAD and param_spread >= PARAMETER_SPREAD else NOT_REPRODUCED
     if verdict == REPRODUCED and len(present) < len(CONTROLNET_FAMILY):
         verdict = f"{INCONCLUSIVE} (partly tested)"  # a method still missing could break the spread
-    evidence = (f"s/step ({source}) {step_spread:.2f}x apart, trainable parameters {param_spread:.1f}x apart ("
+    evidence = (f"s/step ({source}) {step_spread:.2f}x apart (rule: at most {COST_SPREAD:g}x), trainable parameters "
+                f"{param_spread:.1f}x apart (rule: at least {PARAMETER_SPREAD:g}x) ("
                 + ", ".join(f"{m} {steps[m]:.3f} s, {params[m]:,.0f}" for m in present) + ")"
                 + "".join(f"; {m} not run" for m in CONTROLNET_FAMILY if m not in present))
     return {"claim": claim, "verdict": verdict, "evidence": evidence}
