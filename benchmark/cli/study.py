@@ -108,7 +108,7 @@ def bench_argv(study, overrides: list[str], args) -> list[str] | None:
     """The ``bench`` command of the study's ``bench`` entry when its timings are not yet in the folder:
     every method's training step, timed in one process on this machine."""
     path = study.bench_file()
-    if path is None or path.is_file():
+    if path is None or _bench_complete(path, study.bench.task):
         return None
     argv = ["bench", "--profile", study.profile, "--task", study.bench.task, "--size", str(study.bench.size),
             "--steps", str(study.bench.steps), "--methods", "all", "--out", str(path.parent)]
@@ -119,6 +119,19 @@ def bench_argv(study, overrides: list[str], args) -> list[str] | None:
     for flag, value in (("--weights-dir", args.weights_dir), ("--device", args.device)):
         argv += [flag, str(value)] if value else []
     return argv + (["--quiet"] if args.quiet else [])
+
+
+def _bench_complete(path: Path, task: str) -> bool:
+    """Whether ``path`` times every method bench times on ``task`` (an interrupted bench leaves a part)."""
+    import json
+
+    from methods.base import Method
+    from methods.registry import get_method, resolve_methods
+
+    if not path.is_file():
+        return False
+    timed = {row["method"] for row in json.loads(path.read_text()).get("methods", []) if "seconds_per_step" in row}
+    return all(m in timed for m in resolve_methods("all", task) if issubclass(get_method(m), Method))
 
 
 def _run_bench(argv: list[str]) -> int:
