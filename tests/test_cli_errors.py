@@ -109,11 +109,18 @@ def test_a_cache_dir_that_is_a_file_stops_every_command_but_compare(tmp_path):
 # ---- Ctrl-C -----------------------------------------------------------------------------------
 
 
+def _ctrl_c_as_in_a_terminal():
+    # A shell without job control starts background commands with SIGINT ignored, and children inherit it
+    # (so do `make test &` and CI runners started that way): the grid would then never see the Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_and_exit_130_and_a_rerun_resumes(tiny_cache, tmp_path):
     out = tmp_path / "grid"
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_benchmark.py"), *map(str, tiny_flags(tiny_cache, out)),
                              "--methods", "vcm", "--sizes", "2", "--no-validation"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     # interrupted right after the method run's first checkpoint: mid-training, whatever the machine's speed
     first_checkpoint = out / "runs" / "lv__vcm__n2__s0" / "checkpoint.pt"
     deadline = time.time() + 300
