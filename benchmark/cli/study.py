@@ -123,14 +123,13 @@ def bench_argv(study, overrides: list[str], args) -> list[str] | None:
 
 def _bench_complete(path: Path, task: str) -> bool:
     """Whether ``path`` times every method bench times on ``task`` (an interrupted bench leaves a part)."""
-    import json
-
+    from benchmark.report.tables import read_bench
     from methods.base import Method
     from methods.registry import get_method, resolve_methods
 
     if not path.is_file():
         return False
-    timed = {row["method"] for row in json.loads(path.read_text()).get("methods", []) if "seconds_per_step" in row}
+    timed = read_bench(path)["seconds_per_step"]
     return all(m in timed for m in resolve_methods("all", task) if issubclass(get_method(m), Method))
 
 

@@ -264,11 +264,15 @@ def bench_timings(results_dir: Path) -> dict | None:
     (method -> s) and ``file``; None without one. Several files: the last by name (deterministic in a clone)."""
     files = sorted(Path(results_dir).glob("bench/methods-*.json"))
     files = [f for f in files if not f.stem.endswith("-speed")]  # --compare-off's option ratios are another table
-    if not files:
-        return None
-    report = json.loads(files[-1].read_text())
+    return read_bench(files[-1]) if files else None
+
+
+def read_bench(path: Path) -> dict:
+    """One ``bench`` report: its fields, plus ``seconds_per_step`` (method -> s, the methods it timed
+    without error) and ``file`` (its path under the results folder)."""
+    report = json.loads(Path(path).read_text())
     steps = {row["method"]: float(row["seconds_per_step"]) for row in report.get("methods", []) if "seconds_per_step" in row}
-    return {**report, "seconds_per_step": steps, "file": f"bench/{files[-1].name}"}
+    return {**report, "seconds_per_step": steps, "file": f"bench/{Path(path).name}"}
 
 
 def cost_table(frame: pd.DataFrame, bench: dict | None = None) -> pd.DataFrame:
