@@ -9,6 +9,10 @@ receives, how they are dropped in training, how its results are judged and which
 * ``sr4``, ``sr8``: axial super-resolution; the condition is the volume with only every 4th / 8th
   axial slice kept, brought back to the full grid by linear interpolation along Z. Paired: the
   subject's own image is the target (PSNR, SSIM, fidelity). Super-resolution methods take them too.
+  A factor is a spacing only at a voxel size: 4 and 8 mm at the paper's 1 mm, 16 and 32 mm at ``cpu``.
+* ``sr4mm``, ``sr8mm``: the same, defined by the slice spacing in mm, the paper's 4 and 8 mm: the
+  factor is the whole number of voxels nearest to it (``Task.at_voxel``), so at ``cpu`` (4.03 mm)
+  ``sr8mm`` keeps every 2nd slice (8.05 mm) and ``sr4mm`` is no task (it drops no slice).
 
 A new task is one call::
 
@@ -19,7 +23,7 @@ and every method whose family the task takes (``method_families``) supports it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -53,6 +57,18 @@ def degrade_axial(image: np.ndarray, factor: int) -> np.ndarray:
     hi = np.minimum(lo + 1, kept.shape[-1] - 1)
     w = np.where(hi > lo, pos - lo, 0.0).astype(np.float32)  # clamp beyond the last kept slice
     return (kept[..., lo] * (1.0 - w) + kept[..., hi] * w).astype(np.float32)
+
+
+def spacing_factor(spacing_mm: float, voxel_mm: float, task: str = "") -> int:
+    """K: keeping every K-th axial slice of ``voxel_mm`` voxels comes nearest to ``spacing_mm``."""
+    if not np.isfinite(voxel_mm) or voxel_mm <= 0:
+        raise DataError(f"task '{task}': the voxel size along Z is {voxel_mm!r} mm; the volumes need an affine in mm")
+    factor = int(round(spacing_mm / voxel_mm))
+    if factor < 2:
+        raise TaskError(f"task '{task}': a {spacing_mm:g} mm slice spacing is not coarser than these {voxel_mm:.3g} mm "
+                        f"voxels (the nearest whole factor, {factor}, drops no slice); run it at a profile with finer "
+                        "voxels (gpu: 2.3 mm, paper: 1 mm), or take sr4 / sr8 (every 4th / 8th slice) here")
+    return factor
 
 
 def _one_hot_semantics(subject: Subject) -> np.ndarray:
@@ -91,6 +107,7 @@ class Task:
     dice: DiceCondition | None = None                     # the condition a judge scores (Dice), or none
     paired: bool = False                                  # the subject's own image is the target (ground truth)
     sr_factor: int | None = None                          # degradation factor of a super-resolution task
+    sr_spacing_mm: float | None = None                    # or its slice spacing in mm (factor: at_voxel)
     validation: bool = False                              # Table 6 rows (sphere masks for the Dice condition)
     method_families: tuple[str, ...] = (GENERATION,)      # kinds of method the task takes
     description: str = ""                                 # what the condition is (--help, records)
@@ -108,6 +125,25 @@ class Task:
 
     def takes(self, family: str) -> bool:
         return family in self.method_families
+
+    @property
+    def super_resolution(self) -> bool:
+        return self.sr_factor is not None or self.sr_spacing_mm is not None
+
+    def at_voxel(self, voxel_mm: float) -> "Task":
+        """The task as runs on voxels of ``voxel_mm`` along Z see it: a task defined by its slice spacing
+        in mm gets the factor it has there (its methods read ``sr_factor``); any other is itself."""
+        if self.sr_spacing_mm is None:
+            return self
+        return replace(self, sr_factor=spacing_factor(self.sr_spacing_mm, voxel_mm, self.name))
+
+    def exists_at(self, voxel_mm: float) -> bool:
+        """Whether the task can run on voxels of ``voxel_mm`` along Z (see ``at_voxel``)."""
+        try:
+            self.at_voxel(voxel_mm)
+        except TaskError:
+            return False
+        return True
 
     def conditions(self, subject: Subject) -> dict[str, np.ndarray]:
         """Each condition as (C, X, Y, Z) float32, in the order of ``inputs``."""
@@ -182,13 +218,20 @@ def check_task(task: Task) -> Task:
     if task.sr_factor is not None:
         if isinstance(task.sr_factor, bool) or not isinstance(task.sr_factor, int) or task.sr_factor < 1:
             raise _bad(task, f"sr_factor must be a positive integer, got {task.sr_factor!r}", "give e.g. 4")
-        if not task.paired:
-            raise _bad(task, "a super-resolution task must have paired ground truth", "set paired=True")
+    if task.sr_spacing_mm is not None:
+        spacing = task.sr_spacing_mm
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not np.isfinite(spacing) or spacing <= 0:
+            raise _bad(task, f"sr_spacing_mm must be a positive number of mm, got {spacing!r}", "give e.g. 8.0")
+        if task.sr_factor is not None:
+            raise _bad(task, "it has both sr_factor and sr_spacing_mm", "give one: a factor, or a spacing in mm")
+    if task.super_resolution and not task.paired:
+        raise _bad(task, "a super-resolution task must have paired ground truth", "set paired=True")
     unknown = [f for f in task.method_families if f not in METHOD_FAMILIES]
     if unknown or not task.method_families:
         raise _bad(task, f"unknown method families {unknown or '(none)'}", f"use some of {', '.join(METHOD_FAMILIES)}")
-    if task.takes(SUPER_RESOLUTION) and task.sr_factor is None:
-        raise _bad(task, "it takes super-resolution methods but has no sr_factor", "set sr_factor (and paired=True)")
+    if task.takes(SUPER_RESOLUTION) and not task.super_resolution:
+        raise _bad(task, "it takes super-resolution methods but has no sr_factor",
+                   "set sr_factor or sr_spacing_mm (and paired=True)")
     if task.validation and (task.dice is None or task.dice.classes != 2 or task.inputs[task.dice.condition].channels != 1):
         raise _bad(task, "the validation rows replace a 1-channel, 2-class Dice mask with spheres and it has none",
                    "set validation=False or give a mask as its Dice condition")
@@ -229,3 +272,8 @@ for _k in (4, 8):
     register_task(Task(f"sr{_k}", {"low_res": Modality(1, lambda s, k=_k: degrade_axial(s.image, k))},
                        paired=True, sr_factor=_k, method_families=(GENERATION, SUPER_RESOLUTION),
                        description=f"axial super-resolution x{_k}"))
+for _mm in (4, 8):  # the paper's spacings, wherever they are coarser than a voxel
+    register_task(Task(f"sr{_mm}mm", {"low_res": Modality(1, lambda s, mm=_mm: degrade_axial(
+                           s.image, spacing_factor(mm, s.voxel_mm[2], f"sr{mm}mm")))},
+                       paired=True, sr_spacing_mm=float(_mm), method_families=(GENERATION, SUPER_RESOLUTION),
+                       description=f"axial super-resolution from {_mm} mm slices"))

@@ -19,7 +19,7 @@ from datasets.manifest import export_subjects, load_manifest
 from datasets.splits import make_splits
 from datasets.subject import SEMANTIC_LABELS, DataError, Subject
 from datasets.synthetic import BLOCK, SyntheticPopulation
-from datasets.tasks import TASKS, degrade_axial, get_task
+from datasets.tasks import TASKS, Modality, Task, TaskError, check_task, degrade_axial, get_task
 from tests.paths import ROOT
 
 SHAPE = (32, 48, 32)  # the smoke profile's
@@ -161,8 +161,10 @@ def test_splits_disjoint_nested_and_seeded():
 # --- tasks ----------------------------------------------------------------------------------------
 def test_task_conditions(pop):
     s = pop.subject(1)
-    assert set(TASKS) == {"lv", "multimodal", "sr4", "sr8"}
+    assert set(TASKS) == {"lv", "multimodal", "sr4", "sr8", "sr4mm", "sr8mm"}
     for name, task in TASKS.items():
+        if task.sr_spacing_mm is not None and not task.exists_at(s.voxel_mm[2]):
+            continue  # test_spacing_tasks_keep_the_factor_nearest_their_spacing
         conds = task.conditions(s)
         assert list(conds) == list(task.modalities)
         for key, channels in task.modalities.items():
@@ -190,8 +192,47 @@ def test_modality_drop_frequencies():
 
 def test_get_task_unknown_lists_known():
     assert get_task("sr4") is TASKS["sr4"]
-    with pytest.raises(DataError, match="lv, multimodal, sr4, sr8"):
+    with pytest.raises(DataError, match="lv, multimodal, sr4, sr8, sr4mm, sr8mm"):
         get_task("segmentation")
+
+
+def _subject_of_voxel(voxel_mm: float) -> Subject:
+    rng = np.random.default_rng(0)
+    shape = (1, 4, 5, 24)
+    return Subject("v", rng.random(shape).astype(np.float32), np.zeros(shape, np.uint8), np.zeros(shape, np.uint8),
+                   np.zeros(shape, np.float32), np.zeros(4, np.float32), np.diag([voxel_mm] * 3 + [1.0]))
+
+
+def test_spacing_tasks_keep_the_factor_nearest_their_spacing():
+    # the paper's 4 and 8 mm: every 4th / 8th slice at 1 mm, the nearest whole factor elsewhere
+    for voxel, factors in ((1.0, (4, 8)), (2.3, (2, 3)), (4.025, (None, 2)), (5.75, (None, None))):
+        s = _subject_of_voxel(voxel)
+        for name, factor in zip(("sr4mm", "sr8mm"), factors):
+            task = TASKS[name]
+            assert task.super_resolution and task.paired and task.sr_factor is None
+            if factor is None:  # no coarser than a voxel: no task here, said with the way out
+                assert not task.exists_at(voxel)
+                for attempt in (lambda: task.at_voxel(voxel), lambda: task.conditions(s)):
+                    with pytest.raises(TaskError, match=f"{name}.*not coarser than these .* mm voxels.*sr4 / sr8"):
+                        attempt()
+                continue
+            assert task.at_voxel(voxel).sr_factor == factor and task.at_voxel(voxel).name == name
+            assert np.array_equal(task.conditions(s)["low_res"], degrade_axial(s.image, factor))
+    assert TASKS["sr8"].at_voxel(4.025) is TASKS["sr8"]  # a factor is a factor at every voxel size
+    with pytest.raises(DataError, match="voxel size along Z"):
+        TASKS["sr8mm"].at_voxel(0.0)
+
+
+def test_a_super_resolution_task_has_a_factor_or_a_spacing_not_both():
+    low_res = {"low_res": Modality(1, lambda s: s.image)}
+    for bad, match in (({"sr_factor": 4, "sr_spacing_mm": 8.0}, "both sr_factor and sr_spacing_mm"),
+                       ({"sr_spacing_mm": -8.0}, "positive number of mm"),
+                       ({"sr_spacing_mm": float("nan")}, "positive number of mm"),
+                       ({"sr_spacing_mm": 8.0, "paired": False}, "paired ground truth"),
+                       ({}, "has no sr_factor")):
+        settings = {"paired": True, "method_families": ("generation", "super_resolution"), **bad}
+        with pytest.raises(TaskError, match=match):
+            check_task(Task("sr_bad", low_res, **settings))
 
 
 def test_degrade_axial_keeps_exactly_the_intended_slices():

@@ -426,3 +426,35 @@ def test_the_metrics_figure_is_drawn_against_two_sizes_or_more(tmp_path):
     path = metric_vs_size(frame, "lv", tmp_path)
     assert path.name == "metrics_vs_size_lv.png" and path.stat().st_size > 0
     assert metric_vs_size(frame[frame["size"] != 50], "lv", tmp_path / "one") is None  # one size: no figure
+
+
+def test_finding_c_tests_each_half_at_the_papers_spacing_where_it_is_a_task():
+    import pandas as pd
+
+    from benchmark.report.findings import NOT_REPRODUCED, REPRODUCED, finding_c
+    from benchmark.report.frame import AXIAL_MM, FD_CI
+    from benchmark.report.tables import sr_tasks
+
+    rng = np.random.default_rng(3)
+    fid3d = "FID-3D [in-domain]"
+    # sr8mm (8.05 mm at cpu): LIIF-3D best on PSNR and SSIM, VCM's FID-3D lowest; sr4 / sr8 the other way round
+    best = {"sr8mm": ("liif3d", "vcm"), "sr4": ("vcm", "liif3d"), "sr8": ("vcm", "liif3d")}
+    frame, subjects = [], []
+    for task, (sharpest, realest) in best.items():
+        for method in ("vcm", "liif3d", "trilinear"):
+            for seed in (0, 1):
+                low = 1.0 if method == realest else 5.0
+                frame.append({"task": task, "method": method, "size": 50, "seed": seed, "status": "ok", AXIAL_MM: 4.025,
+                              fid3d: low + 0.5, FD_CI + fid3d: [low, low + 1.0]})
+                for i in range(16):
+                    gain = 3.0 if method == sharpest else 0.0
+                    subjects.append({"task": task, "method": method, "size": 50, "seed": seed, "id": f"syn{i}",
+                                     "PSNR": 20 + gain + rng.normal(0, 0.1), "SSIM": 0.7 + gain / 30 + rng.normal(0, 0.003)})
+    frame, subjects = pd.DataFrame(frame), pd.DataFrame(subjects)
+    found = finding_c(frame, subjects, sr_tasks(frame))  # 4 mm is no task at 4.025 mm: its half at the finest, 8.05 mm
+    assert found["verdict"] == REPRODUCED, found
+    assert found["evidence"].startswith("8.05 mm PSNR: LIIF-3D beats 2 of 2") and "8.05 mm FID-3D: VCM" in found["evidence"]
+    old = frame[frame.task != "sr8mm"]  # without the spacing task: the finest (16.1 mm) and the coarsest (32.2 mm) run
+    found = finding_c(old, subjects[subjects.task != "sr8mm"], sr_tasks(old))
+    assert found["verdict"] == NOT_REPRODUCED, found
+    assert found["evidence"].startswith("16.1 mm PSNR: LIIF-3D beats 0 of 2") and "32.2 mm FID-3D" in found["evidence"]

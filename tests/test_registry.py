@@ -59,7 +59,7 @@ def test_no_method_class_raises_in_an_inherited_method():
 def test_plugin_file_registers_its_method():
     load_plugin(str(EXAMPLE))
     assert "residual_shift" in known_methods()
-    assert supported_tasks("residual_shift") == ["lv", "multimodal", "sr4", "sr8"]  # no names: every task
+    assert supported_tasks("residual_shift") == ["lv", "multimodal", "sr4", "sr8", "sr4mm", "sr8mm"]  # no names: every task
 
 
 def test_plugin_that_fails_to_import_is_a_clear_error(tmp_path):

@@ -25,7 +25,7 @@ from benchmark.base.model import BaseLDM
 from benchmark.engine.latents import condition_batch, scalar_batch
 from benchmark.profiles import load_profile
 from benchmark.report.frame import AXIAL_MM
-from benchmark.report.tables import sr_table
+from benchmark.report.tables import sr_table, sr_tasks
 from datasets.synthetic import SyntheticPopulation
 from datasets.tasks import degrade_axial, get_task
 from methods._sr import kept_slices
@@ -73,8 +73,8 @@ def test_every_kth_slice_of_the_condition_is_the_low_resolution_volume(k):
 def test_sr_methods_are_registered_for_sr_only():
     for name in ("trilinear", "liif3d", "inversesr"):
         cls = get_method(name)
-        assert issubclass(cls, DirectMethod) and supported_tasks(name) == ["sr4", "sr8"]
-    for task in ("sr4", "sr8"):
+        assert issubclass(cls, DirectMethod) and supported_tasks(name) == ["sr4", "sr8", "sr4mm", "sr8mm"]
+    for task in ("sr4", "sr8", "sr8mm"):
         assert {"vcm", "trilinear", "liif3d", "inversesr"} <= set(resolve_methods("all", task))
     with pytest.raises(MethodError, match="does not support task 'lv'"):
         resolve_methods("liif3d", "lv")
@@ -235,6 +235,13 @@ def test_sr_table_has_methods_by_slice_spacing():
     coarse = pd.DataFrame(rows).assign(**{AXIAL_MM: 4.025})
     assert "16.1 mm PSNR" in sr_table(coarse) and "32.2 mm PSNR" in sr_table(coarse)
     assert "x4 PSNR" in sr_table(pd.DataFrame(rows).drop(columns=AXIAL_MM))  # records that do not say
+    # the paper's spacings as tasks: sr8mm keeps every 2nd slice of cpu's 4.025 mm, finest first
+    mm = pd.DataFrame(rows).assign(**{AXIAL_MM: 4.025, "task": lambda f: f.task.map({"sr4": "sr8mm", "sr8": "sr8"})})
+    assert sr_tasks(mm)["sr8mm"] == "8.05 mm" and list(sr_tasks(mm))[:2] == ["sr8mm", "sr8"]
+    assert [c for c in sr_table(mm).columns if c.endswith(" PSNR")] == ["8.05 mm PSNR", "32.2 mm PSNR"]
+    # at 1 mm sr8 and sr8mm are both 8 mm: their names tell them apart
+    same = pd.DataFrame(rows).assign(task=lambda f: f.task.map({"sr4": "sr8mm", "sr8": "sr8"}))
+    assert {c for c in sr_table(same).columns if c.endswith(" PSNR")} == {"8 mm (sr8mm) PSNR", "8 mm (sr8) PSNR"}
 
 
 # ---- end to end through the runner -------------------------------------------------------

@@ -104,7 +104,7 @@ def test_a_new_task_runs_through_the_runner(lv_coarse, tmp_path, tiny_cache):
 
 
 def test_unknown_task_names_say_which_and_how_to_add_one():
-    with pytest.raises(TaskError, match=r"unknown task 'lv_typo'; known tasks: lv, multimodal, sr4, sr8 "
+    with pytest.raises(TaskError, match=r"unknown task 'lv_typo'; known tasks: lv, multimodal, sr4, sr8, sr4mm, sr8mm "
                                         r"\(define a new one with datasets.tasks.register_task\)"):
         get_task("lv_typo")
     with pytest.raises(TaskError, match="unknown task 'nope'"):
@@ -171,3 +171,23 @@ def test_sphere_task_replaces_the_dice_mask_only():
     assert sphere.inputs["lv_mask"].build is not lv.inputs["lv_mask"].build
     with pytest.raises(ValueError, match="task 'sr4' has none"):
         sphere_task(get_task("sr4"))
+
+
+def test_a_spacing_task_reaches_its_runs_with_the_factor_of_the_data(tmp_path, monkeypatch):
+    from benchmark.profiles import load_profile
+    from benchmark.run import runner
+    from benchmark.run.grid import build_specs
+    from benchmark.run.spec import RunContext
+
+    ctx = RunContext(load_profile("cpu"), tmp_path, tmp_path)  # synthetic volumes of 4.025 mm
+    assert ctx.data.axial_voxel_mm == pytest.approx(4.025)
+    assert ctx.task("sr8mm").sr_factor == 2 and ctx.task("sr8") is TASKS["sr8"]
+    seen = []
+    monkeypatch.setitem(runner.RUNS, RunKind.METHOD, lambda spec, task, ctx: seen.append(task) or {})
+    runner.execute_run(RunSpec("sr8mm", "trilinear", 50, 0), ctx)
+    assert seen[0].name == "sr8mm" and seen[0].sr_factor == 2  # what the methods read as their K
+    specs = build_specs(["sr8mm"], "trilinear", [50], [0], load_profile("cpu"))
+    assert {s.method for s in specs} == {"reference", "trilinear"}
+    # smoke's 5.75 mm voxels: 8 mm is no whole factor coarser; the grid stops before any run, saying so
+    with pytest.raises(TaskError, match="sr8mm.*not coarser than these 5.75 mm voxels"):
+        build_specs(["sr4", "sr8mm"], "trilinear", [2], [0], load_profile("smoke"))

@@ -287,6 +287,7 @@ def run(args) -> int:
     ctx = RunContext(profile, Path(args.out), Path(args.cache_dir), args.weights_dir, device=args.device,
                      progress=False)
     ctx.data.splits.training_subset(args.size)  # fails early, with the pool size, if too large
+    task = ctx.task(task.name)
     if args.random_base:
         from benchmark.base.model import BaseLDM
 

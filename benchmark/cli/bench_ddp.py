@@ -21,7 +21,6 @@ from benchmark.run.ddp import spawn, write_caches
 from benchmark.run.executors import GridJob
 from benchmark.run.runner import build_method
 from benchmark.run.spec import RunSpec
-from datasets.tasks import get_task
 from metrics.cost import device_name
 
 
@@ -30,7 +29,7 @@ def _time_rank(rank: int, device: str, job: GridJob, name: str, task_name: str, 
     ctx = dataclasses.replace(job, device=device).context()
     if rank > 0:
         wait_for_lead()  # rank 0's training says when to start
-    task = get_task(task_name)
+    task = ctx.task(task_name)
     method = build_method(name, task, ctx, seed)
     subjects = ctx.data.train_subjects(size)
     result = train_method(method, ctx.base, subjects, task, timing_settings(ctx.profile, len(subjects), name, steps),

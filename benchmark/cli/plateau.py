@@ -45,7 +45,7 @@ def run(args) -> int:
         raise SystemExit(f"--sizes must be comma-separated whole numbers, got {args.sizes!r}") from None
     out = Path(args.out or f"results/plateau/{profile.name}")
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, device=args.device, progress=not args.quiet)
-    path = plateau(ctx, task, names, sizes, out, args.steps, args.every, args.subjects, args.seed,
+    path = plateau(ctx, ctx.task(task.name), names, sizes, out, args.steps, args.every, args.subjects, args.seed,
                    args.command_line, progress=not args.quiet)
     print(f"wrote {path}")
     return 0

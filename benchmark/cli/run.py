@@ -188,6 +188,7 @@ def _results_dir(args, profile) -> Path:
 def run(args) -> int:
     from benchmark.report.write import write_outputs
     from benchmark.run.executors import run_grid
+    from benchmark.run.data_source import axial_voxel_mm
     from benchmark.run.grid import GridError, build_specs
     from benchmark.run.spec import RunContext
     from datasets.tasks import TASKS
@@ -195,10 +196,13 @@ def run(args) -> int:
     profile = load_profile_from(args)
     out = writable_folder(_results_dir(args, profile), "--out")
     load_plugins(args)
-    tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
+    if args.task == "all":  # every task that exists at this data's voxel size
+        tasks = [name for name, task in TASKS.items() if task.exists_at(axial_voxel_mm(profile, args.data))]
+    else:
+        tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     sizes = _int_list(args.sizes, "sizes") if args.sizes else list(profile.data.sizes)
     specs = build_specs(tasks, args.methods, sizes, _int_list(args.seeds, "seeds"), profile,
-                        validation=not args.no_validation)
+                        validation=not args.no_validation, manifest=args.data)
     executor = make_executor(args, out)
     ranks = max(args.ddp, args.slurm_gpus if args.executor == "slurm" else 1)
     if ranks > int(profile.training.batch_size):

@@ -37,7 +37,6 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
     from benchmark.engine.speed import SpeedOptions
     from benchmark.engine.training import TrainSettings
     from benchmark.run.spec import RunKind
-    from datasets.tasks import get_task
     from methods.base import Method
     from methods.registry import get_method
 
@@ -48,7 +47,7 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
     for spec in pending:
         if spec.kind != RunKind.METHOD or not issubclass(get_method(spec.method), Method):
             continue
-        task = get_task(spec.task)
+        task = ctx.task(spec.task)
         key = (spec.task, spec.method)
         if key not in timed:
             timed[key] = time_method(spec.method, ctx, task, min(spec.size, 10), 2, 0,

@@ -80,6 +80,7 @@ def _train(args, profile, task) -> int:
     out = writable_folder(args.out or f"results/{profile.name}-train", "--out")
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, None, args.device,
                      progress=not args.quiet)
+    task = ctx.task(task.name)
     spec = RunSpec(task.name, args.method, args.size, args.seed)
     if rank_and_size()[0] > 0:  # train beside rank 0, which probes, samples and writes
         ddp.follow(spec, ctx)

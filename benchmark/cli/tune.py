@@ -53,6 +53,6 @@ def run(args) -> int:
     recipe_dir = Path(args.recipe_dir) if args.recipe_dir else None
     writable_folder(recipe_path(profile.name, task.name, recipe_dir).parent, "--recipe-dir")  # the recipe goes there
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, device=args.device, progress=not args.quiet)
-    path = tune(ctx, task, names, out, args.command_line, recipe_dir, progress=not args.quiet)
+    path = tune(ctx, ctx.task(task.name), names, out, args.command_line, recipe_dir, progress=not args.quiet)
     print(f"wrote {path}")
     return 0

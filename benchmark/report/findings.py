@@ -10,9 +10,12 @@ seeds, the cost figures, the Fréchet distances with their bootstrap intervals):
 * (a) VCM is *best* at N = 10 when it beats every other method on Dice, and *among the best* at 50 and
   500 when no method beats it; a method that beats VCM makes the finding *not reproduced*.
 * (b) VCM's trainable parameters against ControlNet's, T2I-Adapter's and the LDMs'.
-* (c) at the finer spacing LIIF-3D beats every other method on PSNR and on SSIM; at the coarser one,
-  VCM's FID-3D interval lies below every other method's (the suite has no anatomy judge for
-  super-resolution outputs: realism in a feature space is the measurable part of "keeps the anatomy").
+* (c) at 4 mm LIIF-3D beats every other method on PSNR and on SSIM; at 8 mm, VCM's FID-3D interval lies
+  below every other method's (the suite has no anatomy judge for super-resolution outputs: realism in
+  a feature space is the measurable part of "keeps the anatomy"). Each half is tested at the paper's
+  spacing where it is a task at the records' voxel size (``sr4mm``, ``sr8mm``), else at the finest /
+  coarsest spacing recorded (at ``cpu``: 4 mm is finer than a voxel, so the 4 mm half is tested at the
+  finest spacing run); the evidence names the spacing.
 * (d) the fine-tuned and the scratch LDM at N = 10 against N = 500: worse FID-2D rel or less diversity
   (higher MS-SSIM diversity) beyond two standard errors over seeds.
 * (e) Table 6's sphere-mask rows: FID-2D rates the sphere run as good as the real-mask run (not above
@@ -104,10 +107,15 @@ def finding_b(frame: pd.DataFrame) -> dict:
 
 
 def finding_c(frame: pd.DataFrame, subjects: pd.DataFrame, spacing: dict[str, str]) -> dict:
-    claim = ("(c) at the finer slice spacing LIIF-3D is best on paired metrics; at the coarser one only VCM "
-             "keeps the anatomy (here: VCM's FID-3D interval below every other method's).")
+    claim = ("(c) at 4 mm slice spacing LIIF-3D is best on paired metrics; at 8 mm only VCM keeps the anatomy "
+             "(here: VCM's FID-3D interval below every other method's; each at the paper's spacing where it is a "
+             "task, else the finest / coarsest spacing run).")
     verdicts, evidence = [], []
-    fine, coarse = ("sr4", "sr8")
+    run = [task for task in spacing if not frame.empty and (frame.task == task).any()]  # finest first
+    if not run:
+        return {"claim": claim, "verdict": NOT_TESTED, "evidence": "no super-resolution runs"}
+    fine = "sr4mm" if "sr4mm" in run else run[0]
+    coarse = "sr8mm" if "sr8mm" in run else run[-1]
     sizes = frame[frame.task == fine]["size"] if not frame.empty else pd.Series(dtype=int)
     size = int(sizes[sizes > 0].max()) if (sizes > 0).any() else None
     for score in ("PSNR", "SSIM"):

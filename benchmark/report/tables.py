@@ -170,17 +170,28 @@ def registered(name: str):
 
 
 def sr_tasks(frame: pd.DataFrame | None = None) -> dict[str, str]:
-    """Super-resolution tasks -> their Table 4 label, the slice spacing the low-resolution input has:
-    keeping every K-th axial slice of v mm voxels is K x v mm (the paper's 4 and 8 mm at 1 mm voxels;
-    16 and 32 mm at the cpu profile's 4 mm). ``xK`` where the records do not say the voxel size."""
-    tasks = sorted((t for t in TASKS.values() if t.sr_factor), key=lambda t: t.sr_factor)
-    labels = {}
-    for t in tasks:
+    """Super-resolution tasks -> their Table 4 label, the slice spacing the low-resolution input has,
+    finest first: keeping every K-th axial slice of v mm voxels is K x v mm (sr4, sr8: the paper's 4 and
+    8 mm at 1 mm voxels, 16 and 32 mm at the cpu profile's 4 mm; sr4mm, sr8mm: the whole K nearest to
+    4 and 8 mm). Where the records do not say the voxel size: ``xK``, or the spacing asked for. With
+    ``frame``, only the tasks it holds; two with one label (sr8 and sr8mm at 1 mm) are told apart by name."""
+    spacings: dict[str, tuple[float, str]] = {}
+    for t in TASKS.values():
+        if not t.super_resolution or (frame is not None and (frame.empty or not (frame.task == t.name).any())):
+            continue
         mm = pd.Series(dtype=float)
         if frame is not None and not frame.empty and AXIAL_MM in frame:
             mm = pd.to_numeric(frame.loc[frame.task == t.name, AXIAL_MM], errors="coerce").dropna()
-        labels[t.name] = f"{t.sr_factor * mm.iloc[0]:.3g} mm" if not mm.empty else f"x{t.sr_factor}"
-    return labels
+        if not mm.empty:
+            spacing = t.at_voxel(mm.iloc[0]).sr_factor * mm.iloc[0]
+            spacings[t.name] = (spacing, f"{spacing:.3g} mm")
+        elif t.sr_factor is not None:
+            spacings[t.name] = (float("inf"), f"x{t.sr_factor}")
+        else:
+            spacings[t.name] = (t.sr_spacing_mm, f"{t.sr_spacing_mm:g} mm")
+    order = sorted(spacings, key=lambda name: spacings[name][0])
+    labels = [spacings[name][1] for name in order]
+    return {name: label if labels.count(label) == 1 else f"{label} ({name})" for name, label in zip(order, labels)}
 
 
 SR_METRICS = ("PSNR", "SSIM", "LPIPS fidelity", "MS-SSIM fidelity", "FID-2D mean", "FID-3D")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.anatomy import output_geometry
 from datasets.manifest import load_manifest, read_split_column
 from datasets.manifest_geometry import Grid
 from datasets.splits import VALIDATION_START, Splits, make_splits
@@ -53,6 +54,14 @@ def manifest_splits(manifest, subjects: list[Subject], d) -> tuple[Splits, str]:
             f"{n_val} validation from the end")
 
 
+def axial_voxel_mm(profile, manifest=None) -> float:
+    """The voxel size along Z (the axial slices) of a grid's volumes, in mm: the synthetic population's at
+    the profile's ``image_shape``, or the one a manifest's volumes are resampled to (``data.voxel_mm``)."""
+    if manifest is None:
+        return output_geometry(tuple(profile.image_shape))[0]
+    return float(profile.data.voxel_mm[2])
+
+
 class DataSource:
     """Training pool, nested training subsets and test set for one profile."""
 
@@ -75,6 +84,10 @@ class DataSource:
             self.splits, self.split_rule = manifest_splits(manifest, self._real, d)
             self.identity = f"manifest({Path(manifest).resolve()})"
         self.manifest = manifest
+
+    @property
+    def axial_voxel_mm(self) -> float:
+        return axial_voxel_mm(self.profile, self.manifest)
 
     def check_grid(self, sizes, n_test: int) -> None:
         """Raise DataError before any run starts when a training-set size exceeds the training pool or

@@ -22,7 +22,6 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from benchmark.engine import distributed
 from benchmark.run.spec import RunContext, RunKind, RunSpec
-from datasets.tasks import get_task
 
 
 class RankFailed(RuntimeError):
@@ -68,7 +67,7 @@ def follow(spec: RunSpec, ctx: RunContext) -> None:
     from benchmark.run.runner import train_or_load
 
     if distributed.wait_for_lead():
-        train_or_load(spec.trained(), get_task(spec.task), ctx)
+        train_or_load(spec.trained(), ctx.task(spec.task), ctx)
 
 
 def run_rank(rank: int, device: str, job, spec: RunSpec) -> dict | None:

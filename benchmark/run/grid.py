@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from benchmark.run.spec import AUTOENCODER, BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, RunKind, RunSpec
+from benchmark.run.data_source import axial_voxel_mm
 from datasets.tasks import get_task
 from methods.registry import resolve_methods
 
@@ -13,7 +14,10 @@ class GridError(ValueError):
     """A grid that cannot be run (e.g. a size larger than the training pool)."""
 
 
-def build_specs(tasks, methods: str, sizes, seeds, profile, validation: bool = True) -> list[RunSpec]:
+def build_specs(tasks, methods: str, sizes, seeds, profile, validation: bool = True, manifest=None) -> list[RunSpec]:
+    """The runs of a grid; a task that does not exist at this data's voxel size (a slice spacing no
+    coarser than a voxel) stops it here, before any run."""
+    voxel_mm = axial_voxel_mm(profile, manifest)
     pool = profile.data.train_pool
     too_big = [s for s in sizes if s > pool]
     if too_big:
@@ -23,7 +27,7 @@ def build_specs(tasks, methods: str, sizes, seeds, profile, validation: bool = T
         raise GridError("a training-set size of 0 leaves nothing to train on; choose sizes of at least 1")
     specs: list[RunSpec] = []
     for name in tasks:
-        task = get_task(name)
+        task = get_task(name).at_voxel(voxel_mm)
         names = resolve_methods(methods, task)
         for seed in seeds:
             specs.append(RunSpec(task.name, REFERENCE, 0, seed, RunKind.REFERENCE))

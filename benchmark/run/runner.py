@@ -19,7 +19,7 @@ from benchmark.engine.training import TrainSettings
 from benchmark.run.session import RunSession, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
 from benchmark.run.spec import RunContext, RunKind, RunSpec
 from core.files import atomic_npz
-from datasets.tasks import Task, get_task
+from datasets.tasks import Task
 from methods.base import BaseMethod
 from methods.registry import get_method
 from metrics.control_delta import CONTROL_DELTA, paired_difference
@@ -60,7 +60,7 @@ def train_or_load(spec: RunSpec, task: Task, ctx: RunContext, stop_after: int | 
 
 def execute_run(spec: RunSpec, ctx: RunContext) -> dict:
     """Run ``spec`` by its kind; returns the record's result fields."""
-    return RUNS[spec.kind](spec, get_task(spec.task), ctx)
+    return RUNS[spec.kind](spec, ctx.task(spec.task), ctx)
 
 
 def run_reference(spec: RunSpec, task: Task, ctx: RunContext) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 from benchmark.engine.latents import LatentCache
 from benchmark.run.data_source import DataSource
-from datasets.tasks import Task
+from datasets.tasks import Task, get_task
 
 RUN_CODE_VERSION = "1"  # bump when a change invalidates finished runs
 
@@ -148,6 +148,10 @@ class RunContext:
 
     def test_subjects(self):
         return self.data.test_subjects(self.profile.sampling.n_test)
+
+    def task(self, name) -> Task:
+        """Task ``name`` as this data's runs see it (a slice spacing in mm becomes its factor here)."""
+        return get_task(name).at_voxel(self.data.axial_voxel_mm)
 
     @cached_property
     def shared_scoring(self):
