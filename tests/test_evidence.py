@@ -458,3 +458,29 @@ def test_finding_c_tests_each_half_at_the_papers_spacing_where_it_is_a_task():
     found = finding_c(old, subjects[subjects.task != "sr8mm"], sr_tasks(old))
     assert found["verdict"] == NOT_REPRODUCED, found
     assert found["evidence"].startswith("16.1 mm PSNR: LIIF-3D beats 0 of 2") and "32.2 mm FID-3D" in found["evidence"]
+
+
+def test_the_report_says_what_each_method_trained_with_and_where_it_came_from(tmp_path):
+    import json
+
+    from benchmark.report.write import _training_settings
+
+    recipe = {"path": "benchmark/recipes/cpu/lv.yaml", "sha256": "c0749861abcdef"}
+    records = [("lv", "vcm", 10, 1e-3, {**recipe, "chosen": {"training.lr": 1e-3}}, "ok"),
+               ("lv", "vcm", 500, 1e-3, {**recipe, "chosen": {"training.lr": 1e-3}}, "ok"),
+               ("lv", "vcm+sphere", 50, 1e-3, {**recipe, "chosen": {"training.lr": 1e-3}}, "ok"),  # vcm's checkpoint
+               ("lv", "ldm_scratch", 10, 1e-3, {**recipe, "chosen": {}}, "ok"),
+               ("sr8mm", "vcm", 50, 1e-3, None, "ok"),
+               ("sr8mm", "liif3d", 50, None, None, "ok"),     # fits itself: no suite training loop
+               ("lv", "mcm", 10, 3e-4, {**recipe, "chosen": {"training.lr": 3e-4}}, "failed")]
+    (tmp_path / "records").mkdir()
+    for i, (task, method, size, lr, rec_recipe, status) in enumerate(records):
+        training = {"lr": lr, "steps": 300} if lr is not None else {}
+        (tmp_path / "records" / f"r{i}.json").write_text(json.dumps(
+            {"task": task, "method": method, "size": size, "seed": 0, "status": status, "training": training,
+             "recipe": rec_recipe}))
+    assert _training_settings(tmp_path) == [
+        "| lv | ldm_scratch | 0.001 | 300 | the profile's settings: `benchmark/recipes/cpu/lv.yaml` chose nothing for "
+        "it (the recipe's `why` says why) |",
+        "| lv | vcm | 0.001 | 300 | tuned recipe `benchmark/recipes/cpu/lv.yaml` (sha256 c0749861…) |",
+        "| sr8mm | vcm | 0.001 | 300 | the profile's settings: no recipe for this task |"]

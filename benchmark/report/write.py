@@ -6,6 +6,7 @@ from pathlib import Path
 from benchmark.report.figures import write_figures
 from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
+from benchmark.run.spec import SPHERE_SUFFIX
 from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
 from benchmark.report.findings import NOT_TESTED, paper_findings, seed_agreement
 from benchmark.report.frame import records_frame
@@ -41,6 +42,30 @@ def _base_models(results_dir: Path) -> list[str]:
         if origin:
             seen[f"{origin.get('source')}: `{origin.get('path')}` (sha256 {str(origin.get('sha256'))[:16]}…)"] = None
     return list(seen)
+
+
+def _training_settings(results_dir: Path) -> list[str]:
+    """Markdown rows: what each task's methods trained with (learning rate, steps) and where it came from,
+    from the finished records of the runs the suite's loop trained."""
+    seen: dict[tuple[str, str], dict[str, set]] = {}
+    for rec in iter_records(results_dir):
+        training = rec.get("training") or {}
+        if rec.get("status") != "ok" or training.get("lr") is None or str(rec.get("method")).endswith(SPHERE_SUFFIX):
+            continue
+        recipe = rec.get("recipe") or {}
+        if recipe.get("chosen"):
+            source = f"tuned recipe `{recipe['path']}` (sha256 {str(recipe.get('sha256'))[:8]}…)"
+        elif recipe.get("path"):
+            source = f"the profile's settings: `{recipe['path']}` chose nothing for it (the recipe's `why` says why)"
+        else:
+            source = "the profile's settings: no recipe for this task"
+        cell = seen.setdefault((rec["task"], rec["method"]), {"lr": set(), "steps": set(), "source": set()})
+        cell["lr"].add(float(training["lr"]))
+        cell["steps"].add(int(training.get("steps") or 0))
+        cell["source"].add(source)
+    return [f"| {task} | {method} | {', '.join(f'{v:g}' for v in sorted(c['lr']))} | "
+            f"{', '.join(str(v) for v in sorted(c['steps']))} | {'; '.join(sorted(c['source']))} |"
+            for (task, method), c in sorted(seen.items())]
 
 
 def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) -> Path:
@@ -104,6 +129,13 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     lines += ["", "Column headers name the extractor behind each number; numbers from different "
               "extractors are never in one column. The paper's numbers (columns `paper_…`) come "
               "from ADNI/UK Biobank data and the RadImageNet/MedicalNet extractors.", ""]
+    settings = _training_settings(results_dir)
+    if settings:
+        lines += ["## Training settings", "",
+                  "What the runs trained with, from their records. `tune` chooses a method's learning rate on "
+                  "validation subjects by Control Δ, so only tasks with a Dice judge have recipes; a paired task "
+                  "(super-resolution) trains with the profile's settings.", "",
+                  "| task | method | lr | steps | from |", "|---|---|---|---|---|", *settings, ""]
     lines += ["## Reading control", "",
               "Each method is sampled twice from the same noise and scalars: with each test subject's own "
               "condition and with another test subject's (a fixed derangement), and both sets are scored against "
