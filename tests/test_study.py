@@ -106,7 +106,7 @@ def test_a_missing_study_file_and_an_unknown_method_are_clear_errors(tmp_path, c
 
 def test_the_cpu_study_names_the_grids_of_record():
     study = load_study("studies/cpu.yaml")
-    assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "sr8mm", "multimodal"]
+    assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "multimodal", "sr8mm"]
     lv = study.blocks[0]
     assert lv.methods == "all" and lv.sizes == (10, 50, 500) and lv.seeds == (0, 1, 2)
 
