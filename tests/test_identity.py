@@ -114,6 +114,31 @@ def test_an_edited_plugin_is_stale_and_is_redone_only_when_asked(grid, tmp_path)
         k: v for k, v in before.items() if k != f"{METHOD_RUN}.json"}, "only the stale run was redone"
 
 
+def test_a_stale_run_starts_afresh_instead_of_resuming_weights_trained_otherwise(grid, tmp_path):
+    out, plugin, cache = grid
+    shutil.copytree(out, tmp_path / "grid")  # records and run folders: the finished run's checkpoint is there
+    out = tmp_path / "grid"
+    copied = tmp_path / "identity_plugin.py"
+    shutil.copy(plugin, copied)
+    run_dir = out / "runs" / METHOD_RUN
+    made_by = json.loads((out / "records" / f"{METHOD_RUN}.json").read_text())["identity"]
+    assert json.loads((run_dir / "identity.json").read_text())["method_code_sha256"] == made_by["method_code_sha256"]
+    old_checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+    flags = [*tiny_flags(cache, out), "--plugin", copied, "--methods", "identity_shift", "--sizes", "2", "--no-validation"]
+    _edit(copied, PLUGIN.replace("3, padding=1", "3, padding=1, bias=False"))
+    code, log = main_in_process(["run", *flags, "--redo-stale"])
+    assert code == 0, log
+    record = json.loads((out / "records" / f"{METHOD_RUN}.json").read_text())
+    assert record["status"] == "ok" and record["training"]["resumed_from"] == 0, record.get("training")
+    assert f"{METHOD_RUN}: its folder held a run made otherwise (method code" in log, log
+    aside = list((run_dir / "stale").iterdir())
+    assert len(aside) == 1 and (aside[0] / "checkpoint.pt").read_bytes() == old_checkpoint
+    assert json.loads((run_dir / "identity.json").read_text())["method_code_sha256"] == record["identity"]["method_code_sha256"]
+    # the same settings again: an interrupted or forced rerun resumes from that folder, nothing is moved
+    code, log = main_in_process(["run", *flags, "--force"])
+    assert code == 0 and "made otherwise" not in log and len(list((run_dir / "stale").iterdir())) == 1, log
+
+
 def test_another_profile_finds_the_folder_stale_and_names_what_differs(grid, tmp_path):
     out, plugin, cache = _copy(grid, tmp_path)
     code, log = main_in_process(["status", "--profile", "cpu", "--cache-dir", cache, "--out", out, "--plugin", plugin])

@@ -26,7 +26,7 @@ from benchmark.run.identity import mixed_folder_error, run_identity, stale_field
 from benchmark.run.records import RECORD_VERSION, iter_records, library_versions, read_record, record_name, write_record
 from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
-from benchmark.run.status import RUN_LOCK, RUNNING, running_marker, write_grid_plan
+from benchmark.run.status import RUN_LOCK, RUNNING, claim_run_folder, running_marker, write_grid_plan
 from core.files import LockHeld, file_lock
 from metrics.cost import device_name
 
@@ -64,6 +64,12 @@ def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
     started = time.time()
     with running_marker(ctx.run_dir(spec)):
         try:
+            trained = spec.trained()  # the run whose folder holds the checkpoint (a sphere run reuses its method's)
+            set_aside = claim_run_folder(ctx.run_dir(trained), run_identity(trained, ctx),
+                                         lambda theirs, now: stale_fields({"identity": theirs}, now))
+            if set_aside:
+                print(f"{trained.name}: its folder held a run made otherwise ({'; '.join(set_aside)}): moved to "
+                      f"{ctx.run_dir(trained) / 'stale'}, not resumed", flush=True)
             record = {**base_record, **execute_run(spec, ctx), "status": "ok"}
             used = (record.get("base_model") or {}).get("sha256")
             if used and uses_base_model(spec):  # the file loaded (a base pretrained by this run had none before)

@@ -23,6 +23,8 @@ CHECKPOINT = "checkpoint.pt"
 PLAN = "grid.json"
 RUNNING = "running.json"
 RUN_LOCK = "run.lock"  # held by the process running the run (core.files.file_lock)
+RUN_IDENTITY = "identity.json"  # the identity of the run whose checkpoint the folder holds
+SET_ASIDE = "stale"  # where a folder's files made otherwise than the run now asks are moved
 STATES = ("done", "stale", "failed", "running", "interrupted", "pending")
 
 
@@ -48,6 +50,27 @@ def write_grid_plan(out: Path, specs: Sequence) -> None:
 def _slurm_job() -> str | None:
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def claim_run_folder(run_dir: Path, identity: dict, differs: Callable[[dict, dict], list[str]]) -> list[str]:
+    """Make ``run_dir`` hold only what a run of ``identity`` may resume from. Files left by a run made
+    otherwise (``differs(their identity, identity)`` names how: another config hash, method code or base
+    model) are moved to ``<run_dir>/stale/<time>/``, so the run starts afresh instead of resuming weights
+    trained under other settings; a folder from before identities were written is trusted. Returns what
+    differed (empty: nothing was moved)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_IDENTITY
+    found = differs(json.loads(path.read_text()), identity) if path.is_file() else []
+    if found:
+        aside = run_dir / SET_ASIDE / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for item in run_dir.iterdir():
+            if item.name not in (RUN_LOCK, RUNNING, RUN_IDENTITY, SET_ASIDE):
+                item.rename(aside / item.name)
+        path.rename(aside / RUN_IDENTITY)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_json(path, identity, indent=1, sort_keys=True)
+    return found
 
 
 @contextmanager
