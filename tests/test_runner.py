@@ -201,3 +201,45 @@ def test_task_table_shows_the_unconditioned_base_as_the_floor_and_leaves_out_sph
     assert set(table.index) == {"vcm", BASE_ROW, REFERENCE_ROW}
     assert table.loc[BASE_ROW, "Dice"] == "0.24" and table.loc["vcm", "Dice"].startswith("0.3 ±")
     assert table.loc["vcm", "seeds"] == 2
+
+
+def test_an_interrupted_generation_resumes_from_its_kept_batches_with_the_same_volumes(tiny_cache, tmp_path):
+    from benchmark.profiles import load_profile
+    from benchmark.run.runner import generate
+    from benchmark.run.spec import RunContext
+    from datasets.tasks import get_task
+    from methods.base import DirectMethod
+
+    ctx = RunContext(load_profile("smoke", [*TINY, "sampling.n_test=3", "sampling.batch_size=1"]), tmp_path / "out",
+                     tiny_cache, progress=False)
+    test, task = ctx.test_subjects(), get_task("sr4")
+
+    class Counting(DirectMethod):
+        """Volumes from the condition; what an optimiser at test time keeps in generate_info; may stop."""
+        name = "counting"
+
+        def __init__(self, stop_at=None):
+            super().__init__(None, task.modalities, {})
+            self.calls, self.stop_at = 0, stop_at
+
+        def generate(self, conditions, scalars, subjects, engine=None):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt  # a kill in the middle of the test set
+            self.generate_info.setdefault("objective_last", []).append(float(self.calls))
+            return conditions.tensors["low_res"].clamp(0, 1) * 0.5
+
+    whole, _ = generate(Counting(), test, task, None, ctx)  # nothing kept
+    keep = tmp_path / "out" / "runs" / "r" / "generated"
+    first = Counting(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        generate(first, test, task, None, ctx, keep_in=keep)
+    assert sorted(p.name for p in keep.iterdir()) == ["own-00000.npz", "own-00001.npz"]
+    again = Counting()
+    resumed, seconds = generate(again, test, task, None, ctx, keep_in=keep)
+    assert again.calls == 1 and np.array_equal(resumed, whole) and seconds > 0
+    assert again.generate_info == {"objective_last": [1.0, 2.0, 1.0]}  # the kept batches' info, then its own
+    # another subject's conditions (the swapped null) are never read from the own-condition batches
+    swapped = Counting()
+    generate(swapped, test, task, None, ctx, condition_subjects=test[::-1], keep_in=keep)
+    assert swapped.calls == 3

@@ -64,12 +64,13 @@ def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
     started = time.time()
     with running_marker(ctx.run_dir(spec)):
         try:
-            trained = spec.trained()  # the run whose folder holds the checkpoint (a sphere run reuses its method's)
-            set_aside = claim_run_folder(ctx.run_dir(trained), run_identity(trained, ctx),
-                                         lambda theirs, now: stale_fields({"identity": theirs}, now))
-            if set_aside:
-                print(f"{trained.name}: its folder held a run made otherwise ({'; '.join(set_aside)}): moved to "
-                      f"{ctx.run_dir(trained) / 'stale'}, not resumed", flush=True)
+            # its folder and the one whose checkpoint it resumes (a sphere run reuses its method's run)
+            for owner in dict.fromkeys([spec.trained(), spec]):
+                set_aside = claim_run_folder(ctx.run_dir(owner), run_identity(owner, ctx),
+                                             lambda theirs, now: stale_fields({"identity": theirs}, now))
+                if set_aside:
+                    print(f"{owner.name}: its folder held a run made otherwise ({'; '.join(set_aside)}): moved to "
+                          f"{ctx.run_dir(owner) / 'stale'}, not resumed", flush=True)
             record = {**base_record, **execute_run(spec, ctx), "status": "ok"}
             used = (record.get("base_model") or {}).get("sha256")
             if used and uses_base_model(spec):  # the file loaded (a base pretrained by this run had none before)

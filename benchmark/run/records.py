@@ -28,10 +28,10 @@ def library_versions() -> dict[str, str]:
 
 def write_record(path: Path, record: dict) -> None:
     """Atomic: a reader (or a rerun after a kill) sees the old file or the new one, never half."""
-    atomic_json(path, record, indent=2, sort_keys=True, default=_jsonable)
+    atomic_json(path, record, indent=2, sort_keys=True, default=jsonable)
 
 
-def _jsonable(value):
+def jsonable(value):
     try:
         import numpy as np
 

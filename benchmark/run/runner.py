@@ -5,6 +5,8 @@ runs too. Each returns the record's fields."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from benchmark.engine.latents import condition_batch, scalar_batch, stable_seed
 from benchmark.engine.sampling import sample_unconditioned
 from benchmark.engine.speed import SpeedOptions
 from benchmark.engine.training import TrainSettings
+from benchmark.run.records import jsonable
 from benchmark.run.session import RunSession, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
 from benchmark.run.spec import RunContext, RunKind, RunSpec
 from core.files import atomic_npz
@@ -137,16 +140,15 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
         sample_task = sphere_task(task)
     torch.manual_seed(stable_seed(spec.seed, "sampling"))
     method.eval()
-    gen_start = time.perf_counter()
-    generated = generate(method, test, sample_task, session, ctx)
-    gen_seconds = time.perf_counter() - gen_start
+    kept = ctx.run_dir(spec) / KEPT_BATCHES
+    generated, gen_seconds = generate(method, test, sample_task, session, ctx, keep_in=kept)
     swapped = None
     if task.dice is not None and spec.kind is RunKind.METHOD:  # the method's own null: another subject's condition
         from benchmark.engine.probe import derangement
 
         other = derangement(len(test), spec.seed)
         torch.manual_seed(stable_seed(spec.seed, "sampling"))
-        swapped = (other, generate(method, test, sample_task, session, ctx, [test[j] for j in other]))
+        swapped = (other, generate(method, test, sample_task, session, ctx, [test[j] for j in other], keep_in=kept)[0])
     if session.train_result is not None:  # trained by the suite's loop: its cost, and the control probe
         train = session.train_result
         result = {"training": {**training_fields(info), "lr": session.settings.lr},
@@ -159,7 +161,9 @@ def run_method(spec: RunSpec, task: Task, ctx: RunContext) -> dict:
         result = direct_fields(method, info, ctx, fit_seconds, gen_seconds, len(test), memory.summary())
         result["control_probe"] = {"not_applicable": f"{spec.method} generates volumes directly; it has no noise "
                                                      "prediction to probe"}
-    return finish(spec, task, ctx, test, generated, sample_task, result, wall, swapped)
+    record = finish(spec, task, ctx, test, generated, sample_task, result, wall, swapped)
+    shutil.rmtree(kept, ignore_errors=True)  # in samples.npz now
+    return record
 
 
 RUNS = {
@@ -175,28 +179,65 @@ RUNS = {
 # ---- shared steps ---------------------------------------------------------------------------
 
 
+KEPT_BATCHES = "generated"  # run folder: each generated batch until samples.npz holds them all
+
+
 def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: RunContext,
-             condition_subjects=None) -> np.ndarray:
-    """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1].
-    ``condition_subjects`` (one per test subject) gives the spatial conditions instead, each subject
-    keeping its own noise and scalars: the swapped-condition null. Every batch is checked against
-    ``generate``'s contract (``methods.base.check_generated``)."""
+             condition_subjects=None, keep_in: Path | None = None) -> tuple[np.ndarray, float]:
+    """``method.generate`` on the test subjects, batch by batch: (N, 1, X, Y, Z) float32 in [0, 1], and
+    the seconds that took. ``condition_subjects`` (one per test subject) gives the spatial conditions
+    instead, each subject keeping its own noise and scalars: the swapped-condition null. Every batch is
+    checked against ``generate``'s contract (``methods.base.check_generated``).
+
+    With ``keep_in``, each finished batch is kept there with its subjects, the method's
+    ``generate_info`` and its seconds; a later call (an interrupted run resumed, from the same
+    checkpoint) reads it back instead of generating it again. The volumes are those an uninterrupted
+    run makes: each subject's noise is its own, not drawn from a shared stream."""
     from methods.base import DirectMethod, check_generated
 
     batch_size = ctx.profile.sampling.batch_size
     givers = test if condition_subjects is None else condition_subjects
-    out = []
+    tag = "own" if condition_subjects is None else "swapped"
+    out, seconds = [], 0.0
     desc = f"generate {method.name}" + ("" if condition_subjects is None else " (swapped conditions)")
     for start in tqdm(range(0, len(test), batch_size), desc=desc, disable=not ctx.progress, leave=False):
-        chunk = test[start : start + batch_size]
-        conditions = condition_batch(task, givers[start : start + batch_size], device=ctx.device)
-        volumes = method.generate(conditions, scalar_batch(chunk, ctx.device), chunk, session)
-        # Finite values are required of direct methods, whose volumes no engine check has seen; a steering
-        # method's are the sampler's and are scored as before.
-        check_generated(method.name, volumes, (len(chunk), 1, *ctx.profile.image_shape),
-                        finite=isinstance(method, DirectMethod))
-        out.append(volumes.detach().clamp(0, 1).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
+        chunk, chunk_givers = test[start : start + batch_size], givers[start : start + batch_size]
+        ids = np.array([s.id for s in chunk] + [s.id for s in chunk_givers])
+        path = Path(keep_in) / f"{tag}-{start:05d}.npz" if keep_in is not None else None
+        kept = _kept_batch(path, ids)
+        if kept is not None:
+            volumes, method.generate_info, spent = kept
+        else:
+            began = time.perf_counter()
+            conditions = condition_batch(task, chunk_givers, device=ctx.device)
+            made = method.generate(conditions, scalar_batch(chunk, ctx.device), chunk, session)
+            # Finite values are required of direct methods, whose volumes no engine check has seen; a steering
+            # method's are the sampler's and are scored as before.
+            check_generated(method.name, made, (len(chunk), 1, *ctx.profile.image_shape),
+                            finite=isinstance(method, DirectMethod))
+            volumes = made.detach().clamp(0, 1).float().cpu().numpy()
+            spent = time.perf_counter() - began
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_npz(path, volumes=volumes, ids=ids, seconds=spent,
+                           generate_info=json.dumps(method.generate_info, default=jsonable))
+        seconds += spent
+        out.append(volumes)
+    generated = np.concatenate(out) if out else np.zeros((0, 1, *ctx.profile.image_shape), np.float32)
+    return generated, seconds
+
+
+def _kept_batch(path: Path | None, ids: np.ndarray) -> tuple[np.ndarray, dict, float] | None:
+    """A batch an earlier attempt kept for the same subjects and conditions (volumes, generate_info, seconds)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as kept:
+            if not np.array_equal(kept["ids"], ids):
+                return None
+            return kept["volumes"], json.loads(str(kept["generate_info"])), float(kept["seconds"])
+    except (OSError, ValueError, KeyError):  # a damaged file: generate the batch again
+        return None
 
 
 def finish(spec: RunSpec, task: Task, ctx: RunContext, test, generated: np.ndarray, conditions_used,
