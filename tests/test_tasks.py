@@ -191,3 +191,12 @@ def test_a_spacing_task_reaches_its_runs_with_the_factor_of_the_data(tmp_path, m
     # smoke's 5.75 mm voxels: 8 mm is no whole factor coarser; the grid stops before any run, saying so
     with pytest.raises(TaskError, match="sr8mm.*not coarser than these 5.75 mm voxels"):
         build_specs(["sr4", "sr8mm"], "trilinear", [2], [0], load_profile("smoke"))
+
+
+def test_task_all_leaves_out_the_spacings_no_coarser_than_a_voxel_and_says_so(tmp_path):
+    from tests.test_runner import main_in_process
+
+    code, log = main_in_process(["run", "--profile", "smoke", "--quiet", "--cache-dir", tmp_path / "c", "--out",
+                                 tmp_path / "o", "--task", "all", "--methods", "no_such_method"])
+    assert "--task all: sr4mm, sr8mm left out: their slice spacing is not coarser than these 5.75 mm voxels" in log
+    assert code == 2 and "no_such_method" in log, log  # the grid then stops on the unknown method, before any run

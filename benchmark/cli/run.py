@@ -197,7 +197,11 @@ def run(args) -> int:
     out = writable_folder(_results_dir(args, profile), "--out")
     load_plugins(args)
     if args.task == "all":  # every task that exists at this data's voxel size
-        tasks = [name for name, task in TASKS.items() if task.exists_at(axial_voxel_mm(profile, args.data))]
+        voxel_mm = axial_voxel_mm(profile, args.data)
+        tasks = [name for name, task in TASKS.items() if task.exists_at(voxel_mm)]
+        if len(tasks) < len(TASKS):
+            print(f"--task all: {', '.join(n for n in TASKS if n not in tasks)} left out: their slice spacing is not "
+                  f"coarser than these {voxel_mm:.3g} mm voxels", file=sys.stderr)
     else:
         tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     sizes = _int_list(args.sizes, "sizes") if args.sizes else list(profile.data.sizes)
