@@ -35,6 +35,7 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     assert main(["study", str(path), "--dry-run", *common]) == 0
     printed = capsys.readouterr().out
     assert "0 done, 5 to run" in printed and "estimated" in printed and "sr4 controlnet_mlp:" in printed
+    assert "not in the estimate: 2 runs of methods that fit themselves (sr4 trilinear x1, sr8 trilinear x1)" in printed
     assert "would run python run_benchmark.py bench --profile smoke --task sr4 --size 2 --steps 1" in printed
     assert not (tmp_path / "study" / "records").exists()  # a dry run runs nothing
 
