@@ -125,7 +125,8 @@ def test_a_stale_run_starts_afresh_instead_of_resuming_weights_trained_otherwise
     assert json.loads((run_dir / "identity.json").read_text())["method_code_sha256"] == made_by["method_code_sha256"]
     old_checkpoint = (run_dir / "checkpoint.pt").read_bytes()
     flags = [*tiny_flags(cache, out), "--plugin", copied, "--methods", "identity_shift", "--sizes", "2", "--no-validation"]
-    _edit(copied, PLUGIN.replace("3, padding=1", "3, padding=1, bias=False"))
+    # the same parameters, another forward: the old checkpoint would load and be taken as finished
+    _edit(copied, PLUGIN.replace("return eps + self.net(", "return eps + 0.5 * self.net("))
     code, log = main_in_process(["run", *flags, "--redo-stale"])
     assert code == 0, log
     record = json.loads((out / "records" / f"{METHOD_RUN}.json").read_text())
