@@ -190,9 +190,9 @@ def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: Run
     checked against ``generate``'s contract (``methods.base.check_generated``).
 
     With ``keep_in``, each finished batch is kept there with its subjects, the method's
-    ``generate_info`` and its seconds; a later call (an interrupted run resumed, from the same
-    checkpoint) reads it back instead of generating it again. The volumes are those an uninterrupted
-    run makes: each subject's noise is its own, not drawn from a shared stream."""
+    ``generate_info``, its seconds and the global torch generator's state after it; a later call (an
+    interrupted run resumed, from the same checkpoint) reads it back instead of generating it again and
+    restores that state, so the batches after it are those an uninterrupted run makes."""
     from methods.base import DirectMethod, check_generated
 
     batch_size = ctx.profile.sampling.batch_size
@@ -206,7 +206,8 @@ def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: Run
         path = Path(keep_in) / f"{tag}-{start:05d}.npz" if keep_in is not None else None
         kept = _kept_batch(path, ids)
         if kept is not None:
-            volumes, method.generate_info, spent = kept
+            volumes, method.generate_info, spent, rng_state = kept
+            torch.set_rng_state(rng_state)
         else:
             began = time.perf_counter()
             conditions = condition_batch(task, chunk_givers, device=ctx.device)
@@ -219,7 +220,7 @@ def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: Run
             spent = time.perf_counter() - began
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_npz(path, volumes=volumes, ids=ids, seconds=spent,
+                atomic_npz(path, volumes=volumes, ids=ids, seconds=spent, rng_state=torch.get_rng_state().numpy(),
                            generate_info=json.dumps(method.generate_info, default=jsonable))
         seconds += spent
         out.append(volumes)
@@ -227,15 +228,17 @@ def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: Run
     return generated, seconds
 
 
-def _kept_batch(path: Path | None, ids: np.ndarray) -> tuple[np.ndarray, dict, float] | None:
-    """A batch an earlier attempt kept for the same subjects and conditions (volumes, generate_info, seconds)."""
+def _kept_batch(path: Path | None, ids: np.ndarray) -> tuple[np.ndarray, dict, float, torch.Tensor] | None:
+    """A batch an earlier attempt kept for the same subjects and conditions: volumes, generate_info,
+    seconds and the global torch generator's state after it."""
     if path is None or not path.is_file():
         return None
     try:
         with np.load(path) as kept:
             if not np.array_equal(kept["ids"], ids):
                 return None
-            return kept["volumes"], json.loads(str(kept["generate_info"])), float(kept["seconds"])
+            return (kept["volumes"], json.loads(str(kept["generate_info"])), float(kept["seconds"]),
+                    torch.from_numpy(kept["rng_state"].copy()))
     except (OSError, ValueError, KeyError):  # a damaged file: generate the batch again
         return None
 
