@@ -66,8 +66,7 @@ def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
         try:
             # its folder and the one whose checkpoint it resumes (a sphere run reuses its method's run)
             for owner in dict.fromkeys([spec.trained(), spec]):
-                set_aside = claim_run_folder(ctx.run_dir(owner), run_identity(owner, ctx),
-                                             lambda theirs, now: stale_fields({"identity": theirs}, now))
+                set_aside = claim_run_folder(ctx.run_dir(owner), run_identity(owner, ctx))
                 if set_aside:
                     print(f"{owner.name}: its folder held a run made otherwise ({'; '.join(set_aside)}): moved to "
                           f"{ctx.run_dir(owner) / 'stale'}, not resumed", flush=True)

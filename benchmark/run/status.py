@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from benchmark.run.identity import stale_fields
 from benchmark.run.records import iter_records, record_name
 from core.files import atomic_json, file_lock
 
@@ -52,15 +53,15 @@ def _slurm_job() -> str | None:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
-def claim_run_folder(run_dir: Path, identity: dict, differs: Callable[[dict, dict], list[str]]) -> list[str]:
+def claim_run_folder(run_dir: Path, identity: dict) -> list[str]:
     """Make ``run_dir`` hold only what a run of ``identity`` may resume from. Files left by a run made
-    otherwise (``differs(their identity, identity)`` names how: another config hash, method code or base
-    model) are moved to ``<run_dir>/stale/<time>/``, so the run starts afresh instead of resuming weights
+    otherwise (:func:`benchmark.run.identity.stale_fields` names how: another config hash, method code or
+    base model) are moved to ``<run_dir>/stale/<time>/``, so the run starts afresh instead of resuming weights
     trained under other settings; a folder from before identities were written is trusted. Returns what
     differed (empty: nothing was moved)."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_IDENTITY
-    found = differs(json.loads(path.read_text()), identity) if path.is_file() else []
+    found = stale_fields({"identity": json.loads(path.read_text())}, identity) if path.is_file() else []
     if found:
         aside = run_dir / SET_ASIDE / time.strftime("%Y%m%d-%H%M%S")
         aside.mkdir(parents=True, exist_ok=True)
