@@ -57,7 +57,8 @@ def device_name(device: torch.device | str | None = None) -> str:
                     break
     except OSError:
         pass
-    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {cpu} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def _sync(device: torch.device | None) -> None:

@@ -300,6 +300,26 @@ def test_a_run_whose_process_dies_fails_alone(in_process, cache, tmp_path):
     assert states == {specs[0].name: "interrupted", specs[1].name: "done"}
 
 
+def test_a_sphere_run_waits_while_another_process_trains_the_run_whose_checkpoint_it_reuses(cache, tmp_path,
+                                                                                            monkeypatch):
+    """With --jobs, VCM's run and its sphere-mask run (which reuses VCM's checkpoint) can start at once:
+    the sphere run must not train into VCM's folder beside it, but wait and find the finished checkpoint."""
+    from benchmark.run import executors
+    from benchmark.run.status import RUN_LOCK
+    from core.files import file_lock
+
+    ctx = _context(tmp_path / "out", cache)
+    sphere = RunSpec.sphere("lv", "vcm", 2, 0)
+    started = threading.Event()
+    monkeypatch.setattr(executors, "_run_and_write", lambda spec, ctx, base: started.set() or {"status": "ok"})
+    with file_lock(ctx.run_dir(sphere.trained()) / RUN_LOCK):  # "another process" is training VCM
+        worker = threading.Thread(target=executors.run_and_record, args=(sphere, ctx))
+        worker.start()
+        assert not started.wait(1.0), "the sphere run started while VCM's run held its folder"
+    worker.join(30)
+    assert started.is_set()  # VCM's run ended: the sphere run goes on
+
+
 def test_local_pool_rejects_impossible_settings():
     with pytest.raises(ValueError, match="--jobs"):
         LocalPoolExecutor(0)

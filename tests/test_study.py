@@ -105,6 +105,28 @@ def test_a_missing_study_file_and_an_unknown_method_are_clear_errors(tmp_path, c
     assert "no_such_method" in capsys.readouterr().err
 
 
+def test_jobs_runs_the_study_in_a_pool_of_processes_and_a_bad_count_stops_first(tmp_path, capsys, monkeypatch):
+    from benchmark.run import executors
+
+    path = _study(tmp_path)
+    common = ["--no-estimate", "--quiet", "--cache-dir", str(tmp_path / "c")]
+    assert main(["study", str(path), "--jobs", "0", *common]) == 2
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "records").exists()
+
+    class Handed(Exception):
+        pass
+
+    def run_grid(specs, ctx, executor, **kwargs):
+        raise Handed(executor)
+
+    monkeypatch.setattr(executors, "run_grid", run_grid)
+    with pytest.raises(Handed) as handed:
+        main(["study", str(path), "--jobs", "2", *common])
+    pool = handed.value.args[0]
+    assert isinstance(pool, executors.LocalPoolExecutor) and pool.jobs == 2
+
+
 def test_the_cpu_study_names_the_grids_of_record():
     study = load_study("studies/cpu.yaml")
     assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "multimodal", "sr8mm"]

@@ -76,15 +76,11 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--executor", choices=("local", "slurm"), default="local",
                    help="local: on this machine, --jobs at a time (default); slurm: one Slurm job array "
                         "through submitit (pip install '.[cluster]'), each task one run")
-    g.add_argument("--jobs", type=int, default=1,
-                   help="local: runs at once, each in its own process (default 1: one after another, in this process)")
+    add_local_flags(g)
     g.add_argument("--ddp", type=int, default=1, metavar="N",
                    help="local: train each run with N data-parallel processes (ranks) on this machine, one device "
                         "each (cuda:0..N-1; on CPU a share of the threads), the minibatch split over them; with "
                         "--jobs 1 (default 1: one process)")
-    g.add_argument("--devices", default=None,
-                   help="local: comma-separated devices shared out among the jobs, e.g. cuda:0,cuda:1 "
-                        "(default: --device; on CPU each job gets its share of the threads)")
     g.add_argument("--slurm-partition", default=None, help="slurm: partition (default: the cluster's default)")
     g.add_argument("--slurm-gpus", type=int, default=1,
                    help="slurm: GPUs per run (default 1); N > 1 trains each run with N data-parallel ranks, one per GPU")
@@ -102,6 +98,16 @@ def add_executor_flags(p: argparse.ArgumentParser) -> None:
                    help="slurm: any other sbatch option without its dashes, e.g. account=mylab or qos=high (repeatable)")
     g.add_argument("--wait", action="store_true",
                    help="slurm: wait until every task has finished, then write the tables (default: submit and return)")
+
+
+def add_local_flags(g) -> None:
+    """Runs at once on this machine (``run`` and ``study``)."""
+    g.add_argument("--jobs", type=int, default=1,
+                   help="local: runs at once, each in its own process with its share of the CPU threads "
+                        "(default 1: one after another, in this process)")
+    g.add_argument("--devices", default=None,
+                   help="local: comma-separated devices shared out among the jobs, e.g. cuda:0,cuda:1 "
+                        "(default: --device; on CPU each job gets its share of the threads)")
 
 
 def make_executor(args, out: Path):

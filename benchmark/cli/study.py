@@ -2,6 +2,7 @@
 
     python run_benchmark.py study studies/cpu.yaml            # or: make study
     python run_benchmark.py study studies/cpu.yaml --dry-run  # what would run, and the estimate
+    python run_benchmark.py study studies/cpu.yaml --jobs 2   # two runs at once, each with half the threads
 
 Before running, it prints what is done and what is pending, and an estimate of the pending time from
 this machine's speed: each pending method's training step and one sampling batch are timed here
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from benchmark.cli import load_plugins, writable_folder
+from benchmark.cli.run import add_local_flags, make_executor
 from benchmark.profiles import load_profile
 
 
@@ -28,7 +30,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-estimate", action="store_true", help="skip the timing behind the estimate")
     p.add_argument("--redo-stale", action="store_true",
                    help="redo the study's stale runs (records made otherwise than the study would make them now)")
-    p.set_defaults(func=run)
+    add_local_flags(p.add_argument_group("runs at once on this machine"))
+    p.set_defaults(func=run, executor="local", ddp=1)
 
 
 def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
@@ -78,6 +81,7 @@ def run(args) -> int:
     overrides = list(study.overrides) + list(args.override or [])
     profile = load_profile(study.profile, overrides)
     load_plugins(args)
+    executor = make_executor(args, study.out)  # before anything runs: a bad --jobs stops here
     blocks, waiting = ready_blocks(study, profile)
     for line in waiting:
         print(line)
@@ -101,7 +105,7 @@ def run(args) -> int:
             print(f"  would run python run_benchmark.py {' '.join(bench)}")
         return 1 if waiting else 0
     started = time.perf_counter()
-    summary = run_grid(specs, ctx, None, plugins=args.plugin, redo_stale=args.redo_stale) if pending else None
+    summary = run_grid(specs, ctx, executor, plugins=args.plugin, redo_stale=args.redo_stale) if pending else None
     bench_code = _run_bench(bench) if bench else 0
     write_outputs(study.out, profile)
     line = summary.line() if summary is not None else "nothing to run"

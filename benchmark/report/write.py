@@ -82,9 +82,9 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     if not frame.empty:
         ok = int((frame.status == "ok").sum())
         hours = sum(float(r.get("elapsed_seconds") or 0.0) for r in iter_records(results_dir)) / 3600
-        lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed, {hours:.1f} wall-hours "
-                     "(each record's `elapsed_seconds`: the attempt that finished it; an interrupted attempt's time "
-                     f"is not counted). Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+        lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed, {hours:.1f} run-hours "
+                     "(the sum of each record's `elapsed_seconds`: the attempt that finished it; an interrupted "
+                     "attempt's time is not counted, and runs made at once (`--jobs`) overlap). Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     spread = timing_spread(frame) if not frame.empty else []
     bench = bench_timings(results_dir)

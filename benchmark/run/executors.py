@@ -13,6 +13,7 @@ import json
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -53,11 +54,24 @@ def run_and_record(spec: RunSpec, ctx: RunContext, force: bool = False) -> dict:
         with file_lock(run_dir / RUN_LOCK, wait=False):
             if not force and is_done(spec, ctx):
                 return read_record(ctx.record_path(spec))
-            return _run_and_write(spec, ctx, base_record)
+            with _lock_of_the_trained_run(spec, ctx):
+                return _run_and_write(spec, ctx, base_record)
     except LockHeld:
         return {**base_record, "status": "failed",
                 "error": f"{spec.name} is being run by another process ({run_dir / RUNNING} says where); this "
                          "process left it alone (the grid was started twice?): its record appears when it ends"}
+
+
+@contextmanager
+def _lock_of_the_trained_run(spec: RunSpec, ctx: RunContext):
+    """A run that reuses another run's checkpoint (sphere validation reuses VCM's) also holds that run's
+    lock, waiting while another process (``--jobs``) trains it: two processes never train into one folder,
+    and the waiting run then finds the finished checkpoint instead of training its own."""
+    if spec.trained() == spec:
+        yield
+        return
+    with file_lock(ctx.run_dir(spec.trained()) / RUN_LOCK):
+        yield
 
 
 def _run_and_write(spec: RunSpec, ctx: RunContext, base_record: dict) -> dict:
