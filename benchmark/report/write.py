@@ -1,6 +1,7 @@
 """Tables, figures and the Markdown report of one results folder, from its records alone."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from benchmark.report.figures import write_figures
@@ -44,6 +45,18 @@ def _base_models(results_dir: Path) -> list[str]:
     return list(seen)
 
 
+def _thread_hours(records) -> str:
+    """The CPU records' hours times the threads each ran with (its ``device`` line names them): what a run
+    cost on CPU whether it ran alone with every core or beside another run (``--jobs``); '' when none."""
+    total, found = 0.0, False
+    for record in records:
+        match = re.fullmatch(r"CPU .*\((\d+) threads?\)", str(record.get("device", "")))
+        if match:
+            found = True
+            total += float(record.get("elapsed_seconds") or 0.0) * int(match.group(1)) / 3600
+    return f"; on CPU {total:.1f} thread-hours (each run's hours times its threads)" if found else ""
+
+
 def _training_settings(results_dir: Path) -> list[str]:
     """Markdown rows: what each task's methods trained with (learning rate, steps) and where it came from,
     from the finished records of the runs the suite's loop trained."""
@@ -81,10 +94,12 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                      f"(what the records say; the tables were rebuilt with `--profile {profile.name}`).")
     if not frame.empty:
         ok = int((frame.status == "ok").sum())
-        hours = sum(float(r.get("elapsed_seconds") or 0.0) for r in iter_records(results_dir)) / 3600
+        records = list(iter_records(results_dir))
+        hours = sum(float(r.get("elapsed_seconds") or 0.0) for r in records) / 3600
         lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed, {hours:.1f} run-hours "
                      "(the sum of each record's `elapsed_seconds`: the attempt that finished it; an interrupted "
-                     "attempt's time is not counted, and runs made at once (`--jobs`) overlap). Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+                     f"attempt's time is not counted, and runs made at once (`--jobs`) overlap){_thread_hours(records)}. "
+                     "Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     spread = timing_spread(frame) if not frame.empty else []
     bench = bench_timings(results_dir)
