@@ -34,8 +34,10 @@ smoke: $(STAMP)
 
 # The study of record (studies/cpu.yaml): runs what is missing (days on 2 cores; resumable), then rebuilds
 # studies/cpu/ (records, tables, figures, REPORT.md). With the committed records present it runs nothing.
+# JOBS=2: two runs at once, one thread each (on 2 cores 1.18x the steps per hour: docs/SPEED.md).
+JOBS ?= 1
 study: $(STAMP)
-	$(PY) run_benchmark.py study studies/cpu.yaml
+	$(PY) run_benchmark.py study studies/cpu.yaml --jobs $(JOBS)
 
 # The fast suite, one pytest-xdist worker per core (at most 4; tests/conftest.py gives each one thread).
 # Tests marked `slow` sample the shipped cpu base model (a few minutes on 2 cores) and run with
