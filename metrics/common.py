@@ -63,6 +63,12 @@ def warn_once(key: str, message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def quiet_missing_weights() -> None:
+    """Hide the warning that a pretrained extractor's weights are missing (``--quiet``): the records and
+    REPORT.md name the extractor behind every column, so stderr need not say it in every process."""
+    warnings.filterwarnings("ignore", message="Pretrained .* weights not found", category=UserWarning)
+
+
 def as_volumes(x: Any, name: str = "volumes", check_range: bool = True) -> torch.Tensor:
     """Numpy array or tensor -> float32 CPU tensor (N, 1, X, Y, Z); a (1, X, Y, Z) volume gains N=1.
 

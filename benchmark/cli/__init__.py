@@ -184,6 +184,8 @@ def _run_command(argv: list[str]) -> int:
     if getattr(args, "uses_cache", True):
         writable_folder(args.cache_dir, "--cache-dir")
     with warnings.catch_warnings():
-        if args.quiet:  # the records and REPORT.md name the extractor behind every column; stderr need not
-            warnings.filterwarnings("ignore", message="Pretrained .* weights not found", category=UserWarning)
+        if args.quiet:
+            from metrics.common import quiet_missing_weights
+
+            quiet_missing_weights()
         return int(args.func(args) or 0)

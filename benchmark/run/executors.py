@@ -13,6 +13,7 @@ import json
 import os
 import time
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -29,6 +30,7 @@ from benchmark.run.runner import execute_run
 from benchmark.run.spec import RunContext, RunSpec
 from benchmark.run.status import RUN_LOCK, RUNNING, claim_run_folder, running_marker, write_grid_plan
 from core.files import LockHeld, file_lock
+from metrics.common import quiet_missing_weights
 from metrics.cost import device_name
 
 
@@ -135,6 +137,7 @@ class GridJob:
     plugins: tuple[str, ...] = ()
     progress: bool = False
     force: bool = False  # rerun runs that are done
+    quiet: bool = False  # --quiet: hide the warnings that the records and REPORT.md already state, here too
     _local: RunContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -142,7 +145,7 @@ class GridJob:
         return cls(profile=ctx.profile.to_dict(), out_dir=str(ctx.out_dir), cache_dir=str(ctx.cache_dir),
                    weights_dir=str(ctx.weights_dir) if ctx.weights_dir else None,
                    manifest=str(ctx.manifest) if ctx.manifest else None, device=ctx.device,
-                   plugins=tuple(plugins), progress=ctx.progress, force=force, _local=ctx)
+                   plugins=tuple(plugins), progress=ctx.progress, force=force, quiet=not ctx.progress, _local=ctx)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -172,7 +175,10 @@ class GridJob:
         return _CONTEXTS[key]
 
     def __call__(self, spec: RunSpec) -> dict:
-        return run_and_record(spec, self.context(), self.force)
+        with warnings.catch_warnings():
+            if self.quiet:
+                quiet_missing_weights()
+            return run_and_record(spec, self.context(), self.force)
 
 
 # ---- executors -------------------------------------------------------------------------------
