@@ -181,7 +181,7 @@ def test_the_report_names_the_profile_the_records_were_made_with(grid, tmp_path)
     assert "Profile `smoke` (what the records say; the tables were rebuilt with `--profile cpu`)" in report
     assert f"failed, {1.25 * len(records):.1f} run-hours (the sum of each record's `elapsed_seconds`" in report
     threads = int(json.loads(records[0].read_text())["device"].rsplit("(", 1)[1].split()[0])  # "CPU ... (2 threads)"
-    assert f"on CPU {1.25 * len(records) * threads:.1f} thread-hours (each run's hours times its threads)" in report
+    assert f"on CPU {1.25 * len(records) * threads:.1f} thread-hours (each run's hours times its threads). Devices: CPU " in report
 
 
 def test_records_made_before_identities_are_read_by_the_fields_they_have(grid, tmp_path):

@@ -99,7 +99,7 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
         lines.append(f"Runs: {len(frame)} recorded, {ok} finished, {len(frame) - ok} failed, {hours:.1f} run-hours "
                      "(the sum of each record's `elapsed_seconds`: the attempt that finished it; an interrupted "
                      f"attempt's time is not counted, and runs made at once (`--jobs`) overlap){_thread_hours(records)}. "
-                     "Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+                     f"Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     spread = timing_spread(frame) if not frame.empty else []
     bench = bench_timings(results_dir)
