@@ -106,7 +106,8 @@ class FRD(Metric):
 
     def score(self, inp: Inputs, out: Scores) -> None:
         if inp.settings.frd:
-            r = out.timed("FRD", lambda: frd(inp.real, inp.fake, inp.brain_mask))
+            kept = None if inp.cache_dir is None else inp.cache_dir / "frd"
+            r = out.timed("FRD", lambda: frd(inp.real, inp.fake, inp.brain_mask, cache_dir=kept))
             out.row["FRD"], out.protocol["FRD"] = r["FRD"], r["protocol"]
         else:
             out.row["FRD"] = None

@@ -59,6 +59,7 @@ class Inputs:
     dice_classes: int | None
     brain_mask: Any
     voxel_ml: float | None
+    cache_dir: Any = None        # a folder for what depends on the real volumes only (FRD's real features), or None
 
 
 @dataclass

@@ -35,6 +35,7 @@ classes, ground truth).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from . import suite
@@ -111,6 +112,7 @@ def score_generated(
     dice_classes: int | None = None,
     brain_mask: Any = None,
     voxel_ml: float | None = None,
+    cache_dir: Any = None,
 ) -> dict[str, Any]:
     """Score generated volumes ``fake`` (N, 1, X, Y, Z) in [0, 1] against real reference volumes
     ``real_ref`` (M, 1, X, Y, Z).
@@ -126,6 +128,8 @@ def score_generated(
     ``brain_mask``: one (X, Y, Z) mask for every volume, inside which FRD's radiomics are computed
     (``None``: FRD is reported unavailable, with that reason). ``voxel_ml``: the volume of one voxel in
     mL, for the structure volumes in mL (their absolute error and correlation with the conditions').
+    ``cache_dir``: a folder where what depends on ``real_ref`` alone is kept between calls (FRD's
+    radiomics features of the real volumes; the values are the same with or without it).
     """
     st = settings or ScoringSettings()
     fake_t = as_volumes(fake, "generated volumes")
@@ -143,7 +147,8 @@ def score_generated(
                 f"ground truth {tuple(gt_t.shape)} must pair one to one with generated volumes {tuple(fake_t.shape)}"
             )
     inputs = Inputs(fake_t, real_t, gt_t, conditions, _extractor_list(extractors), judge, task,
-                    lpips if lpips is not None else _no_lpips(), st, dice_classes, brain_mask, voxel_ml)
+                    lpips if lpips is not None else _no_lpips(), st, dice_classes, brain_mask, voxel_ml,
+                    None if cache_dir is None else Path(cache_dir))
     out = Scores(protocol={
         "task": task,
         "n_generated_volumes": int(fake_t.shape[0]),

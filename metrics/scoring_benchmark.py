@@ -22,10 +22,12 @@ What it does:
    RadImageNet ResNet-50 and MedicalNet ResNet-10 networks, named ``*-RANDOM-TIMING-ONLY``: their
    numbers mean nothing, only their cost does. ``--lpips-random-trunk`` likewise enables LPIPS with
    a random AlexNet trunk for timing when no trunk weights exist.
-4. ``score_generated`` on the stand-ins (all metrics), timed; with ``--second-call`` once more on
-   other stand-ins (the real reference features are then cached in memory, as for every method after
-   the first in a grid); then the reference row, timed. ``--frechet svd`` uses the exact SVD form of
-   the Fréchet distance instead of MONAI's sqrtm (same value, faster for 2048-wide features).
+4. ``score_generated`` on the stand-ins (all metrics; FRD inside ``brain_mask`` when ``load_data``
+   returns one), timed; with ``--second-call`` once more on other stand-ins (the real reference's
+   deep features are then cached in memory, and FRD's radiomics features of it read from the folder
+   the first call wrote, as for every method after the first in a grid); then the reference row,
+   timed. ``--frechet svd`` uses the exact SVD form of the Fréchet distance instead of MONAI's sqrtm
+   (same value, faster for 2048-wide features).
 
 Prints a JSON summary (and writes it with ``--out``).
 """
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -94,7 +98,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_config: JudgeConfig,
         in_domain_config: InDomainConfig) -> dict[str, Any]:
     """``load_data(shape, n_train, n_ref, n_fake, seed, cache_dir)`` -> (arrays, source line); the arrays
-    are ``train``, ``train_lv``, ``ref``, ``ref_lv``, ``fake_src``, ``fake_lv`` ((N, 1, X, Y, Z)). The judge
+    are ``train``, ``train_lv``, ``ref``, ``ref_lv``, ``fake_src``, ``fake_lv`` ((N, 1, X, Y, Z)) and, for FRD,
+    ``brain_mask`` ((X, Y, Z); without it FRD is reported unavailable). The judge
     and the in-domain fallback train as the configs say (the caller's profile)."""
     out: dict[str, Any] = {"command": command,
                            "device": device_name(), "torch_threads": torch.get_num_threads(), "seconds": {}}
@@ -129,10 +134,14 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_confi
     fake = ndi.gaussian_filter(src, (0, 0, 0.6, 0.6, 0.6)) + rng.normal(0, 0.03, src.shape)
     fake = np.clip(fake, 0, 1).astype(np.float32)
 
+    # A fresh folder for what depends on the reference alone (FRD's real features): the first call
+    # computes it, a second call (--second-call) reads it, as the second row of a grid does.
+    kept = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
+    scoring = dict(judge=judge, task="lv", lpips=lp, settings=ScoringSettings(frechet=args.frechet), dice_classes=2,
+                   brain_mask=data.get("brain_mask"), cache_dir=kept)
     t0 = time.perf_counter()
-    settings = ScoringSettings(frechet=args.frechet)
     row = score_generated(fake, data["ref"], conditions=data["fake_lv"], ground_truth=src, extractors=extractors,
-                          judge=judge, task="lv", lpips=lp, settings=settings, dice_classes=2)
+                          **scoring)
     out["seconds"]["score_generated"] = round(time.perf_counter() - t0, 1)
     out["seconds"]["score_generated_parts"] = row["protocol"]["seconds"]
     out["generated_row"] = {k: v for k, v in row.items() if k != "protocol"}
@@ -142,18 +151,19 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_confi
         fake2 = np.clip(src + rng.normal(0, 0.05, src.shape), 0, 1).astype(np.float32)
         t0 = time.perf_counter()
         row2 = score_generated(fake2, data["ref"], conditions=data["fake_lv"], ground_truth=src,
-                               extractors=extractors, judge=judge, task="lv", lpips=lp, settings=settings,
-                               dice_classes=2)
+                               extractors=extractors, **scoring)
         out["seconds"]["score_generated_second_call"] = round(time.perf_counter() - t0, 1)
         out["seconds"]["score_generated_second_call_parts"] = row2["protocol"]["seconds"]
 
     if not args.skip_reference:
         t0 = time.perf_counter()
         ref = reference_row(data["ref"], data["train"], conditions_test=data["ref_lv"], extractors=extractors,
-                            judge=judge, task="lv", lpips=lp, settings=settings, dice_classes=2)
+                            judge=judge, task="lv", lpips=lp, settings=scoring["settings"], dice_classes=2,
+                            brain_mask=data.get("brain_mask"))
         out["seconds"]["reference_row"] = round(time.perf_counter() - t0, 1)
         out["reference_row"] = {k: v for k, v in ref.items() if k != "protocol"}
 
+    shutil.rmtree(kept, ignore_errors=True)
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.out:

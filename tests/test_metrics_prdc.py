@@ -106,12 +106,25 @@ def test_undersampled_flag_and_too_few_volumes_for_k(volumes):
     assert no_mask["FRD"] is None and no_mask["protocol"]["FRD"]["reason"]
 
 
-def test_frd_real_vs_real_is_smallest(volumes):
+def test_frd_real_vs_real_is_smallest_and_the_real_features_are_extracted_once(volumes, tmp_path, monkeypatch):
+    import frd_score.frd as package
+
     assert frd_unavailable() is None  # frd-score and pyradiomics-bhklab are dependencies of the suite
     ref, test = volumes["ref"]["image"][:6], volumes["test"]["image"][:6]
     mask = (volumes["ref"]["semantics"][:, 0] > 0).mean(0) >= 0.5
     noisy = np.clip(test + np.random.default_rng(0).normal(0, 0.1, test.shape), 0, 1).astype(np.float32)
-    values = {name: frd(ref, v, mask)["FRD"] for name, v in
+    extracted, plain = [], package.compute_features
+
+    def counting(files, feature_extractor, masks=None, **kwargs):
+        extracted.append(len(files))
+        return plain(files, feature_extractor, masks=masks, **kwargs)
+
+    monkeypatch.setattr(package, "compute_features", counting)
+    values = {name: frd(ref, v, mask, cache_dir=tmp_path)["FRD"] for name, v in
               (("real", test), ("collapsed", np.repeat(test[:1], 6, 0)), ("noisy", noisy))}
     print("FRD:", values)
     assert values["real"] < values["collapsed"] and values["real"] < values["noisy"], values
+    assert extracted == [6, 6, 6, 6], extracted  # the real set's 6 once; then only the generated 6 each time
+    assert len(list(tmp_path.glob("real-*.npz"))) == 1
+    assert frd(ref, test, mask)["FRD"] == values["real"]  # without the cache: the same value, to the bit
+    assert extracted[-2:] == [6, 6]

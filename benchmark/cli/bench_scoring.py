@@ -15,6 +15,7 @@ from datasets.synthetic import SyntheticPopulation
 from benchmark.cli import load_profile_from
 from metrics import scoring_benchmark
 from metrics.extractors import InDomainConfig
+from metrics.frd import majority_mask
 from metrics.judge import JudgeConfig
 
 
@@ -32,7 +33,9 @@ def load_data(shape, n_train, n_ref, n_fake, seed, cache_dir) -> tuple[dict[str,
     tr, tr_lv = load(pool[:n_train])
     fk, fk_lv = load(pool[n_train : n_train + n_fake])
     ref, ref_lv = load(list(splits.test[:n_ref]))
-    return {"train": tr, "train_lv": tr_lv, "ref": ref, "ref_lv": ref_lv, "fake_src": fk, "fake_lv": fk_lv}, (
+    brain_mask = majority_mask(np.stack([s.semantics for s in pop.subjects(pool[:n_train])]))  # as a grid's FRD
+    return {"train": tr, "train_lv": tr_lv, "ref": ref, "ref_lv": ref_lv, "fake_src": fk, "fake_lv": fk_lv,
+            "brain_mask": brain_mask}, (
         f"datasets.synthetic seed {seed}: train pool[:{n_train}], stand-ins pool[{n_train}:{n_train + n_fake}], "
         f"reference test[:{n_ref}]"
     )

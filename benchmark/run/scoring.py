@@ -23,7 +23,7 @@ from metrics.common import DeferredVolumes, sha256_bytes
 from metrics.cost import PAPER_PROTOCOL, count_parameters, device_days
 from metrics.dice import condition_to_labels
 from metrics.extractors import InDomainConfig, get_extractors
-from metrics.frd import frd_unavailable
+from metrics.frd import frd_unavailable, majority_mask
 from metrics.judge import JudgeConfig, train_judge
 from metrics.lpips_metric import load_lpips
 from metrics.protocol import ScoringSettings, score_generated
@@ -101,8 +101,7 @@ class SharedScoring:
         profile turns it off (``metrics.frd: false``)."""
         if frd_unavailable() is not None or not self.settings["frd"]:
             return None
-        semantics = np.stack([s.semantics for s in self.train_reference])
-        return (semantics[:, 0] > 0).mean(0) >= 0.5
+        return majority_mask(np.stack([s.semantics for s in self.train_reference]))
 
     @cached_property
     def scoring_settings(self) -> ScoringSettings:
@@ -150,7 +149,7 @@ class Scorer:
         row = score_generated(volumes, real, conditions=conditions, ground_truth=ground_truth,
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
                               lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask,
-                              settings=self.shared.scoring_settings,
+                              settings=self.shared.scoring_settings, cache_dir=self.ctx.cache_dir / "metrics",
                               voxel_ml=subjects[0].voxel_volume_ml if conditions is not None else None)
         protocol = row.pop("protocol")
         protocol["voxel_mm"] = [round(v, 4) for v in subjects[0].voxel_mm]
