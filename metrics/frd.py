@@ -19,7 +19,6 @@ then normalises, drops and measures exactly as before, so the value is the same 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 from core.files import atomic_npz
 from core.processes import worker_context
 
-from .common import as_volumes
+from .common import array_digest, as_volumes, sha256_bytes
 
 
 def frd_unavailable() -> str | None:
@@ -75,12 +74,9 @@ def real_features_file(cache_dir: Path, volumes: np.ndarray, mask: np.ndarray) -
     import frd_score
     import radiomics
 
-    digest = hashlib.sha256(f"frd-real-features/1|frd-score {frd_score.__version__}|pyradiomics "
-                            f"{radiomics.__version__}".encode())
-    for array in (np.ascontiguousarray(volumes, np.float32), np.ascontiguousarray(mask, np.uint8)):
-        digest.update(str(array.shape).encode())
-        digest.update(array.tobytes())
-    return Path(cache_dir) / f"real-{digest.hexdigest()[:24]}.npz"
+    key = (f"frd-real-features/1|frd-score {frd_score.__version__}|pyradiomics {radiomics.__version__}|"
+           f"{array_digest(np.asarray(volumes, np.float32))}|{array_digest(np.asarray(mask, np.uint8))}")
+    return Path(cache_dir) / f"real-{sha256_bytes(key.encode(), 24)}.npz"
 
 
 def _features_kept_in(kept: Path, real_files: list[str], compute_features):
