@@ -137,33 +137,35 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_confi
     # A fresh folder for what depends on the reference alone (FRD's real features): the first call
     # computes it, a second call (--second-call) reads it, as the second row of a grid does.
     kept = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    scoring = dict(judge=judge, task="lv", lpips=lp, settings=ScoringSettings(frechet=args.frechet), dice_classes=2,
-                   brain_mask=data.get("brain_mask"), cache_dir=kept)
-    t0 = time.perf_counter()
-    row = score_generated(fake, data["ref"], conditions=data["fake_lv"], ground_truth=src, extractors=extractors,
-                          **scoring)
-    out["seconds"]["score_generated"] = round(time.perf_counter() - t0, 1)
-    out["seconds"]["score_generated_parts"] = row["protocol"]["seconds"]
-    out["generated_row"] = {k: v for k, v in row.items() if k != "protocol"}
-    out["n_generated"], out["n_reference"] = int(fake.shape[0]), int(data["ref"].shape[0])
-
-    if args.second_call:  # as for the next method of a grid: the real reference features are cached
-        fake2 = np.clip(src + rng.normal(0, 0.05, src.shape), 0, 1).astype(np.float32)
+    try:  # removed however scoring ends
+        scoring = dict(judge=judge, task="lv", lpips=lp, settings=ScoringSettings(frechet=args.frechet), dice_classes=2,
+                       brain_mask=data.get("brain_mask"), cache_dir=kept)
         t0 = time.perf_counter()
-        row2 = score_generated(fake2, data["ref"], conditions=data["fake_lv"], ground_truth=src,
-                               extractors=extractors, **scoring)
-        out["seconds"]["score_generated_second_call"] = round(time.perf_counter() - t0, 1)
-        out["seconds"]["score_generated_second_call_parts"] = row2["protocol"]["seconds"]
+        row = score_generated(fake, data["ref"], conditions=data["fake_lv"], ground_truth=src, extractors=extractors,
+                              **scoring)
+        out["seconds"]["score_generated"] = round(time.perf_counter() - t0, 1)
+        out["seconds"]["score_generated_parts"] = row["protocol"]["seconds"]
+        out["generated_row"] = {k: v for k, v in row.items() if k != "protocol"}
+        out["n_generated"], out["n_reference"] = int(fake.shape[0]), int(data["ref"].shape[0])
 
-    if not args.skip_reference:
-        t0 = time.perf_counter()
-        ref = reference_row(data["ref"], data["train"], conditions_test=data["ref_lv"], extractors=extractors,
-                            judge=judge, task="lv", lpips=lp, settings=scoring["settings"], dice_classes=2,
-                            brain_mask=data.get("brain_mask"))
-        out["seconds"]["reference_row"] = round(time.perf_counter() - t0, 1)
-        out["reference_row"] = {k: v for k, v in ref.items() if k != "protocol"}
+        if args.second_call:  # as for the next method of a grid: the real reference features are cached
+            fake2 = np.clip(src + rng.normal(0, 0.05, src.shape), 0, 1).astype(np.float32)
+            t0 = time.perf_counter()
+            row2 = score_generated(fake2, data["ref"], conditions=data["fake_lv"], ground_truth=src,
+                                   extractors=extractors, **scoring)
+            out["seconds"]["score_generated_second_call"] = round(time.perf_counter() - t0, 1)
+            out["seconds"]["score_generated_second_call_parts"] = row2["protocol"]["seconds"]
 
-    shutil.rmtree(kept, ignore_errors=True)
+        if not args.skip_reference:
+            t0 = time.perf_counter()
+            ref = reference_row(data["ref"], data["train"], conditions_test=data["ref_lv"], extractors=extractors,
+                                judge=judge, task="lv", lpips=lp, settings=scoring["settings"], dice_classes=2,
+                                brain_mask=data.get("brain_mask"))
+            out["seconds"]["reference_row"] = round(time.perf_counter() - t0, 1)
+            out["reference_row"] = {k: v for k, v in ref.items() if k != "protocol"}
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.out:

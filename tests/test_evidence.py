@@ -164,6 +164,11 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
     assert agreement.loc["controlnet", "agree"] == "**no**" and agreement.loc["controlnet", "seeds above 0"] == "1 of 2"
     assert agreement.loc["controlnet", "Control Δ [95% CI] per seed"].split("; ")[1].startswith("seed 1: +0.000")
     assert agreement.loc["vcm", "agree"] == "yes" and agreement.loc["mcm", "seeds above 0"] == "0 of 2"
+    # the cells where some run follows (vcm, controlnet): controlnet's seed 1 is the one lapse; mcm is not counted
+    from benchmark.report.findings import lapses_by_seed
+
+    assert "by seed: seed 0: 0 of 2, seed 1: 1 of 2." in lapses_by_seed(subjects)
+    assert lapses_by_seed(subjects[subjects.method != "controlnet"]) == ""  # no lapse: no sentence
     assert table.method.iloc[0] == "autoencoder reconstruction (ceiling), 2 seeds"
     assert len(table.columns) <= 8
     # the same values give the same table again (nothing but the records is read)

@@ -72,6 +72,17 @@ def test_a_study_runs_what_is_missing_then_nothing_and_rebuilds_the_same_tables(
     assert sorted(p.name for p in (out / "figures").glob("montage_*.png")) == montages
     assert all(f"(figures/{name})" in (out / "REPORT.md").read_text() for name in montages)
     assert "(plateau/plateau-lv.png)" in (out / "REPORT.md").read_text()
+    assert "Planned, not yet recorded" not in (out / "REPORT.md").read_text()  # every planned run has its record
+
+    # a planned run without a record (a study still running) is named in the report, not left out silently
+    from benchmark.profiles import load_profile
+    from benchmark.report.write import write_outputs
+
+    plan = json.loads((out / "grid.json").read_text())
+    plan["sr8__controlnet_mlp__n2__s1"] = {"kind": "method", "method": "controlnet_mlp", "seed": 1, "size": 2, "task": "sr8"}
+    (out / "grid.json").write_text(json.dumps(plan))
+    report = write_outputs(out, load_profile("smoke")).read_text()
+    assert "**Not finished: 1 of the runs" in report and "| sr8 | controlnet_mlp | 2 | 1 |" in report
 
 
 def test_a_study_waits_for_the_tuned_recipes_of_its_judged_tasks(tmp_path, capsys):

@@ -277,23 +277,47 @@ def _intervals_of(frame: pd.DataFrame, task: str, method: str, size) -> dict | N
     return spans
 
 
+def _seeds_by_cell(subjects: pd.DataFrame):
+    """(task, method, N, {seed: Control Δ with its 95% interval}) for each cell of two or more seeds."""
+    if subjects.empty or "Dice swapped" not in subjects:
+        return
+    scored = subjects[~subjects.method.isin(PSEUDO_METHODS) & subjects["Dice swapped"].notna()]
+    for (task, method, size), cell in scored.groupby(["task", "method", "size"]):
+        if cell.seed.nunique() >= 2:
+            yield task, method, int(size), control_delta_by_seed(cell)
+
+
 def seed_agreement(subjects: pd.DataFrame) -> pd.DataFrame:
     """Beyond the paper: do a method's training runs (seeds) agree on following its condition? One row per
     (task, method, N) with at least two seeds: each seed's Control Δ with its own 95% interval, and how
     many of them lie above 0. The pooled verdict (the headline) draws seeds, then subjects, so one run
     that does not follow is enough to withhold it; this table shows which run that was."""
-    if subjects.empty or "Dice swapped" not in subjects:
-        return pd.DataFrame()
     rows = []
-    scored = subjects[~subjects.method.isin(PSEUDO_METHODS) & subjects["Dice swapped"].notna()]
-    for (task, method, size), cell in scored.groupby(["task", "method", "size"]):
-        if cell.seed.nunique() < 2:
-            continue
-        each = control_delta_by_seed(cell)
+    for task, method, size, each in _seeds_by_cell(subjects):
         above = sum(d["ci_low"] > 0 for d in each.values())
-        rows.append({"task": task, "method": method, "N": int(size),
+        rows.append({"task": task, "method": method, "N": size,
                      "Control Δ [95% CI] per seed": "; ".join(
                          f"seed {s}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" for s, d in each.items()),
                      "seeds above 0": f"{above} of {len(each)}",
                      "agree": "yes" if above in (0, len(each)) else "**no**"})
     return pd.DataFrame(rows)
+
+
+def lapses_by_seed(subjects: pd.DataFrame) -> str:
+    """One sentence: in the cells where some seed's run follows its condition, how many runs of each seed
+    do not (interval not above 0). A lapse count that depends on the seed is a property of the recipes,
+    which ``tune`` chooses with one seed, not of the methods; '' when no cell has a lapse."""
+    counts: dict[int, list[int]] = {}
+    for _, _, _, each in _seeds_by_cell(subjects):
+        if not any(d["ci_low"] > 0 for d in each.values()):
+            continue
+        for seed, d in each.items():
+            counts.setdefault(int(seed), [0, 0])
+            counts[int(seed)][0] += d["ci_low"] <= 0
+            counts[int(seed)][1] += 1
+    if not any(lapsed for lapsed, _ in counts.values()):
+        return ""
+    return ("In the cells where at least one seed's run follows its condition, the runs that do not (interval not "
+            "above 0), by seed: " + ", ".join(f"seed {s}: {lapsed} of {n}" for s, (lapsed, n) in sorted(counts.items()))
+            + ". `tune` chooses each recipe with one seed (the recipe file's `seed`): lapses concentrated in the "
+            "other seeds suggest the recipe fits that seed's initialisation rather than the method.")

@@ -8,8 +8,9 @@ from benchmark.report.figures import write_figures
 from benchmark.run.identity import folder_makers
 from benchmark.run.records import iter_records
 from benchmark.run.spec import SPHERE_SUFFIX
+from benchmark.run.status import PLAN, planned_without_record
 from benchmark.report.headline import HEADLINE_NOTE, control_by_size, headline_table, per_subject_frame
-from benchmark.report.findings import NOT_TESTED, paper_findings, seed_agreement
+from benchmark.report.findings import NOT_TESTED, lapses_by_seed, paper_findings, seed_agreement
 from benchmark.report.frame import records_frame
 from benchmark.report.tables import (BENCH_STEP, MACHINE_SPREAD, NOT_DENOISING_ABOVE, bench_timings, build_tables,
                                      sr_tasks, timing_spread)
@@ -81,9 +82,19 @@ def _training_settings(results_dir: Path) -> list[str]:
             for (task, method), c in sorted(seen.items())]
 
 
+def _missing_rows(missing: list[dict]) -> list[str]:
+    """Markdown rows of the planned runs without a record: one per task, method and N, with its seeds."""
+    cells: dict[tuple[str, str, int], list[int]] = {}
+    for run in missing:
+        cells.setdefault((str(run["task"]), str(run["method"]), int(run["size"])), []).append(int(run["seed"]))
+    return [f"| {task} | {method} | {size} | {', '.join(str(s) for s in sorted(seeds))} |"
+            for (task, method, size), seeds in sorted(cells.items())]
+
+
 def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) -> Path:
     results_dir = Path(results_dir)
     frame = records_frame(results_dir)
+    missing = planned_without_record(results_dir)
     lines = [f"# Benchmark report: {results_dir}", ""]
     made_with = sorted(folder_makers(iter_records(results_dir))["profiles"]) or [profile.name]
     if made_with == [profile.name]:
@@ -100,6 +111,10 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                      "(the sum of each record's `elapsed_seconds`: the attempt that finished it; an interrupted "
                      f"attempt's time is not counted, and runs made at once (`--jobs`) overlap){_thread_hours(records)}. "
                      f"Devices: {', '.join(sorted(frame.device.dropna().unique()))}.")
+    if missing:
+        lines.append(f"**Not finished: {len(missing)} of the runs this folder's plan (`{PLAN}`) asks for have no "
+                     "record yet** (listed under \"Planned, not yet recorded\"); every table and verdict below is "
+                     "made from the runs that have one.")
     lines += [f"Base model: {b}." for b in _base_models(results_dir)]
     spread = timing_spread(frame) if not frame.empty else []
     bench = bench_timings(results_dir)
@@ -138,6 +153,8 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
                   "subjects); here each run has its own Control Δ and interval, so a run that did not learn to "
                   "follow its condition is named (`benchmark/report/findings.py`, `seed_agreement`).", "",
                   agreement.to_markdown(index=False)]
+        lapses = lapses_by_seed(subjects)
+        lines += ["", lapses] if lapses else []
     lines += ["", "## Feature extractors and protocol", ""]
     extractors = _extractors(results_dir)
     lines += [f"- {e}" for e in extractors] or ["- (no scored runs yet)"]
@@ -180,6 +197,11 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     lines += [f"- [{p.name}](figures/{p.name})" for p in figures] or ["- (none)"]
     # `plateau --out <folder>/plateau` (docs/CONTROL.md): has the step budget converged, on validation subjects
     lines += [f"- [{p.name}](plateau/{p.name}) (the plateau figure)" for p in sorted((results_dir / "plateau").glob("*.png"))]
+    if missing:
+        lines += ["", "## Planned, not yet recorded", "",
+                  f"The runs in `{PLAN}` without a record (`python run_benchmark.py status --out <folder>` says "
+                  "which are running, interrupted or not started; rerunning the grid or study runs them).", "",
+                  "| task | method | N | seeds |", "|---|---|---:|---|", *_missing_rows(missing)]
     failed = frame[frame.status != "ok"] if not frame.empty else frame
     lines += ["", "## Failures", ""]
     if failed.empty:

@@ -161,6 +161,17 @@ def folder_status(out: Path, stale: Callable[[dict], list[str]] | None = None) -
     return [found[k] for k in sorted(found)]
 
 
+def planned_without_record(out: Path) -> list[dict]:
+    """The identities (task, method, size, seed, kind) of the runs in the folder's plan that have no record
+    yet, by name: what a report of an unfinished grid must say is missing. Empty without a plan."""
+    plan_path = Path(out) / PLAN
+    if not plan_path.is_file():
+        return []
+    recorded = {record_name(record) for record in iter_records(out)}
+    plan = json.loads(plan_path.read_text())
+    return [plan[name] for name in sorted(plan) if name not in recorded]
+
+
 def status_lines(runs: list[RunStatus]) -> list[str]:
     if not runs:
         return ["no runs in this folder yet"]
