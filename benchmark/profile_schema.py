@@ -167,6 +167,7 @@ class Speed:
     fused_activations: bool = key("MONAI Swish(alpha=1) as one fused nn.SiLU")
     reuse_condition_features: bool = key("a time-independent condition encoder runs once per batch")
     reuse_frozen_prediction: bool = key("probe: the frozen prediction of one noisy latent computed once")
+    fused_optimizer: bool = key("method training: AdamW's fused kernel, one pass over the parameters per step")
 
 
 @dataclass(frozen=True)

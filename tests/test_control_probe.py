@@ -18,7 +18,7 @@ OVERRIDES = ["training.steps=4", "training.batch_size=2", "training.checkpoint_e
 
 # the VCM authors' schedule and flip (the profiles' training.warmup_fraction, lr_floor, flip_probability)
 AUTHORS = dict(micro_batch_size=None, mixed_precision="fp32", schedule="authors", warmup_fraction=1 / 30, lr_floor=0.1,
-               flip_probability=0.5)  # base.yaml's training settings, as TrainSettings takes them
+               flip_probability=0.5, fused_optimizer=True)  # base.yaml's training and speed settings, as TrainSettings takes them
 
 
 @pytest.fixture(scope="module")

@@ -92,8 +92,10 @@ def _trained(name, options, setup, tmp_path):
     task = get_task("lv")
     torch.manual_seed(stable_seed(0, "init", name))
     method = options.apply(get_method(name, task.name)(base, task.modalities, PROFILE.methods[name]))
-    result = train_method(method, base, subjects[:3], task, TrainSettings.from_profile(PROFILE, 3), latents,
-                          tmp_path, 0, progress=False)
+    settings = TrainSettings.from_profile(PROFILE, 3)
+    assert settings.fused_optimizer  # the profile's speed section reaches the training settings
+    settings.fused_optimizer = options.fused_optimizer
+    result = train_method(method, base, subjects[:3], task, settings, latents, tmp_path, 0, progress=False)
     return method, result
 
 

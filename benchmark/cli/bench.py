@@ -134,6 +134,7 @@ def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: i
     method = build_method(name, task, ctx, seed, speed)
     subjects = ctx.data.train_subjects(size)
     settings = timing_settings(ctx.profile, len(subjects), name, steps)
+    settings.fused_optimizer = speed.fused_optimizer
     row: dict = {"trainable_parameters": count_parameters(method)["trainable"]}
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as run_dir:
         if "train" in parts:

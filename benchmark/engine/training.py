@@ -56,6 +56,7 @@ class TrainSettings:
     warmup_fraction: float = field(kw_only=True)        # "authors" schedule: warm-up share of the run
     lr_floor: float = field(kw_only=True)               # "authors" schedule: lr multiplier at both ends
     flip_probability: float = field(kw_only=True)       # left-right flip of a training example
+    fused_optimizer: bool = field(kw_only=True)         # speed.fused_optimizer: AdamW's fused kernel (same update)
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -100,7 +101,8 @@ class TrainSettings:
                    int(t.warmup_steps), int(t.checkpoint_every), micro_batch_size=int(t.micro_batch_size),
                    mixed_precision=str(t.mixed_precision), schedule=str(t.schedule),
                    warmup_fraction=float(t.warmup_fraction), lr_floor=float(t.lr_floor),
-                   flip_probability=float(t.flip_probability))
+                   flip_probability=float(t.flip_probability),
+                   fused_optimizer=bool(profile.speed.fused_optimizer))
 
 
 BUDGETS = ("steps", "epochs")
@@ -247,7 +249,8 @@ def train_method(
     params = method.trainable_parameters()
     if not params:
         raise ValueError(f"method '{method.name}' has no trainable parameters; nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                  fused=settings.fused_optimizer or None)  # None: PyTorch's default kernel
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_factor())
     rng = np.random.default_rng(stable_seed(seed, "batches"))
     noise_gen = torch.Generator().manual_seed(stable_seed(seed, "noise"))
