@@ -22,8 +22,10 @@ run before pretraining; the output says which base was used.
 options and with all of them off (plain PyTorch), alternating per method so that drifts of a shared
 machine fall on both alike, and reports the ratio off/on per method and its geometric mean, for
 the training step, for sampling one batch (``sampling.batch_size`` subjects, ``sampling.ddim_steps``
-DDIM steps) and for a control-probe measurement at a checkpoint after the first (the first, which
-also computes the frozen model's errors, is reported beside it) (``--parts`` picks). It also reports how far
+DDIM steps), for a control-probe measurement at a checkpoint after the first (the first, which
+also computes the frozen model's errors, is reported beside it) and for one AdamW step over the
+method's trainable parameters alone (``optimizer``: a small share of the step, timed apart from the
+step's noise) (``--parts`` picks). It also reports how far
 the two agree: the first training losses (relative), the sampled volumes (largest absolute
 difference) and the probe's control gaps.
 
@@ -73,6 +75,21 @@ def time_frozen_forward(base, batch_size: int, warmup: int, steps: int, device: 
     return timer.seconds_per_step
 
 
+def time_optimizer_step(method, fused: bool, lr: float, weight_decay: float, device: str, steps: int = 30) -> float:
+    """Median seconds of one AdamW step over (copies of) the method's trainable parameters, with random
+    gradients: the training step's optimizer share, timed alone because it is small beside the step's noise."""
+    generator = torch.Generator().manual_seed(0)
+    params = [p.detach().clone().requires_grad_(True) for p in method.trainable_parameters()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(device)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    timer = StepTimer(warmup=WARMUP, device=device)
+    for _ in range(WARMUP + steps):
+        with timer.step():
+            optimizer.step()
+    return timer.seconds_per_step
+
+
 def time_autoencoder_step(base, profile, warmup: int, steps: int, device: str) -> float:
     """Median seconds of one stage-1 pretraining step of (a copy of) the base autoencoder."""
     import copy
@@ -95,7 +112,7 @@ def time_autoencoder_step(base, profile, warmup: int, steps: int, device: str) -
     return timer.seconds_per_step
 
 
-PARTS = ("train", "sample", "probe")
+PARTS = ("train", "sample", "probe", "optimizer")
 TOP_OPS = 15
 
 
@@ -168,6 +185,9 @@ def time_method(name: str, ctx: RunContext, task, size: int, steps: int, seed: i
             row.update(probe_seconds=time.perf_counter() - start, probe_first_seconds=first,
                        probe_gaps=[band["gap"] for band in measured["bands"]],
                        probe_mse_own=[band["mse_own"] for band in measured["bands"]])
+        if "optimizer" in parts:
+            row["optimizer_seconds"] = time_optimizer_step(method, settings.fused_optimizer, settings.lr,
+                                                           settings.weight_decay, ctx.device)
     return row
 
 
@@ -186,7 +206,8 @@ def agreement(on: dict, off: dict) -> dict:
     return out
 
 
-TIMED = {"train": "seconds_per_step", "sample": "sample_seconds", "probe": "probe_seconds"}
+TIMED = {"train": "seconds_per_step", "sample": "sample_seconds", "probe": "probe_seconds",
+         "optimizer": "optimizer_seconds"}
 
 
 def geometric_mean(values) -> float | None:

@@ -14,7 +14,9 @@ the options off up to floating-point summation order (``docs/SPEED.md``):
   time input runs once per batch instead of at every DDIM step or probe draw
   (``methods.base.Method.condition_features``);
 - ``reuse_frozen_prediction``: the control probe computes the frozen model's prediction for one
-  noisy latent once, not once per prediction that needs it (``BaseLDM.reusing_predictions``).
+  noisy latent once, not once per prediction that needs it (``BaseLDM.reusing_predictions``);
+- ``fused_optimizer``: method training's AdamW runs PyTorch's fused kernel, one pass over all
+  parameters per step instead of one loop per tensor (read through ``TrainSettings``).
 """
 from __future__ import annotations
 
