@@ -179,6 +179,15 @@ def test_the_headline_is_rebuilt_from_per_subject_values_alone(tmp_path):
     full = task_table(frame, "lv", subjects)
     vcm = full[full.method == "vcm"].iloc[0]
     assert vcm["Control Δ [95% CI]"] + " yes (2 of 2 seeds)" == rows["vcm, N=50, 2 seeds"] and vcm["Dice [95% CI]"].count("[") == 1
+    # a bench run of this task gives the cost column (one process, one machine), not the runs' own timings
+    from benchmark.report.headline import BENCH_STEP
+
+    timed = headline_table(frame, subjects, "lv", bench={"task": "lv", "seconds_per_step": {"vcm": 1.5}}).set_index("method")
+    assert timed.loc["vcm, N=50, 2 seeds", BENCH_STEP] == "1.500" and "s/step" not in timed
+    assert timed.loc["mcm, N=50, 2 seeds", BENCH_STEP] == "–"  # not timed
+    assert timed.loc["autoencoder reconstruction (ceiling), 2 seeds", BENCH_STEP] == "–"
+    other = headline_table(frame, subjects, "lv", bench={"task": "multimodal", "seconds_per_step": {"vcm": 1.5}})
+    assert "s/step" in other and BENCH_STEP not in other  # another task's bench does not time this one
 
 
 def test_the_answer_by_size_is_the_headline_pivoted(tmp_path):

@@ -28,6 +28,11 @@ HEADLINE_ROWS = {REFERENCE: "real volumes, own condition", AUTOENCODER: "autoenc
                  REFERENCE_OTHER: "real volumes, another's condition", BASE_UNCONDITIONED: BASE_ROW}
 
 
+# The column of a folder's bench/ timings (every method in one process): Table 5's, and the headline's
+# when the bench timed its task.
+BENCH_STEP = "s/step (one bench run)"
+
+
 def per_subject_frame(folder: Path) -> pd.DataFrame:
     """One row per (run, subject): task, method, size, seed, id and the per-subject values of the record."""
     rows = []
@@ -78,9 +83,14 @@ def _cell(value: float, digits: int) -> str:
     return f"{value:.{digits}f}" if np.isfinite(value) else "–"
 
 
-def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, with_keys: bool = False) -> pd.DataFrame:
+def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, with_keys: bool = False,
+                   bench: dict | None = None) -> pd.DataFrame:
     """The headline rows of ``task`` (``records``: :func:`benchmark.report.frame.records_frame`); with
-    ``with_keys``, each row's method, size and number of seeds too (columns ``_method``, ``_size``, ``_seeds``)."""
+    ``with_keys``, each row's method, size and number of seeds too (columns ``_method``, ``_size``, ``_seeds``).
+    ``bench`` (:func:`benchmark.report.tables.bench_timings`) on ``task``: the s/step column is its one-process
+    timing of each method (a step's cost does not depend on N), not the mean of runs made on machines of
+    different speed."""
+    timed = bench["seconds_per_step"] if bench is not None and bench.get("task") == task else None
     ok = records[(records.task == task) & (records.status == "ok")] if not records.empty else records
     if ok.empty:
         return pd.DataFrame()
@@ -116,7 +126,10 @@ def headline_table(records: pd.DataFrame, subjects: pd.DataFrame, task: str, wit
             row[fid.replace(" mean", "") if fid else "FID-2D rel"] = _cell(_mean(runs, fid), 2)
             row["MS-SSIM diversity"] = _cell(_mean(runs, "MS-SSIM diversity"), 3)
             row[NOISE_MSE_RATIO] = _cell(_mean(runs, NOISE_MSE_RATIO), 2)
-            row["s/step"] = _cell(_mean(runs, "cost: seconds_per_step"), 3)
+            if timed is None:
+                row["s/step"] = _cell(_mean(runs, "cost: seconds_per_step"), 3)
+            else:
+                row[BENCH_STEP] = _cell(float(timed.get(method, float("nan"))), 3) if method not in HEADLINE_ROWS else "–"
             rows.append(row)
     table = pd.DataFrame(rows)
     # the verdict: Holm across the methods of the table at each size

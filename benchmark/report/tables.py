@@ -18,7 +18,7 @@ import pandas as pd
 
 from benchmark.engine.probe import NOISE_MSE_RATIO
 from benchmark.engine.recipes import tuning_hours
-from benchmark.report.headline import interval_text, per_subject_frame
+from benchmark.report.headline import BENCH_STEP, interval_text, per_subject_frame
 from benchmark.report.frame import AXIAL_MM, FD_CI, UNDERSAMPLED, fd_span, metric_columns, records_frame
 from benchmark.report.labels import BASE_ROW, PSEUDO_METHODS, REFERENCE_ROW
 from benchmark.run.spec import BASE_UNCONDITIONED, REFERENCE, REFERENCE_OTHER, SPHERE_SUFFIX
@@ -263,9 +263,6 @@ def timing_spread(frame: pd.DataFrame, limit: float = MACHINE_SPREAD) -> list[st
             out.append(f"{method} {steps.min():.3g}-{steps.max():.3g} s over {len(steps)} records, "
                        f"median {steps.median():.3g}")
     return out
-
-
-BENCH_STEP = "s/step (one bench run)"  # cost_table's column from the folder's bench/ timings
 
 
 def bench_timings(results_dir: Path) -> dict | None:

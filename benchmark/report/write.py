@@ -121,15 +121,16 @@ def write_report(results_dir: Path, profile, tables: dict, figures: list[Path]) 
     if spread:
         lines.append(f"Timings come from machines of different speed: the seconds per step of a method vary more "
                      f"than {MACHINE_SPREAD:g}-fold across its records ({'; '.join(spread)}). Table 5 takes each "
-                     "method's median over its records; a cell's s/step is its own runs' mean.")
+                     "method's median over its records; a headline cell's s/step, where no bench run timed its task, is its "
+                     "own runs' mean.")
     if bench is not None:
         lines.append(f"One bench run timed every method's training step in one process on one machine "
                      f"([{bench['file']}]({bench['file'].removesuffix('.json')}.md), `{bench.get('command', '')}`; "
                      f"machine speed: one base-autoencoder step {bench.get('autoencoder_step_seconds', float('nan')):.3f} s): "
-                     f"Table 5's \"{BENCH_STEP}\" and finding (f) compare methods by it.")
+                     f"Table 5's and the {bench.get('task')} headline's \"{BENCH_STEP}\" and finding (f) compare methods by it.")
     subjects = per_subject_frame(results_dir)
     for task in sorted(frame.task.dropna().unique()) if not frame.empty else []:
-        headline = headline_table(frame, subjects, task)
+        headline = headline_table(frame, subjects, task, bench=bench)
         if headline.empty or not headline["Control Δ [95% CI] follows?"].ne("–").any():
             continue
         lines += ["", f"## Headline: task `{task}`", "", headline.to_markdown(index=False), "", HEADLINE_NOTE]
