@@ -59,20 +59,23 @@ def test_profile_is_read_only_and_hash_follows_content():
         p.training.nope
 
 
-# sha256 of each resolved profile's canonical JSON (json.dumps(to_dict(), sort_keys=True)), taken before
-# the profiles became base.yaml + overrides. A deliberate profile change updates them; any change alters
-# the config hash of every run of that profile, so its finished records stop counting (they turn stale).
+# sha256 of each resolved profile's canonical JSON less its speed section (json.dumps(numbers_of(profile),
+# sort_keys=True): what enters a run's config hash). A deliberate profile change updates them; any change
+# alters the config hash of every run of that profile, so its finished records stop counting (they turn
+# stale). A speed option changes none of them.
 RESOLVED_SHA256 = {
-    "smoke": "b8e22e2e3f64958bf78dd781762c727c5f9ee304b0e90a956656f28df1f50931",
-    "cpu": "e358d69fa97e84d1e72015bbf21dd2126b7989a4f3020664d9a021a582a73441",
-    "gpu": "cf47e5d384be07962449ac2dfa78a5093fe7b3c904a98c954e4a2c128a911eb8",
-    "paper": "c29df4cd417d319d143929b70311f11772447cf857bb92949a3bcb9be9cc17bd",
+    "smoke": "2c8897e32efadf84828599494f4a93011884d95f85f9dc999d650ae9a91803f0",
+    "cpu": "b626373aa43494a7bd63f00398def6abb7607042b6274e902f55f24381bfc7fe",
+    "gpu": "d1cfcc3069ca387b8b39074fb139d1ba4409868948dfee6767a518effc1b95ba",
+    "paper": "1a3a8feee23158b2a7098b629fc57ed540f05601a9782d1989404ccfdae1e648",
 }
 
 
 @pytest.mark.parametrize("name", sorted(RESOLVED_SHA256))
 def test_resolved_profiles_are_unchanged(name):
-    blob = json.dumps(load_profile(name).to_dict(), sort_keys=True).encode()
+    from benchmark.run.spec import numbers_of
+
+    blob = json.dumps(numbers_of(load_profile(name)), sort_keys=True).encode()
     assert hashlib.sha256(blob).hexdigest() == RESOLVED_SHA256[name]
 
 

@@ -94,6 +94,12 @@ class RunSpec:
         return f"{self.task}__{safe_method}__n{self.size}__s{self.seed}"
 
 
+def numbers_of(profile) -> dict:
+    """The profile's settings that decide a run's numbers: all but the ``speed`` section, which changes only
+    how fast the same numbers come (``docs/SPEED.md``). What a run's config hash is made from."""
+    return {k: v for k, v in profile.to_dict().items() if k != "speed"}
+
+
 class RunContext:
     """What the runs of one grid share: profile, data, base model, scorer, folders."""
 
@@ -183,8 +189,7 @@ class RunContext:
     def config_hash(self, spec: RunSpec) -> str:
         """What makes the run's numbers: the profile (less its ``speed`` section, which changes only how
         fast the same numbers come), the run, the code version, the data and the weights."""
-        profile = {k: v for k, v in self.profile.to_dict().items() if k != "speed"}
-        identity = {"profile": profile, "spec": spec.identity(), "code": RUN_CODE_VERSION,
+        identity = {"profile": numbers_of(self.profile), "spec": spec.identity(), "code": RUN_CODE_VERSION,
                     "data": self.data.identity, "weights": str(self.weights_dir)}
         recipe = self.recipe(spec)
         if recipe is not None:  # what the recipe chose for this method: retuning another method keeps this run
