@@ -34,6 +34,8 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "unknown method 'no_such_method'" in capsys.readouterr().err
     assert main(_args(tmp_path, "--methods", "vcm", "--size", "99")) == 2
     assert "exceeds the training pool" in capsys.readouterr().err
+    assert main(_args(tmp_path, "--methods", "vcm", "--compare-off", "--repeats", "0")) == 2
+    assert "--repeats 0: give at least 1" in capsys.readouterr().err
 
 
 def test_compare_off_times_the_optimizer_step_fused_and_looped(tmp_path, monkeypatch):
@@ -46,10 +48,15 @@ def test_compare_off_times_the_optimizer_step_fused_and_looped(tmp_path, monkeyp
         return adamw(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", recording)
-    assert main(_args(tmp_path, "--methods", "controlnet_mlp", "--compare-off", "--parts", "optimizer")) == 0
+    assert main(_args(tmp_path, "--methods", "controlnet_mlp", "--compare-off", "--parts", "optimizer",
+                      "--repeats", "2")) == 0
     report = json.loads((tmp_path / "out" / "methods-smoke-lv-4-speed.json").read_text())
     assert report["speed_on"]["fused_optimizer"] is True
-    assert kernels[-2:] == [True, None]  # the profile's options (fused), then every option off (PyTorch's default)
+    # the profile's options (fused), then every option off (PyTorch's default), alternating, twice
+    assert kernels[-4:] == [True, None, True, None]
     row = report["methods"][0]
+    for setting in ("on", "off"):  # each setting's median of its two repeats, both kept
+        repeats = row[setting]["optimizer_seconds_repeats"]
+        assert len(repeats) == 2 and row[setting]["optimizer_seconds"] == sum(repeats) / 2
     assert row["on"]["optimizer_seconds"] > 0 and row["off"]["optimizer_seconds"] > 0
     assert row["speedup"]["optimizer"] == row["off"]["optimizer_seconds"] / row["on"]["optimizer_seconds"]

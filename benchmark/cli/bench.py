@@ -20,7 +20,7 @@ run before pretraining; the output says which base was used.
 
 ``--compare-off`` times every method twice in the same process, with the profile's ``speed``
 options and with all of them off (plain PyTorch), alternating per method so that drifts of a shared
-machine fall on both alike, and reports the ratio off/on per method and its geometric mean, for
+machine fall on both alike (``--repeats R``: R times each, alternating, each setting's median), and reports the ratio off/on per method and its geometric mean, for
 the training step, for sampling one batch (``sampling.batch_size`` subjects, ``sampling.ddim_steps``
 DDIM steps), for a control-probe measurement at a checkpoint after the first (the first, which
 also computes the frozen model's errors, is reported beside it) and for one AdamW step over the
@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -221,7 +222,9 @@ def compare_markdown(report: dict) -> str:
              "", f"Device: {report['device']}; {report['torch_threads']} torch threads; batch size {report['batch_size']}; "
              f"training: median of {report['steps']} steps after {report['warmup']} warm-up steps; sampling: one batch of "
              f"{report['sample_batch']} subjects, {report['ddim_steps']} DDIM steps; probe: a measurement at a checkpoint after "
-             "the first (the first, with the frozen model's errors, in the JSON as probe_first_seconds).", "",
+             "the first (the first, with the frozen model's errors, in the JSON as probe_first_seconds); "
+             f"optimizer: one AdamW step alone. Each setting timed {report.get('repeats', 1)} time(s), alternating; "
+             "the median is shown (each repeat in the JSON as <key>_repeats).", "",
              f"Machine speed: one base-autoencoder pretraining step (batch {report['autoencoder_batch_size']}) takes "
              f"{report['autoencoder_step_seconds']:.3f} s.", "",
              f"Options on: {', '.join(k for k, v in report['speed_on'].items() if v) or 'none'}.", "",
@@ -283,6 +286,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    help="time a randomly initialised base model of the profile's architecture (no pretraining)")
     p.add_argument("--compare-off", action="store_true",
                    help="time every method with the profile's speed options and with all of them off, and report the ratios")
+    p.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="with --compare-off: time each method R times with the options on and off, alternating, and "
+                        "take each setting's median (a noisy shared machine; default 1)")
     p.add_argument("--parts", default="train",
                    help=f"with --compare-off: what to time, comma-separated from {', '.join(PARTS)} (default train)")
     p.add_argument("--profile-ops", action="store_true",
@@ -345,6 +351,8 @@ def run(args) -> int:
         unknown = sorted(set(parts) - set(PARTS))
         if unknown or not parts:
             raise MethodError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+        if args.repeats < 1:
+            raise MethodError(f"--repeats {args.repeats}: give at least 1")
         return _compare(args, ctx, task, names, report, rows, stem, speed_on, parts, ops)
     for name in names:
         frozen = time_frozen_forward(ctx.base, batch, WARMUP, args.steps, ctx.device)
@@ -372,14 +380,30 @@ def _write_ops(stem: Path, ops: list | None) -> None:
         Path(f"{stem}-ops.md").write_text("# Top operators by self time\n\n" + "\n".join(ops))
 
 
+def _median_of(timings: list[dict], parts) -> dict:
+    """The first timing of a setting, with each timed part replaced by its median over the repeats (each
+    repeat's value kept beside it, ``<key>_repeats``); what was computed is the first repeat's."""
+    first = dict(timings[0])
+    for p in parts:
+        values = [t[TIMED[p]] for t in timings]
+        first[TIMED[p]] = float(statistics.median(values))
+        if len(values) > 1:
+            first[f"{TIMED[p]}_repeats"] = values
+    return first
+
+
 def _compare(args, ctx, task, names, report, rows, stem, speed_on, parts, ops) -> int:
     stem = stem.with_name(stem.name + "-speed")
-    report.update(speed_on=speed_on.as_dict(), parts=parts, sample_batch=int(ctx.profile.sampling.batch_size),
+    report.update(speed_on=speed_on.as_dict(), parts=parts, repeats=args.repeats,
+                  sample_batch=int(ctx.profile.sampling.batch_size),
                   ddim_steps=int(ctx.profile.sampling.ddim_steps))
     for name in names:
         try:
-            on = time_method(name, ctx, task, args.size, args.steps, args.seed, speed_on, parts, ops)
-            off = time_method(name, ctx, task, args.size, args.steps, args.seed, SpeedOptions.off(), parts, ops)
+            ons, offs = [], []
+            for _ in range(args.repeats):  # alternating, so that a drift of the machine falls on both alike
+                ons.append(time_method(name, ctx, task, args.size, args.steps, args.seed, speed_on, parts, ops))
+                offs.append(time_method(name, ctx, task, args.size, args.steps, args.seed, SpeedOptions.off(), parts, ops))
+            on, off = _median_of(ons, parts), _median_of(offs, parts)
         except Exception as err:  # one failing method must not hide the others' numbers
             rows.append({"method": name, "error": f"{type(err).__name__}: {err}"})
         else:
