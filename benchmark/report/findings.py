@@ -305,8 +305,8 @@ def seed_agreement(subjects: pd.DataFrame) -> pd.DataFrame:
 
 def lapses_by_seed(subjects: pd.DataFrame) -> str:
     """One sentence: in the cells where some seed's run follows its condition, how many runs of each seed
-    do not (interval not above 0). A lapse count that depends on the seed is a property of the recipes,
-    which ``tune`` chooses with one seed, not of the methods; '' when no cell has a lapse."""
+    do not (interval not above 0). A lapse count that depends on the seed points at the recipes, which
+    ``tune`` chooses with one seed, rather than at the methods; '' when no cell has a lapse."""
     counts: dict[int, list[int]] = {}
     for _, _, _, each in _seeds_by_cell(subjects):
         if not any(d["ci_low"] > 0 for d in each.values()):
