@@ -18,16 +18,16 @@ by which timings of different machines and sessions are compared (they differ 3-
 the pretrained one (costs depend on the architecture, not on the weights), so the benchmark can
 run before pretraining; the output says which base was used.
 
-``--compare-off`` times every method twice in the same process, with the profile's ``speed``
-options and with all of them off (plain PyTorch), alternating per method so that drifts of a shared
-machine fall on both alike (``--repeats R``: R times each, alternating, each setting's median), and
-reports the ratio off/on per method and its geometric mean, for the training step, for sampling one batch (``sampling.batch_size`` subjects, ``sampling.ddim_steps``
-DDIM steps), for a control-probe measurement at a checkpoint after the first (the first, which
-also computes the frozen model's errors, is reported beside it) and for one AdamW step over the
-method's trainable parameters alone (``optimizer``: a small share of the step, timed apart from the
-step's noise) (``--parts`` picks). It also reports how far
-the two agree: the first training losses (relative), the sampled volumes (largest absolute
-difference) and the probe's control gaps.
+``--compare-off`` times every method twice in the same process, with the profile's ``speed`` options
+and with all of them off (plain PyTorch), alternating per method so that drifts of a shared machine
+fall on both alike (``--repeats R``: R times each, alternating, each setting's median), and reports
+the ratio off/on per method and its geometric mean, for the training step, for sampling one batch
+(``sampling.batch_size`` subjects, ``sampling.ddim_steps`` DDIM steps), for a control-probe
+measurement at a checkpoint after the first (the first, which also computes the frozen model's
+errors, is reported beside it) and for one AdamW step over the method's trainable parameters alone
+(``optimizer``: a small share of the step, timed apart from the step's noise) (``--parts`` picks).
+It also reports how far the two agree: the first training losses (relative), the sampled volumes
+(largest absolute difference) and the probe's control gaps.
 
 ``--profile-ops`` writes each method's top operators by self time (``torch.profiler``) for training
 steps, sampling and the probe, to ``<stem>-ops.md``.
