@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -136,8 +135,8 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_confi
 
     # A fresh folder for what depends on the reference alone (FRD's real features): the first call
     # computes it, a second call (--second-call) reads it, as the second row of a grid does.
-    kept = Path(tempfile.mkdtemp(prefix="bench-scoring-"))
-    try:  # removed however scoring ends
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as kept_dir:  # removed however scoring ends
+        kept = Path(kept_dir)
         scoring = dict(judge=judge, task="lv", lpips=lp, settings=ScoringSettings(frechet=args.frechet), dice_classes=2,
                        brain_mask=data.get("brain_mask"), cache_dir=kept)
         t0 = time.perf_counter()
@@ -163,8 +162,6 @@ def run(args: argparse.Namespace, load_data: LoadData, command: str, judge_confi
                                 brain_mask=data.get("brain_mask"))
             out["seconds"]["reference_row"] = round(time.perf_counter() - t0, 1)
             out["reference_row"] = {k: v for k, v in ref.items() if k != "protocol"}
-    finally:
-        shutil.rmtree(kept, ignore_errors=True)
 
     text = json.dumps(out, indent=2, default=str)
     print(text)
