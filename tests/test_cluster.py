@@ -330,7 +330,7 @@ def test_status_lists_done_stale_failed_running_interrupted_and_pending(tmp_path
     from benchmark.run.status import write_grid_plan
     from core.files import atomic_json
 
-    specs = [RunSpec.of("lv", "vcm", n, 0) for n in (10, 20, 30, 40, 50, 60)]
+    specs = [RunSpec.of("lv", "vcm", n, 0) for n in (10, 20, 30, 40, 50, 60, 5)]
     write_grid_plan(tmp_path, specs)
     for spec, status in ((specs[0], "ok"), (specs[1], "failed"), (specs[5], "ok")):
         atomic_json(tmp_path / "records" / f"{spec.name}.json",
@@ -342,6 +342,11 @@ def test_status_lists_done_stale_failed_running_interrupted_and_pending(tmp_path
         import socket
 
         (run_dir / "running.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    (running / "generated").mkdir()  # a batch of samples kept: the progress of a run that trains nothing
+    for name in ("own-00000.npz", "own-00008.npz", "swapped-00000.npz"):
+        (running / "generated" / name).write_bytes(b"")
+    (tmp_path / "runs" / specs[6].name).mkdir()  # started, nothing kept yet
+
     def stale(record):  # what `status` passes: what differs from what the command would make now
         return ["profile smoke → cpu"] if record["size"] == 60 else []
 
@@ -350,9 +355,11 @@ def test_status_lists_done_stale_failed_running_interrupted_and_pending(tmp_path
     assert states[specs[5].name] == ("stale", "profile smoke → cpu")
     assert states[specs[1].name] == ("failed", "RuntimeError: out of memory")
     assert states[specs[2].name][0] == "running" and "step 7" in states[specs[2].name][1]
+    assert "batches generated: 2 with own conditions and 1 with swapped conditions" in states[specs[2].name][1]
     assert states[specs[3].name][0] == "interrupted" and "step 7" in states[specs[3].name][1]
     assert states[specs[4].name] == ("pending", "not started")
-    assert status_lines(folder_status(tmp_path, stale))[-1] == ("6 runs: 1 done, 1 stale, 1 failed, 1 running, "
-                                                                "1 interrupted, 1 pending")
+    assert states[specs[6].name] == ("interrupted", "no checkpoint yet; rerun to resume")
+    assert status_lines(folder_status(tmp_path, stale))[-1] == ("7 runs: 1 done, 1 stale, 1 failed, 1 running, "
+                                                                "2 interrupted, 1 pending")
     assert folder_status(tmp_path)[-1].state == "done"  # without a check, a finished record is done
     assert read_record(tmp_path / "records" / f"{specs[0].name}.json")["status"] == "ok"

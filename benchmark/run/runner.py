@@ -21,6 +21,7 @@ from benchmark.engine.training import TrainSettings
 from benchmark.run.records import jsonable
 from benchmark.run.session import RunSession, control_probe  # noqa: F401  (control_probe: for benchmark.cli.train)
 from benchmark.run.spec import RunContext, RunKind, RunSpec
+from benchmark.run.status import KEPT_BATCHES
 from core.files import atomic_npz
 from datasets.tasks import Task
 from methods.base import BaseMethod
@@ -177,9 +178,6 @@ RUNS = {
 
 
 # ---- shared steps ---------------------------------------------------------------------------
-
-
-KEPT_BATCHES = "generated"  # run folder: each generated batch until samples.npz holds them all
 
 
 def generate(method: BaseMethod, test, task: Task, session: RunSession, ctx: RunContext,

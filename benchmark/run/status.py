@@ -1,6 +1,7 @@
 """What a results folder holds, run by run: done, stale (finished, but made otherwise than the
 command would make it now: with what differs), failed (with the error's first line), running (with the
-step of its last checkpoint), interrupted, or pending (planned and not started).
+step of its last checkpoint and the batches of samples it has generated), interrupted, or pending
+(planned and not started).
 
 The grid writes its plan (``grid.json``: every run it was asked for) and each run, while it runs,
 a marker (``runs/<name>/running.json``: host, process, Slurm job); so a folder that jobs on many
@@ -11,6 +12,7 @@ import json
 import os
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ CHECKPOINT = "checkpoint.pt"
 PLAN = "grid.json"
 RUNNING = "running.json"
 RUN_LOCK = "run.lock"  # held by the process running the run (core.files.file_lock)
+KEPT_BATCHES = "generated"  # each generated batch of samples, kept until samples.npz holds them all
 RUN_IDENTITY = "identity.json"  # the identity of the run whose checkpoint the folder holds
 SET_ASIDE = "stale"  # where a folder's files made otherwise than the run now asks are moved
 STATES = ("done", "stale", "failed", "running", "interrupted", "pending")
@@ -90,9 +93,10 @@ def running_marker(run_dir: Path) -> Iterator[None]:
 
 
 def _checkpoint_step(path: Path) -> str:
-    """The step of a run's checkpoint, read without building the method (or why it cannot be read)."""
+    """The step of a run's checkpoint, read without building the method (or why it cannot be read); empty
+    when there is none."""
     if not path.is_file():
-        return "no checkpoint yet"
+        return ""
     import torch
 
     try:
@@ -100,6 +104,24 @@ def _checkpoint_step(path: Path) -> str:
     except Exception as err:  # a checkpoint being written right now, or a damaged one
         return f"checkpoint unreadable ({type(err).__name__})"
     return f"last checkpoint at step {state.get('step', '?')}" if isinstance(state, dict) else "checkpoint"
+
+
+def _kept_batches(run_dir: Path) -> str:
+    """The batches of samples a run has generated and kept so far, by condition (own, swapped), and when
+    the newest was written; empty when none. A run that trains nothing (InverseSR, hours per run) shows
+    its progress only here."""
+    files = sorted((run_dir / KEPT_BATCHES).glob("*.npz"))
+    if not files:
+        return ""
+    counts = Counter(f.name.split("-")[0] for f in files)
+    newest = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(max(f.stat().st_mtime for f in files)))
+    what = " and ".join(f"{n} with {tag} conditions" for tag, n in sorted(counts.items()))
+    return f"batches generated: {what}, the last at {newest}"
+
+
+def _progress(run_dir: Path) -> str:
+    found = [part for part in (_checkpoint_step(run_dir / CHECKPOINT), _kept_batches(run_dir)) if part]
+    return "; ".join(found) or "no checkpoint yet"
 
 
 def _alive(pid: int) -> bool:
@@ -115,7 +137,7 @@ def _alive(pid: int) -> bool:
 def _in_progress(run_dir: Path) -> RunStatus | None:
     """running (its marker names a live process, or another machine's) or interrupted; None if never started."""
     marker = run_dir / RUNNING
-    step = _checkpoint_step(run_dir / CHECKPOINT)
+    step = _progress(run_dir)
     if marker.is_file():
         try:
             info = json.loads(marker.read_text())
