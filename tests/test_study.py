@@ -158,3 +158,24 @@ def test_the_committed_cpu_study_tables_rebuild_exactly_from_its_committed_recor
     assert list((study / "records").glob("*.json")), "tables are committed without the records they come from"
     build_tables(study, tmp_path)
     assert {p.name: p.read_bytes() for p in sorted(tmp_path.glob("*.csv"))} == committed
+
+
+def test_a_method_that_fits_itself_is_estimated_from_what_the_folder_holds(tmp_path):
+    """InverseSR has no training step for the estimate to time, and its runs are the study's longest: the
+    estimate reads its finished records, else the batches an unfinished run has kept (the fastest, since
+    a batch's seconds count any time its process waited beside other work)."""
+    from benchmark.cli.study import folder_timing
+    from core.files import atomic_json, atomic_npz
+
+    assert folder_timing(tmp_path, "inversesr", 8) is None
+    kept = tmp_path / "runs" / "sr4__inversesr__n50__s0" / "generated"
+    for name, seconds in (("own-00000.npz", 3600.0), ("own-00008.npz", 1700.0)):
+        atomic_npz(kept / name, seconds=seconds)
+    assert folder_timing(tmp_path, "inversesr", 8) == (8 * 1700.0, "8 sampling batches at 1700 s, the fastest "
+                                                                    "of its 2 kept batches in this folder")
+    assert folder_timing(tmp_path, "liif3d", 8) is None  # another method's batches are not its own
+    for seed, elapsed in ((0, 10000.0), (1, 14000.0), (2, 12000.0)):
+        atomic_json(tmp_path / "records" / f"sr4__inversesr__n50__s{seed}.json",
+                    {"method": "inversesr", "status": "ok", "elapsed_seconds": elapsed})
+    atomic_json(tmp_path / "records" / "sr4__inversesr__n50__s3.json", {"method": "inversesr", "status": "failed"})
+    assert folder_timing(tmp_path, "inversesr", 8) == (12000.0, "median of its 3 finished records in this folder")

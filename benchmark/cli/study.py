@@ -6,14 +6,17 @@
 
 Before running, it prints what is done and what is pending, and an estimate of the pending time from
 this machine's speed: each pending method's training step and one sampling batch are timed here
-(``bench``'s measurement, 3 warm-up + 2 steps), then multiplied by the runs' steps and batches.
-Scoring, the probe and the reference rows are not in the estimate; the estimate says so.
+(``bench``'s measurement, 3 warm-up + 2 steps), then multiplied by the runs' steps and batches. A
+method that fits itself (InverseSR, LIIF-3D, trilinear: no training step to time) is estimated from
+what the folder already holds of it: its finished records, or the batches an unfinished run has
+kept. Scoring, the probe and the reference rows are not in the estimate; the estimate says so.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -46,12 +49,20 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
     s = ctx.profile.sampling
     batches = math.ceil(int(s.n_test) / int(s.batch_size))
     timed: dict[tuple[str, str], dict] = {}
-    total, lines, fit_themselves = 0.0, [], {}
+    total, lines, fit_themselves, from_folder = 0.0, [], {}, {}
     for spec in pending:
         if spec.kind != RunKind.METHOD:
             continue
         if not issubclass(get_method(spec.method), Method):  # no training step to time (InverseSR, LIIF-3D, ...)
-            fit_themselves[f"{spec.task} {spec.method}"] = fit_themselves.get(f"{spec.task} {spec.method}", 0) + 1
+            if spec.method not in from_folder:
+                from_folder[spec.method] = folder_timing(ctx.out_dir, spec.method, batches)
+                if from_folder[spec.method]:
+                    seconds, how = from_folder[spec.method]
+                    lines.append(f"  {spec.method}: {seconds / 3600:.2f} h per run ({how})")
+            if from_folder[spec.method]:
+                total += from_folder[spec.method][0]
+            else:
+                fit_themselves[f"{spec.task} {spec.method}"] = fit_themselves.get(f"{spec.task} {spec.method}", 0) + 1
             continue
         task = ctx.task(spec.task)
         key = (spec.task, spec.method)
@@ -66,8 +77,31 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
         total += steps * row["seconds_per_step"] + sampling
     if fit_themselves:
         lines.append(f"  not in the estimate: {sum(fit_themselves.values())} runs of methods that fit themselves "
-                     f"({', '.join(f'{k} x{n}' for k, n in fit_themselves.items())}); their records give their time")
+                     f"({', '.join(f'{k} x{n}' for k, n in fit_themselves.items())}): no step to time here, and "
+                     "no record or kept batch of theirs in the folder yet")
     return total, lines
+
+
+def folder_timing(out: Path, method: str, batches: int) -> tuple[float, str] | None:
+    """Seconds one run of ``method`` (one that fits itself: no training step to time) takes, from what the
+    study folder already holds, and where that comes from; None when it holds nothing of it. The median
+    time of its finished records; else the fastest of its kept sampling batches (an unfinished run's,
+    ``runs/*/generated``) times a run's ``batches``: the fastest, because a batch's seconds count any
+    time its process waited beside other work. Either may have been measured on another machine."""
+    import numpy as np
+
+    from benchmark.run.records import iter_records
+    from benchmark.run.status import KEPT_BATCHES
+
+    elapsed = sorted(float(r["elapsed_seconds"]) for r in iter_records(out)
+                     if r.get("method") == method and r.get("status") == "ok" and r.get("elapsed_seconds"))
+    if elapsed:
+        return statistics.median(elapsed), f"median of its {len(elapsed)} finished records in this folder"
+    kept = [float(np.load(p)["seconds"]) for p in sorted(Path(out).glob(f"runs/*__{method}__*/{KEPT_BATCHES}/own-*.npz"))]
+    if kept:
+        return min(kept) * batches, (f"{batches} sampling batches at {min(kept):.0f} s, the fastest of its {len(kept)} "
+                                     "kept batches in this folder")
+    return None
 
 
 def run(args) -> int:
