@@ -58,6 +58,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def atomic_png(path: str | Path, figure: Any, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG of at most 256 colours: matplotlib's own is RGBA, 1.6-3x larger for
+    the same picture (the cpu study's figures: 738 -> 227 kB, a montage 153 -> 94 kB), and a study
+    commits dozens of them. A plot has a few colours, a montage the grey levels of its volumes."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    rendered = BytesIO()
+    figure.savefig(rendered, format="png", dpi=dpi)
+    image = Image.open(rendered).convert("RGB").quantize(256)
+    return _atomic_write(path, lambda fh: image.save(fh, format="PNG", optimize=True))
+
+
 def atomic_npz(path: str | Path, /, **arrays: Any) -> Path:
     """``np.savez_compressed`` (as the runner's samples files); written through a file object, so
     numpy does not append ``.npz`` to the temporary name."""

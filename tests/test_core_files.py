@@ -14,6 +14,7 @@ from core import files
 from core.files import (
     atomic_json,
     atomic_npz,
+    atomic_png,
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_text,
@@ -23,6 +24,27 @@ from core.files import (
 )
 
 # ---- files ---------------------------------------------------------------------------------------
+
+
+def test_a_figure_is_written_with_a_palette_and_smaller_than_matplotlibs_own_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, (plot, picture) = plt.subplots(1, 2, figsize=(6, 3))
+    plot.plot(np.linspace(0, 1, 50) ** 2, label="a line")
+    plot.legend()
+    picture.imshow(np.random.default_rng(0).random((48, 64)), cmap="gray")  # grey levels, as a montage
+    fig.savefig(tmp_path / "plain.png", dpi=110)
+    atomic_png(tmp_path / "figure.png", fig, dpi=110)
+    plt.close(fig)
+    plain, written = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "figure.png")
+    assert written.mode == "P" and written.size == plain.size
+    assert (tmp_path / "figure.png").stat().st_size < (tmp_path / "plain.png").stat().st_size
+    difference = np.abs(np.asarray(written.convert("RGB"), float) - np.asarray(plain.convert("RGB"), float))
+    assert difference.mean() < 0.5, difference.mean()  # of 255 (measured 0.017): the same picture to the eye
 
 
 def test_atomic_writers_write_create_folders_and_leave_no_temp_files(tmp_path):

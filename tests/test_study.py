@@ -160,6 +160,21 @@ def test_the_committed_cpu_study_tables_rebuild_exactly_from_its_committed_recor
     assert {p.name: p.read_bytes() for p in sorted(tmp_path.glob("*.csv"))} == committed
 
 
+def test_the_committed_cpu_study_stays_under_20_mb():
+    """The study commits its records, tables, figures and REPORT (not runs/): at most 20 MB (issue 34)."""
+    import subprocess
+
+    from tests.paths import ROOT
+
+    listed = subprocess.run(["git", "ls-files", "-z", "studies/cpu"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: which files are committed is unknown")
+    files = [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+    size = sum(path.stat().st_size for path in files if path.is_file())
+    assert not any("/runs/" in str(path.relative_to(ROOT)) for path in files), "checkpoints and volumes are not committed"
+    assert size < 20e6, f"studies/cpu/ commits {size / 1e6:.1f} MB, over the 20 MB the study may take"
+
+
 def test_a_method_that_fits_itself_is_estimated_from_what_the_folder_holds(tmp_path):
     """InverseSR has no training step for the estimate to time, and its runs are the study's longest: the
     estimate reads its finished records, else the batches an unfinished run has kept (the fastest, since

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.files import atomic_png
 from datasets.subject import SCALAR_NAMES
 
 
@@ -73,7 +74,7 @@ def save_montage(volumes: np.ndarray, path: str | Path, titles: Sequence[str] | 
             axes[i, 0].set_ylabel(titles[i], fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    atomic_png(path, fig, dpi=100)
     plt.close(fig)
     return path
 

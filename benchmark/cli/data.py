@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from benchmark.cli import load_profile_from, writable_folder
+from core.files import atomic_png
 from datasets.manifest import export_subjects
 from datasets.splits import make_splits
 from datasets.subject import SCALAR_NAMES, DataError, Subject
@@ -72,7 +73,7 @@ def write_montage(subjects: Sequence[Subject], path: Path, title: str = "") -> P
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_png(path, fig)
     plt.close(fig)
     return path
 

@@ -18,6 +18,7 @@ from benchmark.run.spec import AUTOENCODER, BASE_UNCONDITIONED, REFERENCE, REFER
 from metrics.control_delta import bootstrap_mean, paired_difference  # noqa: E402
 from metrics.ranking import probability_of_improvement, rank_intervals  # noqa: E402
 from benchmark.report.frame import metric_columns  # noqa: E402
+from core.files import atomic_png  # noqa: E402
 
 PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))  # (name, axis of X, Y, Z)
 
@@ -67,7 +68,7 @@ def metric_vs_size(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     fig.suptitle(f"Task {task}: metrics against training-set size", y=1 - 0.2 / height)
     path = out / f"metrics_vs_size_{task}.png"
-    fig.savefig(path, dpi=110)
+    atomic_png(path, fig)
     plt.close(fig)
     return path
 
@@ -127,7 +128,7 @@ def montage(samples_npz: Path, real_npz: Path | None, title: str, out: Path, n_s
         axes[row, 0].set_ylabel(str(ids[row]), fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic_png(out, fig)
     plt.close(fig)
     return out
 
@@ -165,7 +166,7 @@ def control_gap_curves(results_dir: Path, task: str, out: Path) -> Path | None:
     fig.suptitle(f"Task {task}: control gap against training step (95% CI shaded)", fontsize=10)
     fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(labels) // 4), 1, 0.94))
     path = out / f"control_gap_{task}.png"
-    fig.savefig(path, dpi=110)
+    atomic_png(path, fig)
     plt.close(fig)
     return path
 
@@ -221,7 +222,7 @@ def control_vs_size(subjects: pd.DataFrame, task: str, out: Path) -> Path | None
                  fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.24, wspace=0.25)
     path = out / f"control_vs_size_{task}.png"
-    fig.savefig(path, dpi=110)
+    atomic_png(path, fig)
     plt.close(fig)
     return path
 
@@ -279,7 +280,7 @@ def improvement_figures(subjects: pd.DataFrame, task: str, out: Path, score: str
         fig.suptitle(f"{task}, N = {size}: which method is better, subject by subject", fontsize=10)
         fig.tight_layout()
         path = out / f"improvement_{task}_n{size}.png"
-        fig.savefig(path, dpi=110)
+        atomic_png(path, fig)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -30,7 +30,7 @@ from benchmark.run.runner import build_method
 from benchmark.run.ship import _git_commit
 from benchmark.run.spec import RunContext
 from benchmark.run.tune import score_validation
-from core.files import atomic_json
+from core.files import atomic_json, atomic_png
 from datasets.tasks import Task
 from metrics.cost import device_name
 
@@ -142,6 +142,6 @@ def plot(out_dir: Path, task: str) -> Path:
     fig.suptitle(f"Plateau, task {task}, profile {records[0]['profile']}: validation subjects only")
     fig.tight_layout()
     path = Path(out_dir) / f"plateau-{task}.png"
-    fig.savefig(path, dpi=110)
+    atomic_png(path, fig)
     plt.close(fig)
     return path
