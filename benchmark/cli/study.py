@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 from benchmark.cli import load_plugins, writable_folder
@@ -49,7 +50,7 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
     s = ctx.profile.sampling
     batches = math.ceil(int(s.n_test) / int(s.batch_size))
     timed: dict[tuple[str, str], dict] = {}
-    total, lines, fit_themselves, from_folder = 0.0, [], {}, {}
+    total, lines, from_folder, unknown = 0.0, [], {}, Counter()
     for spec in pending:
         if spec.kind != RunKind.METHOD:
             continue
@@ -62,7 +63,7 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
             if from_folder[spec.method]:
                 total += from_folder[spec.method][0]
             else:
-                fit_themselves[f"{spec.task} {spec.method}"] = fit_themselves.get(f"{spec.task} {spec.method}", 0) + 1
+                unknown[f"{spec.task} {spec.method}"] += 1
             continue
         task = ctx.task(spec.task)
         key = (spec.task, spec.method)
@@ -75,9 +76,9 @@ def estimate_seconds(pending, ctx) -> tuple[float, list[str]]:
         steps = TrainSettings.from_profile(ctx.profile, spec.size, spec.method, spec.task).steps
         sampling = batches * row["sample_seconds"] * (2 if task.dice is not None else 1)  # own + swapped
         total += steps * row["seconds_per_step"] + sampling
-    if fit_themselves:
-        lines.append(f"  not in the estimate: {sum(fit_themselves.values())} runs of methods that fit themselves "
-                     f"({', '.join(f'{k} x{n}' for k, n in fit_themselves.items())}): no step to time here, and "
+    if unknown:
+        lines.append(f"  not in the estimate: {sum(unknown.values())} runs of methods that fit themselves "
+                     f"({', '.join(f'{k} x{n}' for k, n in unknown.items())}): no step to time here, and "
                      "no record or kept batch of theirs in the folder yet")
     return total, lines
 
@@ -93,8 +94,8 @@ def folder_timing(out: Path, method: str, batches: int) -> tuple[float, str] | N
     from benchmark.run.records import iter_records
     from benchmark.run.status import KEPT_BATCHES
 
-    elapsed = sorted(float(r["elapsed_seconds"]) for r in iter_records(out)
-                     if r.get("method") == method and r.get("status") == "ok" and r.get("elapsed_seconds"))
+    elapsed = [float(r["elapsed_seconds"]) for r in iter_records(out)
+               if r.get("method") == method and r.get("status") == "ok" and r.get("elapsed_seconds")]
     if elapsed:
         return statistics.median(elapsed), f"median of its {len(elapsed)} finished records in this folder"
     kept = [float(np.load(p)["seconds"]) for p in sorted(Path(out).glob(f"runs/*__{method}__*/{KEPT_BATCHES}/own-*.npz"))]
