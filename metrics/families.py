@@ -262,3 +262,37 @@ class Dice(Metric):
                           "classes ('volume r')",
             "voxel_ml": float(voxel_ml), "r_per_class": agreement["r per class"],
             "mean_abs_error_ml_per_class": agreement["mean abs error mL per class"]}
+
+
+ANATOMY_DICE = "anatomy Dice"
+
+
+class AnatomyDice(Metric):
+    """Whether a volume keeps its subject's anatomy: a judge's segmentation of each volume against the
+    true label map of the subject it should reproduce (paired tasks: a super-resolved volume and its
+    subject's ventricles or tissue classes). One column per label map, named in brackets."""
+    name = ANATOMY_DICE
+    needs = NEEDS_GROUND_TRUTH
+    columns = (Column(ANATOMY_DICE, "Dice", HIGHER, "a trained judge's segmentation of each volume against the "
+                      "true label map of its own subject (mean foreground Dice), one column per label map",
+                      needs=NEEDS_GROUND_TRUTH),)
+
+    def score(self, inp: Inputs, out: Scores) -> None:
+        score_anatomy(inp.fake, inp.anatomy, out)
+
+
+def score_anatomy(volumes, anatomy, out: Scores) -> None:
+    """The anatomy Dice columns of ``volumes`` ((N, 1, X, Y, Z) tensor in [0, 1]): one per ``(label map name,
+    judge, true labels of each volume's subject)`` in ``anatomy``."""
+    for labels_name, judge, labels in anatomy:
+        labels = condition_to_labels(labels, judge.num_classes)
+        if labels.shape[0] != volumes.shape[0] or labels.shape[2:] != volumes.shape[2:]:
+            raise MetricError(f"the true '{labels_name}' labels {tuple(labels.shape)} must pair one to one "
+                              f"with the volumes {tuple(volumes.shape)}")
+        key = column(ANATOMY_DICE, labels_name)
+        segmented = out.timed(key, lambda j=judge: j.segment(volumes))
+        r = dice_score(segmented, labels, judge.num_classes)
+        out.row[key] = r["Dice"]
+        out.protocol[key] = {**r["protocol"], "judge": judge.describe(), "per_class": r["Dice per class"],
+                             "against": f"the subject's own true '{labels_name}' (not a condition)"}
+        out.per_volume[key] = r["Dice per volume"]

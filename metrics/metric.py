@@ -60,6 +60,7 @@ class Inputs:
     brain_mask: Any
     voxel_ml: float | None
     cache_dir: Any = None        # a folder for what depends on the real volumes only (FRD's real features), or None
+    anatomy: tuple = ()          # (label map name, judge, true labels of each volume's subject), for anatomy Dice
 
 
 @dataclass

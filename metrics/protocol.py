@@ -113,6 +113,7 @@ def score_generated(
     brain_mask: Any = None,
     voxel_ml: float | None = None,
     cache_dir: Any = None,
+    anatomy: Any = (),
 ) -> dict[str, Any]:
     """Score generated volumes ``fake`` (N, 1, X, Y, Z) in [0, 1] against real reference volumes
     ``real_ref`` (M, 1, X, Y, Z).
@@ -129,7 +130,9 @@ def score_generated(
     (``None``: FRD is reported unavailable, with that reason). ``voxel_ml``: the volume of one voxel in
     mL, for the structure volumes in mL (their absolute error and correlation with the conditions').
     ``cache_dir``: a folder where what depends on ``real_ref`` alone is kept between calls (FRD's
-    radiomics features of the real volumes; the values are the same with or without it).
+    radiomics features of the real volumes; the values are the same with or without it). ``anatomy``:
+    ``(name, judge, labels)`` per label map, the true labels (as for ``conditions``) of the subject each
+    volume should reproduce, for the anatomy Dice columns (``"anatomy Dice [name]"``).
     """
     st = settings or ScoringSettings()
     fake_t = as_volumes(fake, "generated volumes")
@@ -148,7 +151,7 @@ def score_generated(
             )
     inputs = Inputs(fake_t, real_t, gt_t, conditions, _extractor_list(extractors), judge, task,
                     lpips if lpips is not None else _no_lpips(), st, dice_classes, brain_mask, voxel_ml,
-                    None if cache_dir is None else Path(cache_dir))
+                    None if cache_dir is None else Path(cache_dir), tuple(anatomy))
     out = Scores(protocol={
         "task": task,
         "n_generated_volumes": int(fake_t.shape[0]),

@@ -26,6 +26,7 @@ METRICS: tuple[Metric, ...] = (
     families.PSNR,
     families.SSIM,
     families.Dice(),
+    families.AnatomyDice(),
 )
 
 

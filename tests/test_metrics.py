@@ -218,7 +218,8 @@ def test_metric_descriptors_and_suites():
     assert metric_of("FID-3D rel [in-domain-3d]").name == "FID-3D rel" and metric_of("Coverage-2D [x]").arrow == "↑"
     assert {m.name for m in metric_suite(dice=True, paired=False)} - plain == {"Dice"}
     assert {m.name for m in metric_suite(dice=False, paired=True)} - plain == {
-        "LPIPS fidelity", "MS-SSIM fidelity", "PSNR", "SSIM"}
+        "LPIPS fidelity", "MS-SSIM fidelity", "PSNR", "SSIM", "anatomy Dice"}
+    assert metric_of("anatomy Dice [lv_mask]").higher_is_better
 
 
 # ----------------------------------------------------------------------------------- cost

@@ -164,3 +164,25 @@ def test_score_generated_sr_task_and_errors(data):
                         dice_classes=2)
     with pytest.raises(MetricError, match="pair one to one"):
         score_generated(te["image"], tr["image"], extractors=ex, ground_truth=tr["image"])
+
+
+def test_anatomy_dice_scores_each_volume_against_its_own_subjects_labels(data, lv_judge):
+    """A paired task's anatomy Dice: the judge's segmentation of each volume against the true label map of the
+    subject it should reproduce, one column per label map; another subject's labels score lower."""
+    tr, te = data
+    ex = [_fixed_extractor("fixed-3d", 3)]
+    st = ScoringSettings(max_pairs=2)
+    own = score_generated(te["image"], tr["image"], ground_truth=te["image"], extractors=ex, task="sr4", settings=st,
+                          anatomy=[("lv_mask", lv_judge, te["lv_mask"])])
+    other = score_generated(te["image"], tr["image"], ground_truth=te["image"], extractors=ex, task="sr4",
+                            settings=st, anatomy=[("lv_mask", lv_judge, np.roll(te["lv_mask"], 1, axis=0))])
+    key = "anatomy Dice [lv_mask]"
+    assert own[key] == pytest.approx(lv_judge.dice(te["image"], te["lv_mask"])["Dice"])
+    assert len(own["per_volume"][key]) == 6 and own[key] > other[key], (own[key], other[key])
+    assert own["protocol"][key]["judge"]["weights_hash"] == lv_judge.weights_hash
+    assert "own true 'lv_mask'" in own["protocol"][key]["against"] and "Dice" not in own
+    plain = score_generated(te["image"], tr["image"], ground_truth=te["image"], extractors=ex, task="sr4", settings=st)
+    assert key not in plain  # no label maps given, no column
+    with pytest.raises(MetricError, match="true 'lv_mask' labels .* must pair one to one"):
+        score_generated(te["image"], tr["image"], extractors=ex, settings=st,
+                        anatomy=[("lv_mask", lv_judge, te["lv_mask"][:3])])

@@ -271,6 +271,9 @@ def test_sr4_grid_runs_through_the_runner_and_writes_the_sr_table(tmp_path):
         metrics = records[name]["metrics"]
         assert {"PSNR", "SSIM", "MS-SSIM fidelity"} <= set(metrics) and metrics["PSNR"] > 0, name
         assert any(k.startswith("FID-3D [") for k in metrics)
+    for name in ("reference", "liif3d", "inversesr", "trilinear"):  # the judges' anatomy Dice, per subject
+        assert {"anatomy Dice [lv_mask]", "anatomy Dice [semantics]"} <= set(records[name]["metrics"]), name
+        assert len(records[name]["per_subject"]["anatomy Dice [lv_mask]"]) == len(records[name]["per_subject"]["ids"])
     cost = {n: records[n]["cost"] for n in records}
     assert cost["trilinear"]["trainable_parameters"] == 0 and cost["inversesr"]["trainable_parameters"] == 0
     assert cost["liif3d"]["trainable_parameters"] > 0 and cost["liif3d"]["seconds_per_step"] > 0
@@ -283,6 +286,7 @@ def test_sr4_grid_runs_through_the_runner_and_writes_the_sr_table(tmp_path):
 
     table = pd.read_csv(out / "tables" / "table_sr.csv")
     assert list(table.method) == ["trilinear", "inversesr", "liif3d", "reference (real vs real)"]
+    assert "23 mm anatomy Dice [lv_mask]" in table and table["23 mm anatomy Dice [semantics]"].notna().all()
     assert "23 mm PSNR" in table and not any(c.startswith("46 mm") for c in table.columns)  # 4 x smoke's 5.75 mm
     assert (out / "tables" / "table_sr.md").is_file() and (out / "tables" / "table_sr.tex").is_file()
     assert not (out / "tables" / "table_sr4.csv").exists()
@@ -291,6 +295,47 @@ def test_sr4_grid_runs_through_the_runner_and_writes_the_sr_table(tmp_path):
     rebuilt = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "tables", "--profile", "smoke",
                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert rebuilt.returncode == 0, rebuilt.stderr
+
+    # records made before the anatomy Dice get it from their kept volumes (rescore); one whose samples are gone is named
+    from benchmark.run.records import read_record, write_record
+
+    def rescore():
+        from tests.test_runner import TINY  # the grid's settings: its judges
+
+        return subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "rescore", "--profile", "smoke",
+                               "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *sum((["--override", o]
+                               for o in TINY + SR_TINY), [])], cwd=ROOT, capture_output=True, text=True)
+
+    keys = ("anatomy Dice [lv_mask]", "anatomy Dice [semantics]")
+    for name in ("sr4__liif3d__n2__s0", "sr4__reference__n0__s0", "sr4__trilinear__n2__s0"):
+        path = out / "records" / f"{name}.json"
+        record = read_record(path)
+        for part in ("metrics", "per_subject", "protocol"):
+            for key in keys:
+                record[part].pop(key)
+        write_record(path, record)
+    (out / "runs" / "sr4__trilinear__n2__s0" / "samples.npz").unlink()
+    proc = rescore()
+    assert proc.returncode == 1 and "sr4__trilinear__n2__s0: its samples" in proc.stdout, proc.stdout + proc.stderr
+    assert "2 records rescored, 1 could not be" in proc.stdout, proc.stdout
+    again = {r["method"]: r for r in iter_records(out)}
+    for name in ("liif3d", "reference"):
+        for key in keys:  # the same values from the float16 volumes the run kept (the reference: the real volumes)
+            assert again[name]["metrics"][key] == pytest.approx(records[name]["metrics"][key], abs=0.02), (name, key)
+            assert again[name]["protocol"][key]["added_by"] == "rescore"
+            assert len(again[name]["per_subject"][key]) == len(again[name]["per_subject"]["ids"])
+        assert again[name]["identity"] == records[name]["identity"]  # the same run: nothing else changes
+    assert again["liif3d"]["metrics"]["PSNR"] == records["liif3d"]["metrics"]["PSNR"]
+    assert "anatomy Dice [lv_mask]" not in again["trilinear"]["metrics"]
+    # a judge other than the one that made the folder's column is refused (here: the profile's own judge settings)
+    path = out / "records" / "sr4__liif3d__n2__s0.json"
+    record = read_record(path)
+    for part in ("metrics", "per_subject", "protocol"):
+        record[part].pop(keys[0])
+    write_record(path, record)
+    other = subprocess.run([sys.executable, str(ROOT / "run_benchmark.py"), "rescore", "--profile", "smoke", "--out",
+                            str(out), "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode == 1 and "come from another judge" in other.stdout, other.stdout + other.stderr
 
 
 SPACING_PLUGIN = '''

@@ -3,6 +3,7 @@
     run       train, sample and score a grid, then write tables, figures and REPORT.md (the default)
     tables    rebuild tables, figures and the report from the records of a results folder
     status    list the runs of a results folder: done, running, failed, interrupted, pending
+    rescore   add to finished records a column scored since (anatomy Dice), from their kept volumes
     compare   are two results folders the same, run for run, apart from timings?
     train     one method, one size: the control probe at every checkpoint, then samples
     tune      the same tuning budget for every method, scored on validation subjects: a recipe file

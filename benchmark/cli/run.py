@@ -60,6 +60,16 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    help="the manifest the runs were made from, if any (records are checked against it)")
     s.set_defaults(func=status)
 
+    r = sub.add_parser("rescore", parents=[common],
+                       help="add to finished records the columns the suite scores now and they lack, from their kept volumes",
+                       description="Add the judges' anatomy Dice to the finished super-resolution records of a results "
+                                   "folder that were made without it, from the volumes their runs kept "
+                                   "(runs/<run>/samples.npz); then rebuild the tables with `tables`.")
+    r.add_argument("--out", default=None, help="results folder (default results/<profile>)")
+    r.add_argument("--data", default=None, metavar="MANIFEST.csv", help="the manifest the runs were made from, if any")
+    r.add_argument("--allow-mixed", action="store_true", help="rescore a folder of several profiles or base models")
+    r.set_defaults(func=rescore)
+
     c = sub.add_parser("compare", parents=[common], help="are two results folders the same, run for run (apart from timings)?",
                        description="Compare the records of two results folders field by field, apart from timings, "
                                    "memory, dates and the folders files were read from.")
@@ -295,6 +305,24 @@ def status(args) -> int:
     ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, args.data, args.device, progress=False)
     print("\n".join(status_lines(folder_status(out, staleness_in(ctx)))))
     return 0
+
+
+def rescore(args) -> int:
+    from benchmark.run.rescore import rescore_folder
+    from benchmark.run.spec import RunContext
+
+    profile = load_profile_from(args)
+    out = writable_folder(_results_dir(args, profile), "--out")
+    if not (out / "records").is_dir():
+        print(f"error: no records in {out}/records; point --out at a results folder", file=sys.stderr)
+        return 2
+    _refuse_mixed(out, args)
+    ctx = RunContext(profile, out, Path(args.cache_dir), args.weights_dir, args.data, args.device,
+                     progress=not args.quiet)
+    done, left = rescore_folder(ctx)
+    print("\n".join(done + left + [f"{len(done)} records rescored, {len(left)} could not be; "
+                                    f"rebuild the tables: python run_benchmark.py tables --out {out}"]))
+    return 1 if left else 0
 
 
 def compare(args) -> int:

@@ -19,6 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
+from datasets.tasks import TASKS
 from metrics.common import DeferredVolumes, sha256_bytes
 from metrics.cost import PAPER_PROTOCOL, count_parameters, device_days
 from metrics.dice import condition_to_labels
@@ -35,6 +36,7 @@ class SharedScoring:
     def __init__(self, ctx):
         self.ctx = ctx
         self.settings = ctx.profile["metrics"]
+        self._judges = {}
 
     def config(self, key: str, cls):
         """metrics.<key> of the profile as a metrics config object (defaults where absent)."""
@@ -87,6 +89,20 @@ class SharedScoring:
         digest = sha256_bytes(json.dumps(indices).encode(), 16)
         return f"{self.ctx.data.identity}|{tuple(self.ctx.profile.image_shape)}|n={self.reference_count}|subjects={digest}"
 
+    def judge(self, dice):
+        """The Dice judge that learns ``dice.judge_labels`` (``dice.classes`` classes) on the real training
+        volumes; one per grid, cached on disk by class count (metrics.judge)."""
+        key = (dice.judge_labels, dice.classes)
+        if key not in self._judges:
+            images = self.deferred_reference(lambda subjects: np.stack([s.image for s in subjects]))
+            labels = self.deferred_reference(lambda subjects: condition_to_labels(
+                np.stack([getattr(s, dice.judge_labels) for s in subjects]), dice.classes))
+            self._judges[key] = train_judge(
+                images, labels, dice.classes, self.ctx.cache_dir / "judges", data_id=self.data_id,
+                config=self.config("judge", JudgeConfig), device=self.ctx.device, progress=self.ctx.progress,
+                shipped_dirs=self.shipped_dirs)
+        return self._judges[key]
+
     @cached_property
     def extractors(self):
         images = self.deferred_reference(lambda subjects: np.stack([s.image for s in subjects]))
@@ -120,19 +136,19 @@ class Scorer:
         self.task = task
         self.shared = ctx.shared_scoring
 
-    @cached_property
+    @property
     def judge(self):
-        """The task's Dice judge (None when the task has no Dice condition), trained on the real
-        training volumes' ``judge_labels``; cached by class count (metrics.judge)."""
-        dice = self.task.dice
-        if dice is None:
-            return None
-        images = self.shared.deferred_reference(lambda subjects: np.stack([s.image for s in subjects]))
-        labels = self.shared.deferred_reference(lambda subjects: condition_to_labels(
-            np.stack([getattr(s, dice.judge_labels) for s in subjects]), dice.classes))
-        return train_judge(images, labels, dice.classes, self.ctx.cache_dir / "judges", data_id=self.shared.data_id,
-                           config=self.shared.config("judge", JudgeConfig), device=self.ctx.device,
-                           progress=self.ctx.progress, shipped_dirs=self.shared.shipped_dirs)
+        """The task's Dice judge (None when the task has no Dice condition)."""
+        return None if self.task.dice is None else self.shared.judge(self.task.dice)
+
+    def anatomy(self, subjects) -> tuple:
+        """For a paired task: each label map a Dice judge of the suite learns (one per ``judge_labels`` of
+        the registered tasks), with its judge and ``subjects``' own true labels (anatomy Dice)."""
+        if not self.task.paired:
+            return ()
+        conditions = {t.dice.judge_labels: t.dice for t in TASKS.values() if t.dice is not None}
+        return tuple((name, self.shared.judge(dice), np.stack([getattr(s, name) for s in subjects]))
+                     for name, dice in sorted(conditions.items()))
 
     def score(self, volumes: np.ndarray, subjects, conditions_task, paired: bool = True) -> tuple[dict, dict, dict]:
         """Metrics of ``volumes`` made for ``subjects`` from ``conditions_task``'s conditions: (columns,
@@ -150,7 +166,8 @@ class Scorer:
                               extractors=self.shared.extractors, judge=self.judge, task=self.task.name,
                               lpips=self.shared.lpips, dice_classes=classes, brain_mask=self.shared.brain_mask,
                               settings=self.shared.scoring_settings, cache_dir=self.ctx.cache_dir / "metrics",
-                              voxel_ml=subjects[0].voxel_volume_ml if conditions is not None else None)
+                              voxel_ml=subjects[0].voxel_volume_ml if conditions is not None else None,
+                              anatomy=self.anatomy(subjects))
         protocol = row.pop("protocol")
         protocol["voxel_mm"] = [round(v, 4) for v in subjects[0].voxel_mm]
         protocol["fd_real_set"] = {"split": self.shared.fd_real[1], "n": len(self.shared.fd_real_set),
