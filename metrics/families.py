@@ -206,6 +206,17 @@ PSNR = PairedMetric("PSNR", psnr, "peak signal-to-noise ratio against the ground
 SSIM = PairedMetric("SSIM", ssim, "3D SSIM against the ground truth")
 
 
+def _judge_dice(judge, volumes, labels, classes: int, what: str, out: Scores, timing: str):
+    """The steps every Dice column shares: ``labels`` (one-hot or class indices, one per volume) as class indices,
+    checked to pair with ``volumes``, the judge's segmentation of ``volumes`` (timed as ``timing``) and its Dice
+    against them. Returns ``(segmentation, labels, dice_score's dict)``."""
+    labels = condition_to_labels(labels, classes)
+    if labels.shape[0] != volumes.shape[0] or labels.shape[2:] != volumes.shape[2:]:
+        raise MetricError(f"{what} {tuple(labels.shape)} must pair one to one with the volumes {tuple(volumes.shape)}")
+    segmented = out.timed(timing, lambda: judge.segment(volumes))
+    return segmented, labels, dice_score(segmented, labels, classes)
+
+
 class Dice(Metric):
     """A judge's segmentation of each generated volume against the condition it was made from: Dice, the
     structure volumes' error and, with ``voxel_ml``, their error in mL and correlation."""
@@ -224,13 +235,7 @@ class Dice(Metric):
                 f"the judge segments {judge.num_classes} classes but the conditions of task '{inp.task}' have "
                 f"{classes}; train the judge for these conditions (metrics.judge.train_judge)"
             )
-        labels = condition_to_labels(inp.conditions, classes)
-        if labels.shape[0] != inp.fake.shape[0] or labels.shape[2:] != inp.fake.shape[2:]:
-            raise MetricError(
-                f"conditions {tuple(labels.shape)} must pair one to one with generated volumes {tuple(inp.fake.shape)}"
-            )
-        segmented = out.timed("segmentation", lambda: judge.segment(inp.fake))
-        r = out.timed("Dice", lambda: dice_score(segmented, labels, classes))
+        segmented, labels, r = _judge_dice(judge, inp.fake, inp.conditions, classes, "conditions", out, "segmentation")
         out.row["Dice"] = r["Dice"]
         out.protocol["Dice"] = {**r["protocol"], "judge": judge.describe(), "per_class": r["Dice per class"]}
         out.per_volume["Dice"] = r["Dice per volume"]
@@ -285,13 +290,8 @@ def score_anatomy(volumes, anatomy, out: Scores) -> None:
     """The anatomy Dice columns of ``volumes`` ((N, 1, X, Y, Z) tensor in [0, 1]): one per ``(label map name,
     judge, true labels of each volume's subject)`` in ``anatomy``."""
     for labels_name, judge, labels in anatomy:
-        labels = condition_to_labels(labels, judge.num_classes)
-        if labels.shape[0] != volumes.shape[0] or labels.shape[2:] != volumes.shape[2:]:
-            raise MetricError(f"the true '{labels_name}' labels {tuple(labels.shape)} must pair one to one "
-                              f"with the volumes {tuple(volumes.shape)}")
         key = column(ANATOMY_DICE, labels_name)
-        segmented = out.timed(key, lambda j=judge: j.segment(volumes))
-        r = dice_score(segmented, labels, judge.num_classes)
+        _, _, r = _judge_dice(judge, volumes, labels, judge.num_classes, f"the true '{labels_name}' labels", out, key)
         out.row[key] = r["Dice"]
         out.protocol[key] = {**r["protocol"], "judge": judge.describe(), "per_class": r["Dice per class"],
                              "against": f"the subject's own true '{labels_name}' (not a condition)"}

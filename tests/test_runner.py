@@ -141,8 +141,10 @@ def test_killed_grid_resumes_without_redoing_finished_runs(cache, tmp_path):
             assert (out / "tables" / f"{name}.{ext}").is_file()
     report = (out / "REPORT.md").read_text()
     assert report.count("residual_shift") >= 1
-    # The report names the judge and the extractors behind the numbers, and why LPIPS is missing.
-    assert "judge `judge-unet`" in report and "extractor `in-domain-3d`" in report
+    # The report names the judge (which one: its classes and weights) and the extractors behind the numbers.
+    judge = record["protocol"]["Dice"]["judge"]
+    assert f"judge `judge-unet` (2 classes, weights hash {judge['weights_hash']})" in report
+    assert "extractor `in-domain-3d`" in report
     assert "no scored runs" not in report
     assert list((out / "figures").glob("montage_lv__vcm__n2*.png"))
     assert not (out / "figures" / "metrics_vs_size_lv.png").exists()  # one size: nothing to draw against

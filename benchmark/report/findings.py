@@ -43,6 +43,7 @@ LDMS = ("ldm_finetune", "ldm_scratch")
 CONTROLNET_FAMILY = ("controlnet", "controlnet_lite", "controlnet_mlp", "vcm")
 BIGGER_THAN_VCM = ("controlnet", "t2i_adapter", "ldm_finetune", "ldm_scratch")
 ANATOMY_LABELS = JUDGE_LABELS  # the label maps behind the anatomy Dice columns of paired tasks
+HERO_NAMES = {"liif3d": "LIIF-3D", "vcm": "VCM"}  # how the findings name the method each claim is about
 
 
 def _scores(subjects: pd.DataFrame, task: str, size: int, score: str) -> pd.DataFrame:
@@ -123,15 +124,10 @@ def finding_c(frame: pd.DataFrame, subjects: pd.DataFrame, spacing: dict[str, st
     sizes = frame[frame.task == fine]["size"] if not frame.empty else pd.Series(dtype=int)
     size = int(sizes[sizes > 0].max()) if (sizes > 0).any() else None
     for score in ("PSNR", "SSIM"):
-        table = _scores(subjects, fine, size, score) if size else pd.DataFrame()
-        if "liif3d" not in table or table.shape[1] < 2:
-            verdicts.append(NOT_TESTED)
-            evidence.append(f"{spacing.get(fine, fine)} {score}: not run")
-            continue
-        wins, losses, _ = _versus_all(table, "liif3d")
-        verdicts.append(NOT_REPRODUCED if losses else REPRODUCED if len(wins) == table.shape[1] - 1 else INCONCLUSIVE)
-        evidence.append(f"{spacing.get(fine, fine)} {score}: LIIF-3D beats {len(wins)} of {table.shape[1] - 1}"
-                        + (f", beaten by {', '.join(losses)}" if losses else ""))
+        verdict, said = _beats_every_other(subjects, fine, size, score, "liif3d", f"{spacing.get(fine, fine)} {score}",
+                                           "not run")
+        verdicts.append(verdict)
+        evidence.append(said)
     intervals = _fd_intervals(frame, coarse)
     if "vcm" not in intervals or len(intervals) < 2:
         verdicts.append(NOT_TESTED)
@@ -145,17 +141,25 @@ def finding_c(frame: pd.DataFrame, subjects: pd.DataFrame, spacing: dict[str, st
                         f"{len(below)} of {len(intervals) - 1}" + (f"; {', '.join(above)} lower" if above else ""))
     for labels in ANATOMY_LABELS:  # the anatomy itself, per subject: the paper's ventricles, and the tissue classes
         score = f"anatomy Dice [{labels}]"
-        table = _scores(subjects, coarse, size, score) if size else pd.DataFrame()
-        if "vcm" not in table or table.shape[1] < 2:
-            verdicts.append(NOT_TESTED)
-            evidence.append(f"{spacing.get(coarse, coarse)} {score}: not scored"
-                            + (" (records made before it: `python run_benchmark.py rescore`)" if size else ""))
-            continue
-        wins, losses, _ = _versus_all(table, "vcm")
-        verdicts.append(NOT_REPRODUCED if losses else REPRODUCED if len(wins) == table.shape[1] - 1 else INCONCLUSIVE)
-        evidence.append(f"{spacing.get(coarse, coarse)} {score}: VCM beats {len(wins)} of {table.shape[1] - 1}"
-                        + (f", beaten by {', '.join(losses)}" if losses else ""))
+        missing = "not scored" + (" (records made before it: `python run_benchmark.py rescore`)" if size else "")
+        verdict, said = _beats_every_other(subjects, coarse, size, score, "vcm", f"{spacing.get(coarse, coarse)} {score}",
+                                           missing)
+        verdicts.append(verdict)
+        evidence.append(said)
     return {"claim": claim, "verdict": _combine(verdicts), "evidence": "; ".join(evidence)}
+
+
+def _beats_every_other(subjects: pd.DataFrame, task: str, size: int | None, score: str, hero: str, label: str,
+                       missing: str) -> tuple[str, str]:
+    """Whether ``hero`` beats every other method on ``score``, paired per subject, and the evidence: reproduced when
+    it beats them all, not reproduced when any beats it, else inconclusive; not tested without two methods' scores."""
+    table = _scores(subjects, task, size, score) if size else pd.DataFrame()
+    if hero not in table or table.shape[1] < 2:
+        return NOT_TESTED, f"{label}: {missing}"
+    wins, losses, _ = _versus_all(table, hero)
+    verdict = NOT_REPRODUCED if losses else REPRODUCED if len(wins) == table.shape[1] - 1 else INCONCLUSIVE
+    return verdict, (f"{label}: {HERO_NAMES.get(hero, hero)} beats {len(wins)} of {table.shape[1] - 1}"
+                     + (f", beaten by {', '.join(losses)}" if losses else ""))
 
 
 def finding_d(frame: pd.DataFrame) -> dict:

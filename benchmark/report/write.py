@@ -30,7 +30,8 @@ def _extractors(results_dir: Path) -> list[str]:
             if isinstance(entry.get("judge"), dict):
                 j = entry["judge"]
                 trained_on = (j.get("trained_on") or {}).get("data_id", "?")
-                seen[f"{metric}: judge `{j.get('name')}`, {j.get('architecture')}, trained on {trained_on}"] = None
+                seen[f"{metric}: judge `{j.get('name')}` ({j.get('num_classes')} classes, weights "
+                     f"hash {j.get('weights_hash')}), {j.get('architecture')}, trained on {trained_on}"] = None
             if entry.get("available") is False:
                 seen[f"{metric}: not computed: {entry.get('reason')}"] = None
     return list(seen)

@@ -24,10 +24,9 @@ def rescore_folder(ctx) -> tuple[list[str], list[str]]:
     get it here, with why)."""
     done, left = [], []
     test = {s.id: s for s in ctx.test_subjects()}
-    paths = sorted((ctx.out_dir / "records").glob("*.json"))
-    made_by = _judges_in(paths)
-    for path in paths:
-        record = read_record(path)
+    records = {path: read_record(path) for path in sorted((ctx.out_dir / "records").glob("*.json"))}
+    made_by = _judges_in(records.values())
+    for path, record in records.items():
         if record is None or record.get("status") != "ok" or not record.get("per_subject"):
             continue
         task, name = ctx.task(record["task"]), record_name(record)
@@ -74,12 +73,11 @@ def rescore_folder(ctx) -> tuple[list[str], list[str]]:
     return done, left
 
 
-def _judges_in(paths) -> dict[str, set]:
+def _judges_in(records) -> dict[str, set]:
     """For each anatomy Dice column the folder's records hold: the weights hashes of the judges that made it."""
     found: dict[str, set] = {}
-    for path in paths:
-        record = read_record(path) or {}
-        for key, entry in (record.get("protocol") or {}).items():
+    for record in records:
+        for key, entry in ((record or {}).get("protocol") or {}).items():
             if key.startswith(ANATOMY_DICE + " [") and isinstance(entry, dict):
                 found.setdefault(key, set()).add((entry.get("judge") or {}).get("weights_hash"))
     return found
