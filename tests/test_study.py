@@ -140,7 +140,7 @@ def test_jobs_runs_the_study_in_a_pool_of_processes_and_a_bad_count_stops_first(
 
 def test_the_cpu_study_names_the_grids_of_record():
     study = load_study("studies/cpu.yaml")
-    assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "multimodal", "sr8mm"]
+    assert study.profile == "cpu" and [b.task for b in study.blocks] == ["lv", "sr4", "sr8", "multimodal", "sr8mm", "sr8", "sr8mm"]
     lv = study.blocks[0]
     assert lv.methods == "all" and lv.sizes == (10, 50, 500) and lv.seeds == (0, 1, 2)
 
