@@ -29,3 +29,13 @@ def test_a_newer_record_is_refused_not_skipped(tmp_path):
         read_record(path)
     with pytest.raises(RecordError, match="new.json"):
         list(iter_records(tmp_path))
+
+
+def test_the_report_names_a_shipped_base_model_from_the_repository_root(tmp_path):
+    # records made on two checkouts name the same shipped file by two absolute paths: the REPORT reads one line
+    from benchmark.report.write import _base_models
+
+    for name, root in (("a", "/work/main"), ("b", "/tmp/ci.1234")):
+        write(tmp_path, name, {"status": "ok", "base_model": {
+            "source": "shipped base model", "path": f"{root}/benchmark/shipped/cpu/base_model.pt", "sha256": "ab" * 32}})
+    assert _base_models(tmp_path) == ["shipped base model: `benchmark/shipped/cpu/base_model.pt` (sha256 abababababababab…)"]

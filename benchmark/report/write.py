@@ -43,7 +43,10 @@ def _base_models(results_dir: Path) -> list[str]:
     for rec in iter_records(results_dir):
         origin = rec.get("base_model") or {}
         if origin:
-            seen[f"{origin.get('source')}: `{origin.get('path')}` (sha256 {str(origin.get('sha256'))[:16]}…)"] = None
+            # A record names the file where its machine found it; a shipped model reads from the repository
+            # root, so that the REPORT is the same whichever checkout made or rebuilt it.
+            path = re.sub(r"^.*/(benchmark/shipped/)", r"\1", str(origin.get("path")))
+            seen[f"{origin.get('source')}: `{path}` (sha256 {str(origin.get('sha256'))[:16]}…)"] = None
     return list(seen)
 
 
