@@ -31,11 +31,18 @@ def test_a_newer_record_is_refused_not_skipped(tmp_path):
         list(iter_records(tmp_path))
 
 
-def test_the_report_names_a_shipped_base_model_from_the_repository_root(tmp_path):
-    # records made on two checkouts name the same shipped file by two absolute paths: the REPORT reads one line
-    from benchmark.report.write import _base_models
+
+def test_the_report_names_shipped_files_from_the_repository_root(tmp_path):
+    # records made on two checkouts name the same shipped files by two absolute paths: the REPORT reads one line
+    from benchmark.report.write import _base_models, _extractors
 
     for name, root in (("a", "/work/main"), ("b", "/tmp/ci.1234")):
-        write(tmp_path, name, {"status": "ok", "base_model": {
-            "source": "shipped base model", "path": f"{root}/benchmark/shipped/cpu/base_model.pt", "sha256": "ab" * 32}})
+        shipped = f"{root}/benchmark/shipped/cpu"
+        write(tmp_path, name, {"status": "ok",
+                               "base_model": {"source": "shipped base model", "path": f"{shipped}/base_model.pt",
+                                              "sha256": "ab" * 32},
+                               "protocol": {"FID-3D": {"extractor": {"name": "in-domain-3d", "pretrained": False,
+                                                                     "source": f"{shipped}/metrics/x.pt"}}}})
     assert _base_models(tmp_path) == ["shipped base model: `benchmark/shipped/cpu/base_model.pt` (sha256 abababababababab…)"]
+    assert _extractors(tmp_path) == ["FID-3D: extractor `in-domain-3d` (trained by the suite on real training volumes; "
+                                     "weights benchmark/shipped/cpu/metrics/x.pt)"]

@@ -26,7 +26,7 @@ def _extractors(results_dir: Path) -> list[str]:
             if isinstance(entry.get("extractor"), dict):
                 e = entry["extractor"]
                 kind = "pretrained" if e.get("pretrained") else "trained by the suite on real training volumes"
-                seen[f"{metric}: extractor `{e.get('name')}` ({kind}; weights {e.get('source')})"] = None
+                seen[f"{metric}: extractor `{e.get('name')}` ({kind}; weights {_shipped_path(e.get('source'))})"] = None
             if isinstance(entry.get("judge"), dict):
                 j = entry["judge"]
                 trained_on = (j.get("trained_on") or {}).get("data_id", "?")
@@ -37,16 +37,19 @@ def _extractors(results_dir: Path) -> list[str]:
     return list(seen)
 
 
+def _shipped_path(path) -> str:
+    """A record names a file where its machine found it; a file the suite ships is named from the
+    repository root, so that the REPORT reads the same whichever checkout made or rebuilt it."""
+    return re.sub(r"^.*/(benchmark/shipped/)", r"\1", str(path))
+
+
 def _base_models(results_dir: Path) -> list[str]:
     """Which base model the runs used (shipped, pretrained here, BrainLDM), one line each."""
     seen = {}
     for rec in iter_records(results_dir):
         origin = rec.get("base_model") or {}
         if origin:
-            # A record names the file where its machine found it; a shipped model reads from the repository
-            # root, so that the REPORT is the same whichever checkout made or rebuilt it.
-            path = re.sub(r"^.*/(benchmark/shipped/)", r"\1", str(origin.get("path")))
-            seen[f"{origin.get('source')}: `{path}` (sha256 {str(origin.get('sha256'))[:16]}…)"] = None
+            seen[f"{origin.get('source')}: `{_shipped_path(origin.get('path'))}` (sha256 {str(origin.get('sha256'))[:16]}…)"] = None
     return list(seen)
 
 
